@@ -1,0 +1,174 @@
+"""The wire protocol between clients, nodes and the broker.
+
+Framing is kept apart from meaning (msgspec's asyncio-kv example): a client's DEALER sends
+exactly one frame, a msgpack map tagged by ``cmd``; the broker's ROUTER answers with one frame,
+a msgpack map tagged by ``reply``. ``req`` is the client's request number, echoed back so a
+client can keep many requests in flight. Anything else (more frames, bytes that do not decode,
+an unknown ``cmd``) gets an ``Error`` reply and changes nothing.
+
+The relay (PUB) sends two frames per committed batch: ``b"ev"`` and a msgpack array of the
+encoded events, the same bytes as in the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from evo.events.schema import GpuInfo, GpuSample, JobSpec
+
+PROTOCOL_VERSION = 1
+RELAY_TOPIC = b"ev"
+MAX_MESSAGE_BYTES = 16 << 20  # ZMQ_MAXMSGSIZE: a peer that sends more is disconnected
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="cmd", forbid_unknown_fields=True):
+    req: int = 0
+
+
+class Hello(Command, tag="hello"):
+    client: str = ""
+
+
+class Submit(Command, tag="submit"):
+    spec: JobSpec
+
+
+class Cancel(Command, tag="cancel"):
+    target: str  # a job id or a sweep id
+    reason: str = ""
+
+
+class Read(Command, tag="read"):
+    from_seq: int = 1
+    limit: int = 10_000
+
+
+class Status(Command, tag="status"):
+    pass
+
+
+# Node commands (the node daemon speaks these; see nodes/daemon.py).
+
+
+class Join(Command, tag="join"):
+    node: str
+    hostname: str = ""
+    cpus: float = 0.0
+    mem_gb: float = 0.0
+    gpus: list[GpuInfo] = []
+    labels: list[str] = []
+    slots: int = 1
+    capabilities: list[str] = []
+    running: list[tuple[str, int]] = []  # (job id, lease epoch) still running after a reconnect
+
+
+class Ready(Command, tag="ready"):
+    """A node offers its free resources and waits (long poll) for leases."""
+
+    node: str
+    free_slots: int
+    free_cpus: float
+    free_mem_gb: float
+    free_gpus: list[int] = []
+    free_vram_gb: dict[int, float] = {}
+    wait_s: float = 0.0
+
+
+class Heartbeat(Command, tag="heartbeat"):
+    node: str
+    running: list[tuple[str, int]] = []
+    util: dict[str, Any] = {}
+    gpus: list[GpuSample] = []
+
+
+class Report(Command, tag="report"):
+    """What happened to a leased job: started, progress, checkpoint, completed, failed, cancelled."""
+
+    node: str
+    job_id: str
+    lease_epoch: int
+    kind: str
+    data: dict[str, Any] = {}
+
+
+class Leave(Command, tag="leave"):
+    node: str
+
+
+AnyCommand = Union[Hello, Submit, Cancel, Read, Status, Join, Ready, Heartbeat, Report, Leave]
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
+    req: int = 0
+
+
+class Error(Reply, tag="error"):
+    code: str  # "invalid", "unknown", "protocol", "conflict", "internal"
+    message: str
+
+
+class Welcome(Reply, tag="welcome"):
+    events_endpoint: str
+    last_seq: int
+    version: int = PROTOCOL_VERSION
+
+
+class Submitted(Reply, tag="submitted"):
+    job_id: str
+    seq: int
+    duplicate: bool = False
+    warning: str = ""
+
+
+class Cancelled(Reply, tag="cancelled"):
+    job_ids: list[str]
+    seq: int = 0
+
+
+class Events(Reply, tag="events"):
+    events: msgspec.Raw  # a msgpack array of encoded events (see events.codec.pack_batch)
+    head: int  # the broker's last committed seq
+
+
+class StatusReply(Reply, tag="status"):
+    last_seq: int
+    jobs: dict[str, int]  # state -> count
+    nodes: list[dict[str, Any]] = []
+    running: list[dict[str, Any]] = []
+    queued: list[dict[str, Any]] = []
+
+
+class Ok(Reply, tag="ok"):
+    seq: int = 0
+    data: dict[str, Any] = {}
+
+
+class Leases(Reply, tag="leases"):
+    leases: list[dict[str, Any]] = []
+    cancel: list[str] = []  # job ids this node should stop
+
+
+AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Ok, Leases]
+
+command_encoder = msgspec.msgpack.Encoder()
+command_decoder = msgspec.msgpack.Decoder(AnyCommand)
+reply_encoder = msgspec.msgpack.Encoder()
+reply_decoder = msgspec.msgpack.Decoder(AnyReply)
+
+
+class _ReqOnly(msgspec.Struct):
+    req: int = 0
+
+
+_req_decoder = msgspec.msgpack.Decoder(_ReqOnly)
+
+
+def salvage_req(frame: bytes) -> int:
+    """Best effort: the request number of a command that failed to decode, else 0."""
+    try:
+        req = _req_decoder.decode(frame).req
+        return req if isinstance(req, int) else 0
+    except Exception:  # noqa: BLE001 - garbage in, no request number out
+        return 0

@@ -1,0 +1,218 @@
+"""The broker's imperative shell: sockets, the log, the clock.
+
+One thread, one loop:
+  1. wait for commands on the ROUTER;
+  2. drain what has arrived (up to ``max_batch``) and hand each command to the Desk, which
+     validates it and returns events (already folded into state) and a reply;
+  3. append all the batch's events to the log with one fdatasync (group commit);
+  4. only then send the replies, and publish the batch on the relay with its seqs;
+  5. serve Reads, which only ever see committed events.
+A crash anywhere before 4 loses no acknowledged event: nothing was acknowledged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from evo.events.codec import pack_batch
+from evo.events.log import SegmentLog
+from evo.errors import BadInput, EvoError
+from evo.home import is_loopback, read_broker_file, write_broker_file
+
+from . import protocol as p
+from .desk import Desk
+from .state import fold
+
+log = logging.getLogger("evo.broker")
+
+READ_BYTES = 4 << 20  # cap on the events one Read reply carries
+
+
+class BrokerError(EvoError):
+    """Raised when the broker cannot start (home locked, bad bind address)."""
+
+
+class Broker:
+    def __init__(
+        self,
+        home: str | os.PathLike[str],
+        bind: str = "tcp://127.0.0.1:*",
+        *,
+        sync: bool = True,
+        segment_bytes: int | None = None,
+        max_batch: int = 4096,
+        allow_remote: bool = False,
+    ) -> None:
+        self.home = Path(home).absolute()
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not is_loopback(bind) and not allow_remote:
+            raise BadInput(
+                f"refusing to bind {bind}: a non-loopback bind needs CURVE keys, which this "
+                "version does not configure yet; bind 127.0.0.1 (the default)"
+            )
+        self._lock_fd = self._lock()
+        kw: dict[str, Any] = {"sync": sync}
+        if segment_bytes:
+            kw["segment_bytes"] = segment_bytes
+        self.log = SegmentLog(self.home / "log", **kw)
+        for msg in self.log.recovered:
+            log.warning(msg)
+        self.desk = Desk(fold(self.log.read_from(1)))
+        self.max_batch = max_batch
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.RCVHWM, 0)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router.bind(bind)
+        self.address = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        host = self.address.rsplit(":", 1)[0]
+        self.pub.bind(f"{host}:*")
+        self.events_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._stop = threading.Event()
+        self.stats = {"batches": 0, "events": 0, "commands": 0, "errors": 0}
+        write_broker_file(self.home, {"address": self.address, "events": self.events_endpoint,
+                                      "pid": os.getpid(), "started": time.time()})
+
+    def _lock(self) -> int:
+        path = self.home / "broker.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            info = read_broker_file(self.home) or {}
+            raise BrokerError(
+                f"another broker holds {path} (pid {info.get('pid', '?')}, "
+                f"{info.get('address', 'address unknown')})"
+            ) from None
+        return fd
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def serve_forever(self, poll_ms: int = 100) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if poller.poll(poll_ms):
+                    self.run_batch()
+                self.on_tick(time.time())
+        finally:
+            self.close()
+
+    def on_tick(self, now: float) -> None:
+        """Timers (lease expiry, retries) hook in here; see the node support."""
+
+    def run_batch(self) -> None:
+        now = time.time()
+        events: list = []
+        replies: list[tuple[bytes, p.Reply]] = []
+        reads: list[tuple[bytes, p.Read]] = []
+        for _ in range(self.max_batch):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            ident = frames[0]
+            cmd = self._decode(ident, frames, replies)
+            if cmd is None:
+                continue
+            self.stats["commands"] += 1
+            if isinstance(cmd, p.Read):
+                reads.append((ident, cmd))
+                continue
+            try:
+                out = self.desk.handle(cmd, now, cause=f"{ident.hex()}:{cmd.req}")
+            except Exception as exc:  # a bug must not take the broker down with it
+                log.exception("command %s failed", type(cmd).__name__)
+                replies.append((ident, p.Error(req=cmd.req, code="internal",
+                                               message=f"{type(exc).__name__}: {exc}")))
+                continue
+            events.extend(out.events)
+            if out.reply is not None:
+                replies.append((ident, self._fill(out.reply)))
+        encoded = self.log.append(events) if events else []
+        for ident, reply in replies:
+            self.router.send_multipart([ident, p.reply_encoder.encode(reply)])
+        if encoded:
+            self.stats["batches"] += 1
+            self.stats["events"] += len(encoded)
+            self.pub.send_multipart([p.RELAY_TOPIC, pack_batch(encoded)])
+        for ident, read in reads:
+            self.router.send_multipart([ident, p.reply_encoder.encode(self._read(read))])
+
+    def _decode(self, ident: bytes, frames: list[bytes], replies: list) -> p.Command | None:
+        if len(frames) != 2:
+            body = frames[-1] if len(frames) > 1 else b""
+            replies.append((ident, p.Error(req=p.salvage_req(body), code="protocol",
+                                           message=f"expected 1 frame, got {len(frames) - 1}")))
+            self.stats["errors"] += 1
+            return None
+        try:
+            return p.command_decoder.decode(frames[1])
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+            replies.append((ident, p.Error(req=p.salvage_req(frames[1]), code="protocol",
+                                           message=f"bad command: {exc}")))
+            self.stats["errors"] += 1
+            return None
+
+    def _fill(self, reply: p.Reply) -> p.Reply:
+        if isinstance(reply, p.Welcome):
+            return msgspec.structs.replace(reply, events_endpoint=self.events_endpoint,
+                                           last_seq=self.log.last_seq)
+        return reply
+
+    def _read(self, cmd: p.Read) -> p.Reply:
+        raws: list[bytes] = []
+        size = 0
+        limit = max(1, min(cmd.limit, 100_000))
+        for _, raw in self.log.read_raw_from(cmd.from_seq, limit):
+            raws.append(raw)
+            size += len(raw)
+            if size >= READ_BYTES:
+                break
+        return p.Events(req=cmd.req, events=msgspec.Raw(pack_batch(raws)), head=self.log.last_seq)
+
+    def close(self) -> None:
+        for sock in (self.router, self.pub):
+            sock.close(0)
+        self.ctx.term()
+        self.log.close()
+        info = read_broker_file(self.home)
+        if info and info.get("pid") == os.getpid():
+            try:
+                (self.home / "broker.json").unlink()
+            except FileNotFoundError:
+                pass
+        os.close(self._lock_fd)
+
+
+def run_broker(home: str | os.PathLike[str], bind: str = "tcp://127.0.0.1:*", **kw: Any) -> None:
+    """Run a broker in the foreground until SIGINT or SIGTERM."""
+    broker = Broker(home, bind, **kw)
+    broker.install_signal_handlers()
+    log.info("broker at %s, relay at %s, %d events in the log", broker.address,
+             broker.events_endpoint, broker.log.last_seq)
+    broker.serve_forever()

@@ -1,0 +1,300 @@
+"""Broker state as a pure fold of events: ``state = fold(apply, events)``.
+
+Rule 1: everything that changes broker state lives in this file.
+Rule 2: this file imports no sockets, no clock, no filesystem. Time arrives inside events.
+
+Legal job transitions are a table, ``TRANSITIONS[(state, event type)] -> new state``; an
+event that is not in the table for the job's current state raises IllegalTransition naming
+the job, its state and the event, and leaves the state untouched. The broker validates every
+command against this state before it appends anything, so an illegal transition in a log that
+is being replayed means the log and the code disagree: it is loud on purpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from evo.events.schema import (
+    Checkpointed,
+    CancelRequested,
+    Event,
+    GpuInfo,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobLeased,
+    JobSpec,
+    JobStarted,
+    JobSubmitted,
+    LeaseExpired,
+    NodeJoined,
+    NodeLeft,
+    NodeLost,
+    Progress,
+    ReportRejected,
+    RetryScheduled,
+    SweepCompleted,
+    SweepSubmitted,
+    UtilizationSampled,
+)
+
+QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "queued", "leased", "running", "completed", "failed", "cancelled",
+)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+ACTIVE = frozenset({LEASED, RUNNING})
+
+# (state before, event type) -> state after. A missing pair is an illegal transition.
+TRANSITIONS: dict[tuple[str | None, str], str] = {
+    (None, "JobSubmitted"): QUEUED,
+    (QUEUED, "JobLeased"): LEASED,
+    (LEASED, "JobStarted"): RUNNING,
+    (LEASED, "Progress"): RUNNING,
+    (RUNNING, "Progress"): RUNNING,
+    (LEASED, "Checkpointed"): RUNNING,
+    (RUNNING, "Checkpointed"): RUNNING,
+    (LEASED, "JobCompleted"): COMPLETED,
+    (RUNNING, "JobCompleted"): COMPLETED,
+    # An attempt ends: back to the queue (a RetryScheduled follows), or failed for good when
+    # the event says final (attempts exhausted, or the error is not retryable).
+    (LEASED, "JobFailed"): QUEUED,
+    (RUNNING, "JobFailed"): QUEUED,
+    (QUEUED, "JobFailed"): QUEUED,  # only with final=True, see _job_failed
+    (LEASED, "LeaseExpired"): QUEUED,
+    (RUNNING, "LeaseExpired"): QUEUED,
+    (QUEUED, "RetryScheduled"): QUEUED,
+    (QUEUED, "CancelRequested"): QUEUED,
+    (LEASED, "CancelRequested"): LEASED,
+    (RUNNING, "CancelRequested"): RUNNING,
+    (QUEUED, "JobCancelled"): CANCELLED,
+    (LEASED, "JobCancelled"): CANCELLED,
+    (RUNNING, "JobCancelled"): CANCELLED,
+}
+for _s in (QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED):
+    # A rejected report is a record of what did not happen: it never moves the job.
+    TRANSITIONS[(_s, "ReportRejected")] = _s
+
+
+class IllegalTransition(Exception):
+    """Raised when an event does not apply to the job's current state."""
+
+    def __init__(self, job_id: str, state: str | None, event: Event) -> None:
+        self.job_id, self.state, self.event = job_id, state, event
+        super().__init__(
+            f"can't apply {type(event).__name__} (seq {event.seq}) to job {job_id} "
+            f"in state {state or 'unknown'}"
+        )
+
+
+@dataclass
+class Job:
+    job_id: str
+    spec: JobSpec
+    state: str = QUEUED
+    submitted_seq: int = 0
+    submitted_at: float = 0.0
+    attempt: int = 0  # attempts started so far (the current one while leased/running)
+    lease_epoch: int = 0  # seq of the current JobLeased, 0 when none
+    node: str | None = None
+    devices: list[int] = field(default_factory=list)
+    leased_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    not_before: float = 0.0
+    cancel_requested: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    last_progress_seq: int = 0
+
+
+@dataclass
+class Node:
+    node: str
+    hostname: str = ""
+    cpus: float = 0.0
+    mem_gb: float = 0.0
+    gpus: list[GpuInfo] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    slots: int = 1
+    capabilities: list[str] = field(default_factory=list)
+    alive: bool = True
+    joined_at: float = 0.0
+    last_seen: float = 0.0
+    running: set[str] = field(default_factory=set)
+    last_util: UtilizationSampled | None = None
+
+
+@dataclass
+class Sweep:
+    sweep_id: str
+    name: str
+    spec: dict[str, Any]
+    job_ids: list[str]
+    done: bool = False
+
+
+@dataclass
+class BrokerState:
+    last_seq: int = 0
+    jobs: dict[str, Job] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    sweeps: dict[str, Sweep] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
+    counts: dict[str, int] = field(default_factory=dict)  # jobs per state
+
+    def apply(self, event: Event) -> None:
+        """Fold one event into the state. Raises before mutating if the event is illegal."""
+        if event.seq and event.seq != self.last_seq + 1:
+            raise ValueError(f"event seq {event.seq} does not follow {self.last_seq}")
+        job_id = getattr(event, "job_id", None)
+        if job_id is not None:
+            self._apply_job(job_id, event)
+        else:
+            handler = _NODE_HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.last_seq = event.seq or self.last_seq + 1
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def _apply_job(self, job_id: str, event: Event) -> None:
+        job = self.jobs.get(job_id)
+        before = job.state if job is not None else None
+        kind = type(event).__name__
+        after = TRANSITIONS.get((before, kind))
+        if after is None:
+            raise IllegalTransition(job_id, before, event)
+        if isinstance(event, JobFailed) and before == QUEUED and not event.final:
+            raise IllegalTransition(job_id, before, event)
+        if isinstance(event, JobSubmitted):
+            job = Job(job_id=job_id, spec=event.spec, submitted_seq=event.seq,
+                      submitted_at=event.time)
+            self.jobs[job_id] = job
+            if event.spec.key is not None:
+                self.keys[event.spec.key] = job_id
+        else:
+            assert job is not None
+            _JOB_HANDLERS[type(event)](self, job, event)
+        if isinstance(event, JobFailed) and event.final:
+            after = FAILED
+        job.state = after  # type: ignore[union-attr]
+        if before != after:
+            if before is not None:
+                self.counts[before] -= 1
+            self.counts[after] = self.counts.get(after, 0) + 1
+
+    def _release(self, job: Job) -> None:
+        if job.node is not None and job.node in self.nodes:
+            self.nodes[job.node].running.discard(job.job_id)
+        job.lease_epoch = 0
+        job.devices = []
+
+    def _leased(self, job: Job, ev: JobLeased) -> None:
+        job.attempt = ev.attempt
+        job.lease_epoch = ev.seq
+        job.node = ev.node
+        job.devices = list(ev.devices)
+        job.leased_at = ev.time
+        job.not_before = 0.0
+        if ev.node in self.nodes:
+            self.nodes[ev.node].running.add(job.job_id)
+
+    def _started(self, job: Job, ev: JobStarted) -> None:
+        job.started_at = ev.time
+
+    def _progress(self, job: Job, ev: Progress | Checkpointed) -> None:
+        if not job.started_at:
+            job.started_at = ev.time
+        job.metrics.update(ev.metrics)
+        job.last_progress_seq = ev.seq
+
+    def _completed(self, job: Job, ev: JobCompleted) -> None:
+        job.metrics.update(ev.metrics)
+        job.finished_at = ev.time
+        self._release(job)
+
+    def _failed(self, job: Job, ev: JobFailed) -> None:
+        job.error = ev.error
+        if ev.final:
+            job.finished_at = ev.time
+        self._release(job)
+
+    def _expired(self, job: Job, ev: LeaseExpired) -> None:
+        job.error = f"lease {ev.lease_epoch} on {ev.node} expired"
+        self._release(job)
+
+    def _retry(self, job: Job, ev: RetryScheduled) -> None:
+        job.not_before = ev.not_before
+
+    def _cancel_requested(self, job: Job, ev: CancelRequested) -> None:
+        job.cancel_requested = True
+
+    def _cancelled(self, job: Job, ev: JobCancelled) -> None:
+        job.finished_at = ev.time
+        self._release(job)
+
+    def _rejected(self, job: Job, ev: ReportRejected) -> None:
+        pass
+
+    # --- nodes and sweeps ---------------------------------------------------------------------
+
+    def _node_joined(self, ev: NodeJoined) -> None:
+        old = self.nodes.get(ev.node)
+        node = Node(node=ev.node, hostname=ev.hostname, cpus=ev.cpus, mem_gb=ev.mem_gb,
+                    gpus=list(ev.gpus), labels=list(ev.labels), slots=ev.slots,
+                    capabilities=list(ev.capabilities), joined_at=ev.time, last_seen=ev.time)
+        if old is not None:  # a node that reconnects keeps the jobs it still runs
+            node.running = old.running
+        self.nodes[ev.node] = node
+
+    def _node_gone(self, ev: NodeLost | NodeLeft) -> None:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.alive = False
+
+    def _utilization(self, ev: UtilizationSampled) -> None:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.last_util = ev
+            node.last_seen = ev.time
+
+    def _sweep_submitted(self, ev: SweepSubmitted) -> None:
+        self.sweeps[ev.sweep_id] = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids))
+
+    def _sweep_completed(self, ev: SweepCompleted) -> None:
+        sweep = self.sweeps.get(ev.sweep_id)
+        if sweep is not None:
+            sweep.done = True
+
+
+_JOB_HANDLERS = {
+    JobLeased: BrokerState._leased,
+    JobStarted: BrokerState._started,
+    Progress: BrokerState._progress,
+    Checkpointed: BrokerState._progress,
+    JobCompleted: BrokerState._completed,
+    JobFailed: BrokerState._failed,
+    LeaseExpired: BrokerState._expired,
+    RetryScheduled: BrokerState._retry,
+    CancelRequested: BrokerState._cancel_requested,
+    JobCancelled: BrokerState._cancelled,
+    ReportRejected: BrokerState._rejected,
+}
+
+_NODE_HANDLERS = {
+    NodeJoined: BrokerState._node_joined,
+    NodeLost: BrokerState._node_gone,
+    NodeLeft: BrokerState._node_gone,
+    UtilizationSampled: BrokerState._utilization,
+    SweepSubmitted: BrokerState._sweep_submitted,
+    SweepCompleted: BrokerState._sweep_completed,
+}
+
+
+def fold(events, state: BrokerState | None = None) -> BrokerState:  # noqa: ANN001
+    """Rebuild state from an iterable of events."""
+    state = state or BrokerState()
+    for ev in events:
+        state.apply(ev)
+    return state

@@ -1,0 +1,236 @@
+"""The `evo` command line: a thin typer layer over evo.Client.
+
+Output for people goes to stdout (ids, tables, events); diagnostics go to stderr.
+Exit codes: 0 ok, 1 a job or check failed (or no broker answered), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+import typer
+import yaml
+
+from evo.errors import BadInput, EvoError
+from evo.home import evo_home
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="evo: event-sourced orchestration of ML training across machines.")
+
+BrokerOpt = typer.Option(None, "--broker", help="broker address (else EVO_BROKER, else EVO_HOME/broker.json)")
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _client(broker: str | None, timeout_s: float = 10.0):
+    from evo.cli.client import Client
+
+    return Client(broker, timeout_s=timeout_s)
+
+
+@app.callback()
+def _root(home: Optional[Path] = typer.Option(None, "--home", envvar="EVO_HOME",
+                                              help="evo's home folder (default ./.evo)")) -> None:
+    if home is not None:
+        os.environ["EVO_HOME"] = str(home)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+# --- daemons ----------------------------------------------------------------------------------
+
+
+@app.command()
+def broker(
+    bind: str = typer.Option("tcp://127.0.0.1:*", "--bind",
+                             help="ROUTER address; `*` as port picks a free one"),
+    no_sync: bool = typer.Option(False, "--no-sync", help="skip fdatasync (tests only: unsafe)"),
+) -> None:
+    """Run the broker in the foreground (Ctrl-C stops it cleanly)."""
+    from evo.broker.server import run_broker
+    from evo.home import normalize_address
+
+    _setup_logging()
+    run_broker(evo_home(), normalize_address(bind), sync=not no_sync)
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+
+def _kv(items: list[str] | None, what: str, parse_values: bool) -> dict:
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise BadInput(f"{what} {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        if not k:
+            raise BadInput(f"{what} {item!r}: empty key")
+        out[k] = yaml.safe_load(v) if parse_values and v else v
+    return out
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: Optional[list[str]] = typer.Argument(None, help="the job's argv, after --"),
+    model_type: Optional[str] = typer.Option(None, "--model-type", help="routes the job (cluster rules)"),
+    cpus: float = typer.Option(1.0, "--cpus"),
+    mem_gb: float = typer.Option(0.0, "--mem-gb"),
+    gpus: int = typer.Option(0, "--gpus"),
+    vram_gb: float = typer.Option(0.0, "--vram-gb", help="per GPU"),
+    priority: int = typer.Option(0, "--priority", help="higher runs first"),
+    after: Optional[list[str]] = typer.Option(None, "--after", help="job id that must complete first"),
+    max_attempts: int = typer.Option(3, "--max-attempts"),
+    key: Optional[str] = typer.Option(None, "--key", help="idempotency key"),
+    tag: Optional[list[str]] = typer.Option(None, "--tag", help="k=v"),
+    trainer: Optional[str] = typer.Option(None, "--trainer", help="built-in trainer instead of a command"),
+    callable_: Optional[str] = typer.Option(None, "--callable", help="module:function instead of a command"),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="k=v for a trainer or callable"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    name: Optional[str] = typer.Option(None, "--name"),
+    isolate: bool = typer.Option(False, "--isolate", help="fresh process instead of a warm worker"),
+    broker: Optional[str] = BrokerOpt,
+) -> None:
+    """Submit a job; prints its id."""
+    from evo.cli.client import make_spec
+
+    if trainer and callable_:
+        raise BadInput("--trainer and --callable: give one")
+    target = None
+    if trainer:
+        from evo.trainers.registry import resolve_trainer
+
+        target = resolve_trainer(trainer)
+    elif callable_:
+        target = callable_
+    if bool(command) == bool(target):
+        raise BadInput("give a command after `--`, or --trainer NAME, or --callable module:function")
+    spec = make_spec(command or None, callable=target, trainer=trainer, cpus=cpus, mem_gb=mem_gb,
+                     gpus=gpus, vram_gb=vram_gb, model_type=model_type, priority=priority,
+                     after=list(after or []), max_attempts=max_attempts, key=key,
+                     tags=_kv(tag, "--tag", False), params=_kv(param, "--param", True),
+                     seed=seed, name=name, isolate=isolate)
+    with _client(broker) as c:
+        reply = c.submit_reply(spec)
+    if reply.warning:
+        _err(f"warning: {reply.warning}")
+    if reply.duplicate:
+        _err(f"key {key!r} was submitted before as {reply.job_id}; nothing new was queued")
+    typer.echo(reply.job_id)
+
+
+@app.command()
+def cancel(target: str = typer.Argument(..., help="job or sweep id"),
+           reason: str = typer.Option("", "--reason"),
+           broker: Optional[str] = BrokerOpt) -> None:
+    """Cancel a job, or every unfinished job of a sweep."""
+    with _client(broker) as c:
+        ids = c.cancel(target, reason)
+    typer.echo(f"cancel requested for {len(ids)} job(s): {' '.join(ids)}")
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def format_event(ev) -> str:  # noqa: ANN001
+    import datetime as dt
+
+    d = msgspec.structs.asdict(ev)
+    t = dt.datetime.fromtimestamp(ev.time).strftime("%H:%M:%S.%f")[:-3] if ev.time else "-"
+    fields = []
+    for k, v in d.items():
+        if k in ("seq", "time", "cause") or v in (None, "", [], {}):
+            continue
+        if isinstance(v, msgspec.Struct):
+            v = {a: b for a, b in msgspec.structs.asdict(v).items() if b not in (None, "", [], {})}
+        fields.append(f"{k}={msgspec.json.encode(v).decode() if not isinstance(v, str) else v}")
+    return f"{ev.seq:>8} {t} {type(ev).__name__:<18} {' '.join(fields)}"
+
+
+@app.command()
+def tail(
+    from_seq: int = typer.Option(1, "--from", help="first seq to show"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep following live events"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+    broker: Optional[str] = BrokerOpt,
+) -> None:
+    """Print the events, one per line (from the broker, or from the log when none runs)."""
+    from evo.home import NoBroker
+
+    enc = msgspec.json.Encoder()
+
+    def show(ev) -> None:  # noqa: ANN001
+        line = enc.encode(ev).decode() if as_json else format_event(ev)
+        sys.stdout.write(line + "\n")
+        if follow:
+            sys.stdout.flush()
+
+    try:
+        c = _client(broker)
+    except NoBroker:
+        if follow:
+            raise
+        from evo.events.log import SegmentLog
+
+        with SegmentLog(evo_home() / "log", readonly=True) as lg:
+            for ev in lg.read_from(from_seq):
+                show(ev)
+        return
+    with c:
+        try:
+            events = c.follow(from_seq) if follow else c.read_all(from_seq)
+            for ev in events:
+                show(ev)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def status(broker: Optional[str] = BrokerOpt,
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Queue and nodes: job counts by state, nodes, running and queued jobs."""
+    from evo.cli.views import render_status
+
+    with _client(broker) as c:
+        st = c.status()
+    if as_json:
+        typer.echo(msgspec.json.encode(st).decode())
+    else:
+        render_status(st)
+
+
+def main() -> None:
+    """Entry point: map evo's errors to one line on stderr and their exit codes."""
+    from evo.cli.client import BrokerUnavailable, CommandRejected
+
+    try:
+        app(standalone_mode=False)
+    except (EvoError, BrokerUnavailable, CommandRejected) as exc:
+        _err(f"evo: {exc}")
+        sys.exit(getattr(exc, "exit_code", 1))
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

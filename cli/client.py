@@ -1,0 +1,224 @@
+"""evo.Client: everything the CLI does, from a notebook or a script.
+
+    import evo
+    with evo.Client() as c:                       # finds the broker like the CLI does
+        job = c.submit(["python", "train.py"], model_type="GLM", cpus=2)
+        for ev in c.follow(from_seq=1):           # every event once, in order, then live
+            print(ev)
+
+Requests are numbered; many can be in flight on the one DEALER socket (``submit_many``), and a
+reply that arrives after its request timed out is recognised by its number and dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import msgspec
+import zmq
+
+from evo.broker import protocol as p
+from evo.errors import EvoError
+from evo.events.codec import decode_batch
+from evo.events.schema import Event, JobSpec, Resources
+from evo.home import find_broker
+
+
+class BrokerUnavailable(EvoError):
+    """Raised when the broker does not answer within the timeout."""
+
+
+class CommandRejected(EvoError):
+    """Raised when the broker answers a command with an Error reply."""
+
+    def __init__(self, error: p.Error) -> None:
+        self.code, self.error = error.code, error
+        self.exit_code = 2 if error.code in ("invalid", "conflict", "protocol") else 1
+        super().__init__(error.message)
+
+
+def make_spec(
+    command: Sequence[str] | None = None,
+    *,
+    callable: str | None = None,  # noqa: A002 - the field's name in JobSpec
+    cpus: float = 1.0,
+    mem_gb: float = 0.0,
+    gpus: int = 0,
+    vram_gb: float = 0.0,
+    **fields: Any,
+) -> JobSpec:
+    """A JobSpec from keyword arguments; unknown names raise TypeError naming them."""
+    unknown = set(fields) - set(JobSpec.__struct_fields__)
+    if unknown:
+        raise TypeError(f"unknown job spec field(s): {', '.join(sorted(unknown))}")
+    res = Resources(cpus=cpus, mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb)
+    return JobSpec(command=list(command) if command is not None else None, callable=callable,
+                   resources=res, **fields)
+
+
+class Client:
+    def __init__(self, broker: str | None = None, *, home: Any = None,
+                 timeout_s: float = 10.0) -> None:
+        self.address = find_broker(broker, home)
+        self.timeout_s = timeout_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.address)
+        self._req = 0
+        self._early: dict[int, p.Reply] = {}
+        self._events_endpoint: str | None = None
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _next_req(self) -> int:
+        self._req += 1
+        return self._req
+
+    def send(self, cmd: p.Command) -> int:
+        """Send without waiting; returns the request number to ``receive``."""
+        req = self._next_req()
+        self.sock.send(p.command_encoder.encode(msgspec.structs.replace(cmd, req=req)))
+        return req
+
+    def receive(self, req: int, timeout_s: float | None = None) -> p.Reply:
+        if req in self._early:
+            return self._check(self._early.pop(req))
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                raise BrokerUnavailable(f"no answer from the broker at {self.address} within "
+                                        f"{self.timeout_s:g}s")
+            reply = p.reply_decoder.decode(self.sock.recv())
+            if reply.req == req:
+                return self._check(reply)
+            if reply.req > req:  # an answer to a request still to be received
+                self._early[reply.req] = reply
+
+    @staticmethod
+    def _check(reply: p.Reply) -> p.Reply:
+        if isinstance(reply, p.Error):
+            raise CommandRejected(reply)
+        return reply
+
+    def request(self, cmd: p.Command, timeout_s: float | None = None) -> p.Reply:
+        return self.receive(self.send(cmd), timeout_s)
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def hello(self) -> p.Welcome:
+        reply = self.request(p.Hello(client="evo.Client"))
+        assert isinstance(reply, p.Welcome)
+        self._events_endpoint = reply.events_endpoint
+        return reply
+
+    def submit(self, command: Sequence[str] | JobSpec | None = None, **fields: Any) -> str:
+        """Submit one job; returns its id (the original id when ``key`` was seen before)."""
+        return self.submit_reply(command, **fields).job_id
+
+    def submit_reply(self, command: Sequence[str] | JobSpec | None = None,
+                     **fields: Any) -> p.Submitted:
+        spec = command if isinstance(command, JobSpec) else make_spec(command, **fields)
+        reply = self.request(p.Submit(spec=spec))
+        assert isinstance(reply, p.Submitted)
+        return reply
+
+    def submit_many(self, specs: Iterable[JobSpec], window: int = 64) -> list[str]:
+        """Pipelined submits with at most ``window`` in flight; ids in the order given."""
+        ids: list[str] = []
+        inflight: list[int] = []
+        for spec in specs:
+            inflight.append(self.send(p.Submit(spec=spec)))
+            if len(inflight) >= window:
+                ids.append(self.receive(inflight.pop(0)).job_id)  # type: ignore[attr-defined]
+        for req in inflight:
+            ids.append(self.receive(req).job_id)  # type: ignore[attr-defined]
+        return ids
+
+    def cancel(self, target: str, reason: str = "") -> list[str]:
+        reply = self.request(p.Cancel(target=target, reason=reason))
+        assert isinstance(reply, p.Cancelled)
+        return reply.job_ids
+
+    def status(self) -> p.StatusReply:
+        reply = self.request(p.Status())
+        assert isinstance(reply, p.StatusReply)
+        return reply
+
+    def read(self, from_seq: int = 1, limit: int = 10_000) -> tuple[list[Event], int]:
+        """Committed events from ``from_seq`` (at most ``limit``) and the broker's head seq."""
+        reply = self.request(p.Read(from_seq=from_seq, limit=limit))
+        assert isinstance(reply, p.Events)
+        return decode_batch(reply.events), reply.head
+
+    def read_all(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[Event]:
+        """Every committed event from ``from_seq`` up to the head at call time (or ``to_seq``)."""
+        nxt = from_seq
+        head = None
+        while head is None or nxt <= head:
+            events, h = self.read(nxt)
+            head = h if head is None else head
+            if to_seq is not None:
+                head = min(head, to_seq)
+            if not events:
+                return
+            for ev in events:
+                if ev.seq > head:
+                    return
+                yield ev
+                nxt = ev.seq + 1
+
+    def follow(self, from_seq: int = 1, *, idle_s: float = 1.0,
+               until: float | None = None) -> Iterator[Event]:
+        """Every event from ``from_seq`` exactly once, in order, then live (zguide's Clone).
+
+        Subscribes to the relay first, backfills with Read, then drops live events it has
+        already yielded and fills any gap it sees with Read. When the relay is quiet for
+        ``idle_s`` it asks once more, so an event missed while the subscription was still
+        joining is never left behind. ``until`` (monotonic time) ends the iteration.
+        """
+        endpoint = self._events_endpoint or self.hello().events_endpoint
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, p.RELAY_TOPIC)
+        sub.connect(endpoint)
+        nxt = from_seq
+        try:
+            while True:
+                for ev in self.read_all(nxt):
+                    yield ev
+                    nxt = ev.seq + 1
+                while True:
+                    wait = idle_s if until is None else min(idle_s, until - time.monotonic())
+                    if wait <= 0:
+                        return
+                    if not sub.poll(int(wait * 1000)):
+                        break  # quiet: ask the broker directly (outer loop)
+                    _, body = sub.recv_multipart()
+                    batch = decode_batch(body)
+                    if batch and batch[0].seq > nxt:
+                        for ev in self.read_all(nxt, batch[0].seq - 1):  # fill the gap
+                            yield ev
+                            nxt = ev.seq + 1
+                    for ev in batch:
+                        if ev.seq == nxt:
+                            yield ev
+                            nxt += 1
+                if until is not None and time.monotonic() >= until:
+                    return
+        finally:
+            sub.close(0)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

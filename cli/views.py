@@ -1,0 +1,33 @@
+"""Rich renderings shared by CLI commands."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from evo.broker import protocol as p
+
+console = Console()
+
+
+def render_status(st: p.StatusReply) -> None:
+    counts = "  ".join(f"{k} {v}" for k, v in sorted(st.jobs.items())) or "no jobs"
+    console.print(f"[bold]seq {st.last_seq}[/bold]  jobs: {counts}")
+    if st.nodes:
+        t = Table(title="nodes", title_justify="left")
+        for col in ("node", "alive", "labels", "slots", "running", "cpus", "mem GB", "GPUs"):
+            t.add_column(col)
+        for n in st.nodes:
+            t.add_row(n["node"], "yes" if n["alive"] else "no", ",".join(n["labels"]),
+                      str(n["slots"]), str(n["running"]), f"{n['cpus']:g}",
+                      f"{n['mem_gb']:.1f}", str(n["gpus"]))
+        console.print(t)
+    for title, rows, cols in (("running", st.running, ("job_id", "state", "node", "attempt", "name")),
+                              ("queued", st.queued, ("job_id", "priority", "attempt", "name"))):
+        if rows:
+            t = Table(title=title, title_justify="left")
+            for col in cols:
+                t.add_column(col)
+            for r in rows:
+                t.add_row(*(str(r.get(c, "")) for c in cols))
+            console.print(t)

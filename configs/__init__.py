@@ -1,0 +1,1 @@
+"""Packaged configs: cluster and routing rules, sweep and ensemble specs."""

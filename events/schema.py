@@ -1,0 +1,245 @@
+"""The event catalogue: every fact evo records, as frozen msgspec Structs in one tagged union.
+
+Rules of evolution (enforced by tests/test_schema.py against a checked-in v1 log):
+  1. a new field always has a default, so old records still decode;
+  2. fields are only appended, never renamed, retyped or removed;
+  3. tags (the ``type`` field on disk) never change;
+  4. new event types may be added; a reader that does not know a type fails loudly.
+
+Every event carries ``seq`` (its position in the log, from 1) and ``time`` (broker wall clock,
+seconds since the epoch). Both are stamped by the broker when it appends; clients never choose
+them. ``cause`` ties an event to the command that caused it (dask's ``stimulus_id``).
+
+A lease's *epoch* is the ``seq`` of its JobLeased event; every report about a running attempt
+carries it as ``lease_epoch`` so the broker can refuse reports from a lease it already took back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What one attempt of a job needs from a node."""
+
+    cpus: float = 1.0
+    mem_gb: float = 0.0
+    gpus: int = 0
+    vram_gb: float = 0.0  # per GPU
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything needed to run (and re-run, for an audit) a job.
+
+    Exactly one of ``command`` (an argv list, never run through a shell) and ``callable``
+    (``module:function``, run in a warm worker) is set.
+    """
+
+    command: list[str] | None = None
+    callable: str | None = None
+    trainer: str | None = None  # built-in trainer name, resolved to a callable at submit
+    params: dict[str, Any] = {}
+    model_type: str | None = None
+    resources: Resources = Resources()
+    priority: int = 0
+    after: list[str] = []  # job ids that must complete first
+    max_attempts: int = 3
+    seed: int | None = None
+    data: dict[str, str] = {}  # data path -> sha256
+    sweep_id: str | None = None
+    tags: dict[str, str] = {}
+    key: str | None = None  # idempotency key
+    isolate: bool = False  # a fresh process instead of a warm worker
+    name: str | None = None
+    workdir: str | None = None
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str = ""
+    vram_gb: float = 0.0
+    uuid: str = ""
+
+
+class GpuSample(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    util: float = 0.0  # percent
+    vram_used_gb: float = 0.0
+    vram_total_gb: float = 0.0
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    seq: int = 0
+    time: float = 0.0
+    cause: str = ""
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+
+class JobSubmitted(Event, tag="JobSubmitted"):
+    job_id: str
+    spec: JobSpec
+
+
+class JobLeased(Event, tag="JobLeased"):
+    job_id: str
+    attempt: int
+    node: str
+    devices: list[int] = []
+    deadline: float = 0.0  # broker monotonic clock; informative only after a restart
+    fallback: str = ""  # why a non-preferred node was chosen, if it was
+
+
+class JobStarted(Event, tag="JobStarted"):
+    job_id: str
+    lease_epoch: int
+    pid: int = 0
+    env: dict[str, Any] = {}  # python, package versions, git commit, dirty flag, ...
+
+
+class Progress(Event, tag="Progress"):
+    job_id: str
+    lease_epoch: int
+    step: int | None = None
+    epoch: int | None = None  # training epoch, not the lease epoch
+    metrics: dict[str, float] = {}
+    eta_s: float | None = None
+
+
+class Checkpointed(Event, tag="Checkpointed"):
+    job_id: str
+    lease_epoch: int
+    path: str
+    step: int | None = None
+    metrics: dict[str, float] = {}
+
+
+class JobCompleted(Event, tag="JobCompleted"):
+    job_id: str
+    lease_epoch: int
+    metrics: dict[str, float] = {}
+    artifacts: dict[str, str] = {}
+    duration_s: float = 0.0
+
+
+class JobFailed(Event, tag="JobFailed"):
+    """An attempt failed. ``final`` says the job will not be tried again."""
+
+    job_id: str
+    lease_epoch: int = 0  # 0 when no attempt was running (e.g. attempts exhausted on expiry)
+    error: str = ""
+    exit_code: int | None = None
+    retryable: bool = True
+    final: bool = False
+
+
+class RetryScheduled(Event, tag="RetryScheduled"):
+    job_id: str
+    attempt: int  # the attempt that will run next
+    not_before: float  # wall clock, seconds since the epoch
+    delay_s: float = 0.0
+
+
+class LeaseExpired(Event, tag="LeaseExpired"):
+    job_id: str
+    lease_epoch: int
+    node: str
+
+
+class ReportRejected(Event, tag="ReportRejected"):
+    """A node reported on a lease that is no longer current; recorded, not applied."""
+
+    job_id: str
+    lease_epoch: int
+    node: str
+    report: str
+    reason: str
+
+
+class CancelRequested(Event, tag="CancelRequested"):
+    job_id: str
+    reason: str = ""
+
+
+class JobCancelled(Event, tag="JobCancelled"):
+    job_id: str
+    reason: str = ""
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+
+class NodeJoined(Event, tag="NodeJoined"):
+    node: str
+    hostname: str = ""
+    cpus: float = 0.0
+    mem_gb: float = 0.0
+    gpus: list[GpuInfo] = []
+    labels: list[str] = []
+    slots: int = 1
+    capabilities: list[str] = []
+
+
+class NodeLost(Event, tag="NodeLost"):
+    node: str
+    reason: str = ""
+
+
+class NodeLeft(Event, tag="NodeLeft"):
+    node: str
+
+
+class UtilizationSampled(Event, tag="UtilizationSampled"):
+    node: str
+    cpu: float = 0.0  # percent of the node's cores
+    mem: float = 0.0  # percent of the node's memory
+    gpus: list[GpuSample] = []
+    running: int = 0
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+
+
+class SweepSubmitted(Event, tag="SweepSubmitted"):
+    sweep_id: str
+    spec: dict[str, Any] = {}
+    job_ids: list[str] = []
+    name: str = ""
+
+
+class SweepCompleted(Event, tag="SweepCompleted"):
+    sweep_id: str
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    best_job: str | None = None
+
+
+AnyEvent = Union[
+    JobSubmitted,
+    JobLeased,
+    JobStarted,
+    Progress,
+    Checkpointed,
+    JobCompleted,
+    JobFailed,
+    RetryScheduled,
+    LeaseExpired,
+    ReportRejected,
+    CancelRequested,
+    JobCancelled,
+    NodeJoined,
+    NodeLost,
+    NodeLeft,
+    UtilizationSampled,
+    SweepSubmitted,
+    SweepCompleted,
+]
+
+EVENT_TYPES: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
+
+# Events that change the state of one job, by job id (the fold's transition table uses these).
+JOB_EVENTS = tuple(c for c in AnyEvent.__args__ if "job_id" in c.__struct_fields__)  # type: ignore[attr-defined]

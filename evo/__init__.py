@@ -1,0 +1,14 @@
+"""evo: an event-sourced orchestrator for ML training across a few heterogeneous machines."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy, so `import evo` inside a job stays cheap
+    if name == "Client":
+        from evo.cli.client import Client
+
+        return Client
+    raise AttributeError(f"module 'evo' has no attribute {name!r}")
+
+
+__all__ = ["Client", "__version__"]

@@ -1,0 +1,79 @@
+"""EVO_HOME and how every command finds the broker.
+
+EVO_HOME (default ``./.evo``, like ``.git``) holds the event log (``log/``), the projections
+(``evo.duckdb``), job output (``logs/``) and ``broker.json`` (address and pid of the running
+broker). A command finds the broker from ``--broker``, then ``EVO_BROKER``, then
+``EVO_HOME/broker.json``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from evo.errors import EvoError
+
+
+class NoBroker(EvoError):
+    """Raised when no broker address is given and none is recorded in EVO_HOME."""
+
+
+def evo_home(home: str | os.PathLike[str] | None = None) -> Path:
+    return Path(home or os.environ.get("EVO_HOME") or ".evo").absolute()
+
+
+def broker_file(home: Path) -> Path:
+    return home / "broker.json"
+
+
+def write_broker_file(home: Path, info: dict) -> None:
+    """Atomic replace, so a reader never sees half a file."""
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = broker_file(home).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, broker_file(home))
+
+
+def read_broker_file(home: Path) -> dict | None:
+    try:
+        return json.loads(broker_file(home).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def find_broker(explicit: str | None = None, home: Path | None = None) -> str:
+    if explicit:
+        return normalize_address(explicit)
+    env = os.environ.get("EVO_BROKER")
+    if env:
+        return normalize_address(env)
+    home = home or evo_home()
+    info = read_broker_file(home)
+    if info and info.get("address"):
+        return str(info["address"])
+    raise NoBroker(
+        f"no broker: pass --broker ADDR, set EVO_BROKER, or start one with `evo broker` "
+        f"or `evo up` (looked for {broker_file(home)})"
+    )
+
+
+def normalize_address(addr: str) -> str:
+    """Accept ``host:port`` as shorthand for ``tcp://host:port``."""
+    return addr if "://" in addr else f"tcp://{addr}"
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for tcp endpoints on 127.0.0.0/8 or ::1 (and for ipc/inproc, which never leave)."""
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

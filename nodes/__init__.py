@@ -1,0 +1,1 @@
+"""Node daemon: hardware probe, executor, warm workers, the daemon loop."""

@@ -1,0 +1,1 @@
+"""DuckDB projections folded from the event log."""
