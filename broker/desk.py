@@ -25,7 +25,7 @@ class InvalidSpec(BadInput):
 
 def validate_spec(spec: JobSpec, state: BrokerState | None = None) -> None:
     """Check what a spec says about itself (and which jobs it depends on)."""
-    kinds = [k for k in ("command", "callable") if getattr(spec, k)]
+    kinds = [k for k in ("command", "callable") if getattr(spec, k) is not None]
     if len(kinds) != 1:
         raise InvalidSpec("$.spec: expected exactly one of `command` or `callable`"
                           f" (got {', '.join(kinds) or 'neither'})")

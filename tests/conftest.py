@@ -1,0 +1,131 @@
+"""Shared fixtures: real brokers (in a thread or as a process) on loopback, always stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from evo.broker.server import Broker
+from evo.cli.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ThreadBroker:
+    """A real Broker serving from a thread of the test process (real sockets, real fsyncs)."""
+
+    def __init__(self, home: Path, **kw) -> None:
+        self.home = home
+        self.broker = Broker(home, **kw)
+        self.address = self.broker.address
+        self.thread = threading.Thread(target=self.broker.serve_forever, kwargs={"poll_ms": 20},
+                                       daemon=True)
+        self.thread.start()
+
+    def client(self, **kw) -> Client:
+        return Client(self.address, **kw)
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "broker thread did not stop"
+
+
+@pytest.fixture
+def tbroker(tmp_path):
+    brokers: list[ThreadBroker] = []
+
+    def start(home: Path | None = None, **kw) -> ThreadBroker:
+        b = ThreadBroker(home or tmp_path / "home", **kw)
+        brokers.append(b)
+        return b
+
+    yield start
+    for b in brokers:
+        if b.thread.is_alive():
+            b.stop()
+
+
+def evo_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "evo.cli.app", *args]
+
+
+class ProcBroker:
+    """`evo broker` as a real subprocess; kill() is kill -9."""
+
+    def __init__(self, home: Path, *extra: str) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        self.logfile = open(home / f"broker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(evo_cmd("--home", str(home), "broker", *extra),
+                                     stdout=self.logfile, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.address = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}: "
+                                   f"{Path(self.logfile.name).read_text()}")
+            try:
+                info = json.loads((self.home / "broker.json").read_text())
+                if info.get("pid") == self.proc.pid:
+                    return info["address"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.02)
+        raise TimeoutError("broker did not start")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.logfile.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        self.logfile.flush()
+        return Path(self.logfile.name).read_text()
+
+
+@pytest.fixture
+def pbroker(tmp_path):
+    procs: list[ProcBroker] = []
+
+    def start(home: Path | None = None, *extra: str) -> ProcBroker:
+        b = ProcBroker(home or tmp_path / "home", *extra)
+        procs.append(b)
+        return b
+
+    yield start
+    for b in procs:
+        b.kill()
+        b.logfile.close()
+
+
+def run_evo(*args: str, home: Path | None = None, timeout: float = 60, input: str | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.pop("EVO_BROKER", None)
+    if home is not None:
+        e["EVO_HOME"] = str(home)
+    e.update(env or {})
+    return subprocess.run(evo_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          input=input, env=e)
