@@ -165,7 +165,7 @@ class Broker:
 
     def _decode(self, ident: bytes, frames: list[bytes], replies: list) -> p.Command | None:
         if len(frames) != 2:
-            body = frames[-1] if len(frames) > 1 else b""
+            body = frames[1] if len(frames) > 1 else b""
             replies.append((ident, p.Error(req=p.salvage_req(body), code="protocol",
                                            message=f"expected 1 frame, got {len(frames) - 1}")))
             self.stats["errors"] += 1

@@ -29,9 +29,11 @@ def _err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _client(broker: str | None, timeout_s: float = 10.0):
+def _client(broker: str | None, timeout_s: float | None = None):
     from evo.cli.client import Client
 
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("EVO_TIMEOUT_S", "10"))
     return Client(broker, timeout_s=timeout_s)
 
 
@@ -213,23 +215,21 @@ def main() -> None:
     from evo.cli.client import BrokerUnavailable, CommandRejected
 
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except (EvoError, BrokerUnavailable, CommandRejected) as exc:
         _err(f"evo: {exc}")
         sys.exit(getattr(exc, "exit_code", 1))
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # usage errors from the command-line parser: shown, exit 2
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
-            sys.exit(2)
+            sys.exit(exc.exit_code)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
