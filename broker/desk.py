@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import msgspec
-
 from evo.errors import BadInput
 from evo.events.schema import CancelRequested, Event, JobCancelled, JobSpec, JobSubmitted
 
@@ -25,25 +23,25 @@ class InvalidSpec(BadInput):
 
 def validate_spec(spec: JobSpec, state: BrokerState | None = None) -> None:
     """Check what a spec says about itself (and which jobs it depends on)."""
-    kinds = [k for k in ("command", "callable") if getattr(spec, k) is not None]
-    if len(kinds) != 1:
-        raise InvalidSpec("$.spec: expected exactly one of `command` or `callable`"
-                          f" (got {', '.join(kinds) or 'neither'})")
+    if (spec.command is None) == (spec.callable is None):
+        got = "both" if spec.command is not None else "neither"
+        raise InvalidSpec(f"$.spec: expected exactly one of `command` or `callable` (got {got})")
     if spec.command is not None and (not spec.command or not all(spec.command)):
         raise InvalidSpec("$.spec.command: expected a non-empty argv list of non-empty strings")
     if spec.callable is not None and (":" not in spec.callable
                                       or not all(spec.callable.split(":", 1))):
         raise InvalidSpec(f"$.spec.callable: expected `module:function`, got {spec.callable!r}")
     r = spec.resources
-    for name in ("cpus", "mem_gb", "gpus", "vram_gb"):
-        value = getattr(r, name)
-        if value < 0:
-            raise InvalidSpec(f"$.spec.resources.{name}: expected >= 0, got {value}")
+    if r.cpus < 0 or r.mem_gb < 0 or r.gpus < 0 or r.vram_gb < 0:
+        for name in ("cpus", "mem_gb", "gpus", "vram_gb"):
+            value = getattr(r, name)
+            if value < 0:
+                raise InvalidSpec(f"$.spec.resources.{name}: expected >= 0, got {value}")
     if r.vram_gb > 0 and r.gpus == 0:
         raise InvalidSpec("$.spec.resources.vram_gb: VRAM was asked for without a GPU (gpus=0)")
     if spec.max_attempts < 1:
         raise InvalidSpec(f"$.spec.max_attempts: expected >= 1, got {spec.max_attempts}")
-    if state is not None:
+    if state is not None and spec.after:
         for i, dep in enumerate(spec.after):
             if dep not in state.jobs:
                 raise InvalidSpec(f"$.spec.after[{i}]: unknown job {dep!r}")
@@ -58,22 +56,28 @@ class Outcome:
 class Desk:
     """Turns commands into events. Holds the state it folds into; owns no I/O."""
 
+    _handlers: dict[type, object] = {}
+
     def __init__(self, state: BrokerState | None = None) -> None:
         self.state = state or BrokerState()
 
-    def _emit(self, out: Outcome, event: Event, now: float, cause: str = "") -> Event:
-        stamped = msgspec.structs.replace(event, seq=self.state.last_seq + 1, time=now,
-                                          cause=cause)
-        self.state.apply(stamped)
-        out.events.append(stamped)
-        return stamped
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        cls._handlers = _handlers_of(cls)
+
+    def _emit(self, out: Outcome, cls: type[Event], now: float, cause: str, **fields) -> Event:
+        """Stamp the next seq and the time on a new event and fold it into the state."""
+        event = cls(seq=self.state.last_seq + 1, time=now, cause=cause, **fields)
+        self.state.apply(event)
+        out.events.append(event)
+        return event
 
     def handle(self, cmd: p.Command, now: float, *, cause: str = "") -> Outcome:
-        method = getattr(self, "on_" + type(cmd).__name__.lower(), None)
+        method = self._handlers.get(type(cmd))
         if method is None:
             return Outcome(reply=p.Error(req=cmd.req, code="unknown",
                                          message=f"command {type(cmd).__name__} is not served"))
-        return method(cmd, now, cause)
+        return method(self, cmd, now, cause)
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -88,12 +92,11 @@ class Desk:
             validate_spec(spec, self.state)
         except InvalidSpec as exc:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=str(exc)))
-        out = Outcome()
         seq = self.state.last_seq + 1
         job_id = f"j{seq}"
-        self._emit(out, JobSubmitted(job_id=job_id, spec=spec), now, cause)
-        out.reply = p.Submitted(req=cmd.req, job_id=job_id, seq=seq)
-        return out
+        event = JobSubmitted(seq=seq, time=now, cause=cause, job_id=job_id, spec=spec)
+        self.state.apply(event)
+        return Outcome([event], p.Submitted(req=cmd.req, job_id=job_id, seq=seq))
 
     def on_cancel(self, cmd: p.Cancel, now: float, cause: str) -> Outcome:
         sweep = self.state.sweeps.get(cmd.target)
@@ -112,9 +115,9 @@ class Desk:
         for job_id in targets:
             job = self.state.jobs[job_id]
             if not job.cancel_requested:
-                self._emit(out, CancelRequested(job_id=job_id, reason=cmd.reason), now, cause)
+                self._emit(out, CancelRequested, now, cause, job_id=job_id, reason=cmd.reason)
             if job.state == QUEUED:  # nothing runs yet: cancelled at once
-                self._emit(out, JobCancelled(job_id=job_id, reason=cmd.reason), now, cause)
+                self._emit(out, JobCancelled, now, cause, job_id=job_id, reason=cmd.reason)
             # leased or running: the node stops it and reports (see the node commands)
         out.reply = p.Cancelled(req=cmd.req, job_ids=targets, seq=self.state.last_seq)
         return out
@@ -126,6 +129,19 @@ class Desk:
 
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
         return Outcome(reply=status_of(self.state, cmd.req))
+
+
+def _handlers_of(cls: type) -> dict[type, object]:
+    """Command type -> ``on_<command>`` method, for every command the class serves."""
+    out = {}
+    for cmd in p.AnyCommand.__args__:  # type: ignore[attr-defined]
+        method = getattr(cls, "on_" + cmd.__name__.lower(), None)
+        if method is not None:
+            out[cmd] = method
+    return out
+
+
+Desk._handlers = _handlers_of(Desk)
 
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50) -> p.StatusReply:

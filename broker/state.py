@@ -87,7 +87,7 @@ class IllegalTransition(Exception):
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     job_id: str
     spec: JobSpec
@@ -108,7 +108,7 @@ class Job:
     last_progress_seq: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     node: str
     hostname: str = ""
@@ -125,7 +125,7 @@ class Node:
     last_util: UtilizationSampled | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Sweep:
     sweep_id: str
     name: str
@@ -134,7 +134,7 @@ class Sweep:
     done: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class BrokerState:
     last_seq: int = 0
     jobs: dict[str, Job] = field(default_factory=dict)
@@ -147,41 +147,44 @@ class BrokerState:
         """Fold one event into the state. Raises before mutating if the event is illegal."""
         if event.seq and event.seq != self.last_seq + 1:
             raise ValueError(f"event seq {event.seq} does not follow {self.last_seq}")
-        job_id = getattr(event, "job_id", None)
-        if job_id is not None:
-            self._apply_job(job_id, event)
+        kind = type(event)
+        if kind is JobSubmitted:  # the hot path: one per job
+            self._submitted(event)  # type: ignore[arg-type]
+        elif kind in _JOB_HANDLERS:
+            self._apply_job(event)
         else:
-            handler = _NODE_HANDLERS.get(type(event))
+            handler = _NODE_HANDLERS.get(kind)
             if handler is not None:
                 handler(self, event)
         self.last_seq = event.seq or self.last_seq + 1
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def _apply_job(self, job_id: str, event: Event) -> None:
+    def _submitted(self, ev: JobSubmitted) -> None:
+        if ev.job_id in self.jobs:
+            raise IllegalTransition(ev.job_id, self.jobs[ev.job_id].state, ev)
+        self.jobs[ev.job_id] = Job(job_id=ev.job_id, spec=ev.spec, submitted_seq=ev.seq,
+                                   submitted_at=ev.time)
+        if ev.spec.key is not None:
+            self.keys[ev.spec.key] = ev.job_id
+        self.counts[QUEUED] = self.counts.get(QUEUED, 0) + 1
+
+    def _apply_job(self, event: Event) -> None:
+        job_id = event.job_id  # type: ignore[attr-defined]
         job = self.jobs.get(job_id)
         before = job.state if job is not None else None
-        kind = type(event).__name__
-        after = TRANSITIONS.get((before, kind))
-        if after is None:
+        after = _TABLE.get((before, type(event)))
+        if after is None or job is None:
             raise IllegalTransition(job_id, before, event)
-        if isinstance(event, JobFailed) and before == QUEUED and not event.final:
-            raise IllegalTransition(job_id, before, event)
-        if isinstance(event, JobSubmitted):
-            job = Job(job_id=job_id, spec=event.spec, submitted_seq=event.seq,
-                      submitted_at=event.time)
-            self.jobs[job_id] = job
-            if event.spec.key is not None:
-                self.keys[event.spec.key] = job_id
-        else:
-            assert job is not None
-            _JOB_HANDLERS[type(event)](self, job, event)
-        if isinstance(event, JobFailed) and event.final:
-            after = FAILED
-        job.state = after  # type: ignore[union-attr]
+        if isinstance(event, JobFailed):
+            if event.final:
+                after = FAILED
+            elif before == QUEUED:
+                raise IllegalTransition(job_id, before, event)
+        _JOB_HANDLERS[type(event)](self, job, event)
+        job.state = after
         if before != after:
-            if before is not None:
-                self.counts[before] -= 1
+            self.counts[before] -= 1
             self.counts[after] = self.counts.get(after, 0) + 1
 
     def _release(self, job: Job) -> None:
@@ -290,6 +293,11 @@ _NODE_HANDLERS = {
     SweepSubmitted: BrokerState._sweep_submitted,
     SweepCompleted: BrokerState._sweep_completed,
 }
+
+
+_EVENT_CLASSES = {cls.__name__: cls for cls in (JobSubmitted, *_JOB_HANDLERS)}
+# The transition table keyed by event class, for the fold's hot path.
+_TABLE = {(before, _EVENT_CLASSES[name]): after for (before, name), after in TRANSITIONS.items()}
 
 
 def fold(events, state: BrokerState | None = None) -> BrokerState:  # noqa: ANN001
