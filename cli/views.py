@@ -10,7 +10,7 @@ from evo.broker import protocol as p
 console = Console()
 
 
-def render_status(st: p.StatusReply) -> None:
+def render_status(st: p.StatusReply, show: int = 10) -> None:
     counts = "  ".join(f"{k} {v}" for k, v in sorted(st.jobs.items())) or "no jobs"
     console.print(f"[bold]seq {st.last_seq}[/bold]  jobs: {counts}")
     if st.nodes:
@@ -28,6 +28,9 @@ def render_status(st: p.StatusReply) -> None:
             t = Table(title=title, title_justify="left")
             for col in cols:
                 t.add_column(col)
-            for r in rows:
+            total = st.jobs.get("queued", 0) if title == "queued" else len(rows)
+            for r in rows[:show]:
                 t.add_row(*(str(r.get(c, "")) for c in cols))
+            if total > show:
+                t.caption = f"... and {total - show} more {title}"
             console.print(t)
