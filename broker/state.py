@@ -106,6 +106,7 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
     last_progress_seq: int = 0
+    queued_at: float = 0.0  # when it (re)entered the queue: the fallback wait counts from here
 
 
 @dataclass(slots=True)
@@ -141,6 +142,7 @@ class BrokerState:
     nodes: dict[str, Node] = field(default_factory=dict)
     sweeps: dict[str, Sweep] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
+    queue: dict[str, None] = field(default_factory=dict)  # queued job ids, in submit order
     counts: dict[str, int] = field(default_factory=dict)  # jobs per state
 
     def apply(self, event: Event) -> None:
@@ -164,7 +166,8 @@ class BrokerState:
         if ev.job_id in self.jobs:
             raise IllegalTransition(ev.job_id, self.jobs[ev.job_id].state, ev)
         self.jobs[ev.job_id] = Job(job_id=ev.job_id, spec=ev.spec, submitted_seq=ev.seq,
-                                   submitted_at=ev.time)
+                                   submitted_at=ev.time, queued_at=ev.time)
+        self.queue[ev.job_id] = None
         if ev.spec.key is not None:
             self.keys[ev.spec.key] = ev.job_id
         self.counts[QUEUED] = self.counts.get(QUEUED, 0) + 1
@@ -186,6 +189,11 @@ class BrokerState:
         if before != after:
             self.counts[before] -= 1
             self.counts[after] = self.counts.get(after, 0) + 1
+            if before == QUEUED:
+                self.queue.pop(job_id, None)
+            elif after == QUEUED:
+                self.queue[job_id] = None
+                job.queued_at = event.time
 
     def _release(self, job: Job) -> None:
         if job.node is not None and job.node in self.nodes:

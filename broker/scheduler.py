@@ -1,0 +1,268 @@
+"""The scheduler: which queued jobs one node should run now. Pure: state, node and time in,
+decisions out (dask's decide_worker is the part worth copying).
+
+Rules, in the order they apply to each queued job:
+  * runnable: not cancelled, its not-before time has passed, every ``after`` job completed;
+  * routing: a job whose model type has a cluster rule prefers nodes carrying one of the
+    rule's labels; a non-preferred node may take it only when no preferred node is alive, or
+    when the job has waited past the rule's wait limit (the lease records why);
+  * fit: free slots, cpus, memory, GPU count, and VRAM per GPU on this node, counted from the
+    resources of the jobs it runs (a GPU job with ``vram_gb=0`` takes whole GPUs; with
+    ``vram_gb>0`` it shares a GPU whose free VRAM covers it);
+  * order: higher priority first; among equal priorities, the sweep with the fewest running
+    jobs goes first (fair share), then submit order. A job that does not fit is skipped, so
+    smaller jobs behind it backfill the node.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from evo.events.schema import JobSpec
+
+from .cluster import Cluster
+from .state import ACTIVE, COMPLETED, TERMINAL, BrokerState, Job, Node
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class GrantLease:
+    """Decision: lease ``job_id`` to ``node`` with these GPU devices."""
+
+    job_id: str
+    node: str
+    devices: tuple[int, ...] = ()
+    fallback: str = ""  # why a non-preferred node takes it, if it does
+
+
+@dataclass
+class Free:
+    """What a node has free, derived from the jobs it runs."""
+
+    slots: int
+    cpus: float
+    mem_gb: float
+    gpus: dict[int, float] = field(default_factory=dict)  # index -> free VRAM (GB); absent = taken whole
+
+    def take(self, spec: JobSpec, devices: tuple[int, ...]) -> None:
+        r = spec.resources
+        self.slots -= 1
+        self.cpus -= r.cpus
+        self.mem_gb -= r.mem_gb
+        for d in devices:
+            if r.vram_gb > 0:
+                self.gpus[d] -= r.vram_gb
+            else:
+                self.gpus.pop(d, None)
+
+
+def free_of(state: BrokerState, node: Node) -> Free:
+    free = Free(slots=node.slots, cpus=node.cpus, mem_gb=node.mem_gb,
+                gpus={g.index: g.vram_gb for g in node.gpus})
+    whole: set[int] = set()
+    for job_id in node.running:
+        job = state.jobs[job_id]
+        r = job.spec.resources
+        free.slots -= 1
+        free.cpus -= r.cpus
+        free.mem_gb -= r.mem_gb
+        for d in job.devices:
+            if r.vram_gb > 0:
+                if d in free.gpus:
+                    free.gpus[d] -= r.vram_gb
+            else:
+                whole.add(d)
+    for d in whole:
+        free.gpus.pop(d, None)
+    # a GPU that shares out VRAM cannot also be taken whole: mark it as partly used
+    return free
+
+
+def pick_devices(spec: JobSpec, free: Free, node: Node) -> tuple[int, ...] | None:
+    """GPU indices for the job on this node, or None when they are not free."""
+    r = spec.resources
+    if r.gpus == 0:
+        return ()
+    totals = {g.index: g.vram_gb for g in node.gpus}
+    if r.vram_gb > 0:
+        cands = [d for d, v in free.gpus.items() if v + EPS >= r.vram_gb]
+    else:  # whole GPUs: nothing else may be on them
+        cands = [d for d, v in free.gpus.items() if v + EPS >= totals.get(d, 0.0)]
+    if len(cands) < r.gpus:
+        return None
+    cands.sort(key=lambda d: (-free.gpus[d], d))
+    return tuple(sorted(cands[: r.gpus]))
+
+
+def misfit(spec: JobSpec, free: Free, node: Node) -> str | None:
+    """Why the job does not fit the node's free resources now, or None if it does."""
+    r = spec.resources
+    if free.slots < 1:
+        return f"{node.node} has no free slot ({node.slots} in use)"
+    if r.cpus > free.cpus + EPS:
+        return f"needs {r.cpus:g} CPUs; {node.node} has {max(free.cpus, 0):g} free"
+    if r.mem_gb > free.mem_gb + EPS:
+        return f"needs {r.mem_gb:g} GB memory; {node.node} has {max(free.mem_gb, 0):g} GB free"
+    if r.gpus:
+        if len(node.gpus) < r.gpus:
+            return f"needs {r.gpus} GPU(s); {node.node} has {len(node.gpus)}"
+        if pick_devices(spec, free, node) is None:
+            if r.vram_gb > 0:
+                best = max(free.gpus.values(), default=0.0)
+                return (f"needs {r.vram_gb:g} GB VRAM on {r.gpus} GPU(s); {node.node} has "
+                        f"{best:g} GB free on its best GPU")
+            return f"needs {r.gpus} whole GPU(s); {node.node} has {len(free.gpus)} free"
+    return None
+
+
+def capacity_misfit(spec: JobSpec, cpus: float, mem_gb: float, gpus: int, vram_gb: float,
+                    name: str) -> str | None:
+    """Why the job could never fit a machine of this size, or None."""
+    r = spec.resources
+    if r.cpus > cpus + EPS:
+        return f"{name} has {cpus:g} CPUs, the job needs {r.cpus:g}"
+    if r.mem_gb > mem_gb + EPS:
+        return f"{name} has {mem_gb:g} GB memory, the job needs {r.mem_gb:g}"
+    if r.gpus > gpus:
+        return f"{name} has {gpus} GPU(s), the job needs {r.gpus}"
+    if r.gpus and r.vram_gb > vram_gb + EPS:
+        return f"{name} has {vram_gb:g} GB VRAM per GPU, the job needs {r.vram_gb:g}"
+    return None
+
+
+def never_fits(spec: JobSpec, state: BrokerState, cluster: Cluster) -> str | None:
+    """A warning when no known machine (joined nodes, declared machines) could ever run it."""
+    reasons = []
+    for node in state.nodes.values():
+        vram = max((g.vram_gb for g in node.gpus), default=0.0)
+        why = capacity_misfit(spec, node.cpus, node.mem_gb, len(node.gpus), vram, node.node)
+        if why is None:
+            return None
+        reasons.append(why)
+    for name, m in cluster.machines.items():
+        why = capacity_misfit(spec, m.cpus, m.mem_gb, m.gpus, m.vram_gb, name)
+        if why is None:
+            return None
+        reasons.append(why)
+    if not reasons:
+        return None  # nothing is known yet: nothing to warn about
+    return "no known machine fits this job: " + "; ".join(reasons) + "; it waits for one that does"
+
+
+def blocked(job: Job, state: BrokerState, now: float) -> str | None:
+    """Why a queued job cannot run anywhere now, or None."""
+    if job.cancel_requested:
+        return "a cancel was requested"
+    if job.not_before > now:
+        return f"retry {job.attempt + 1} is not before {job.not_before - now:.1f}s from now"
+    for dep in job.spec.after:
+        d = state.jobs.get(dep)
+        if d is None or d.state != COMPLETED:
+            return f"waits for {dep} ({d.state if d else 'unknown'})"
+    return None
+
+
+def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: float) -> tuple[bool, str]:
+    """(may this node take the job, why it is a fallback if it is one)."""
+    rule = cluster.rule_for(job.spec.model_type)
+    if rule is None or set(rule.route_to) & set(node.labels):
+        return True, ""
+    preferred_alive = [n.node for n in state.nodes.values()
+                       if n.alive and set(rule.route_to) & set(n.labels)]
+    if not preferred_alive:
+        return True, f"no node labelled {'/'.join(rule.route_to)} is present"
+    waited = now - job.queued_at
+    limit = cluster.wait_limit(rule)
+    if waited >= limit:
+        return True, f"waited {waited:.0f}s for {'/'.join(preferred_alive)} (limit {limit:g}s)"
+    return False, ""
+
+
+def _fair_order(state: BrokerState, candidates: list[Job]) -> list[Job]:
+    running: dict[str | None, int] = defaultdict(int)
+    for n in state.nodes.values():
+        for jid in n.running:
+            running[state.jobs[jid].spec.sweep_id] += 1
+    groups: dict[str | None, deque[Job]] = defaultdict(deque)
+    for job in sorted(candidates, key=lambda j: (-j.spec.priority, j.submitted_seq)):
+        groups[job.spec.sweep_id].append(job)
+    heap = [(-g[0].spec.priority, running[k], g[0].submitted_seq, i, k)
+            for i, (k, g) in enumerate(groups.items())]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        _, _, _, i, k = heapq.heappop(heap)
+        g = groups[k]
+        order.append(g.popleft())
+        running[k] += 1
+        if g:
+            heapq.heappush(heap, (-g[0].spec.priority, running[k], g[0].submitted_seq, i, k))
+    return order
+
+
+def decide(state: BrokerState, node_name: str, now: float, cluster: Cluster,
+           max_leases: int | None = None) -> list[GrantLease]:
+    """The leases to grant to one node now."""
+    node = state.nodes.get(node_name)
+    if node is None or not node.alive:
+        return []
+    free = free_of(state, node)
+    if free.slots < 1 or not state.queue:
+        return []
+    candidates = [j for j in (state.jobs[i] for i in state.queue) if blocked(j, state, now) is None]
+    out: list[GrantLease] = []
+    for job in _fair_order(state, candidates):
+        if free.slots < 1 or (max_leases is not None and len(out) >= max_leases):
+            break
+        ok, fallback = routing(job, node, state, cluster, now)
+        if not ok or misfit(job.spec, free, node) is not None:
+            continue
+        devices = pick_devices(job.spec, free, node)
+        assert devices is not None
+        free.take(job.spec, devices)
+        out.append(GrantLease(job.job_id, node.node, devices, fallback))
+    return out
+
+
+def explain(state: BrokerState, job_id: str, now: float, cluster: Cluster) -> str:
+    """Why a job is where it is, in words that name the nodes and what is missing."""
+    job = state.jobs.get(job_id)
+    if job is None:
+        return f"no job {job_id!r}"
+    if job.state in TERMINAL:
+        extra = f": {job.error}" if job.error else ""
+        return f"{job_id} is {job.state}{extra}"
+    if job.state in ACTIVE:
+        return f"{job_id} is {job.state} on {job.node} (attempt {job.attempt})"
+    why = blocked(job, state, now)
+    if why is not None:
+        return f"{job_id} is queued: {why}"
+    alive = [n for n in state.nodes.values() if n.alive]
+    if not alive:
+        return f"{job_id} is queued: no node is connected"
+    lines = [f"{job_id} is queued; per node:"]
+    rule = cluster.rule_for(job.spec.model_type)
+    for node in alive:
+        ok, fallback = routing(job, node, state, cluster, now)
+        if not ok:
+            assert rule is not None
+            limit = cluster.wait_limit(rule)
+            lines.append(f"  {node.node}: not preferred for {job.spec.model_type} (route to "
+                         f"{'/'.join(rule.route_to)}: {rule.reason}); fallback after "
+                         f"{max(limit - (now - job.queued_at), 0):.0f}s more")
+            continue
+        vram = max((g.vram_gb for g in node.gpus), default=0.0)
+        cap = capacity_misfit(job.spec, node.cpus, node.mem_gb, len(node.gpus), vram, node.node)
+        m = misfit(job.spec, free_of(state, node), node)
+        if cap is not None:
+            lines.append(f"  {node.node}: can never fit: {cap}")
+        elif m is not None:
+            lines.append(f"  {node.node}: {m}")
+        else:
+            ahead = sum(1 for j in state.queue if j != job_id)
+            lines.append(f"  {node.node}: fits now{' (' + fallback + ')' if fallback else ''}; "
+                         f"waits for the node to ask for work ({ahead} other queued)")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""The pure scheduler: routing with fallback, fit, slots, priority, fair share, deps, why."""
+
+from __future__ import annotations
+
+from evo.broker.cluster import Cluster, Machine, Rule
+from evo.broker.scheduler import decide, explain, never_fits
+from evo.broker.state import BrokerState
+from evo.events.schema import (
+    GpuInfo, JobCompleted, JobFailed, JobLeased, JobSpec, JobSubmitted, NodeJoined, NodeLost,
+    Resources, RetryScheduled,
+)
+
+CLUSTER = Cluster(wait_limit_s=30, rules=[
+    Rule(model_type="GLM", route_to=["cpu"], reason="CPU-bound"),
+    Rule(model_type="XGBoost", route_to=["gpu"], reason="GPU acceleration", wait_limit_s=10),
+], machines={"ws": Machine(labels=["gpu"], cpus=16, mem_gb=64, gpus=1, vram_gb=24, slots=2)})
+
+
+class World:
+    def __init__(self) -> None:
+        self.state = BrokerState()
+        self.t = 1000.0
+
+    def emit(self, cls, **kw):
+        ev = cls(seq=self.state.last_seq + 1, time=self.t, **kw)
+        self.state.apply(ev)
+        return ev
+
+    def node(self, name, labels, cpus=8, mem=32, slots=4, gpus=()):
+        self.emit(NodeJoined, node=name, labels=labels, cpus=cpus, mem_gb=mem, slots=slots,
+                  gpus=[GpuInfo(index=i, vram_gb=v) for i, v in enumerate(gpus)])
+
+    def job(self, model=None, prio=0, sweep=None, after=(), **res):
+        seq = self.state.last_seq + 1
+        self.emit(JobSubmitted, job_id=f"j{seq}", spec=JobSpec(
+            command=["x"], model_type=model, priority=prio, sweep_id=sweep, after=list(after),
+            resources=Resources(**res)))
+        return f"j{seq}"
+
+    def lease(self, grants):
+        for g in grants:
+            self.emit(JobLeased, job_id=g.job_id, attempt=self.state.jobs[g.job_id].attempt + 1,
+                      node=g.node, devices=list(g.devices))
+        return [g.job_id for g in grants]
+
+    def decide(self, node, **kw):
+        return decide(self.state, node, self.t, CLUSTER, **kw)
+
+
+def test_routing_by_model_type():
+    w = World()
+    w.node("laptop", ["cpu"])
+    w.node("gpu-1", ["gpu"], gpus=[24])
+    glm, xgb = w.job("GLM"), w.job("XGBoost", gpus=1)
+    assert [g.job_id for g in w.decide("gpu-1")] == [xgb]
+    assert [g.job_id for g in w.decide("laptop")] == [glm]
+
+
+def test_fallback_when_no_preferred_node_is_present():
+    w = World()
+    w.node("laptop", ["cpu"])
+    xgb = w.job("XGBoost")
+    (g,) = w.decide("laptop")
+    assert g.job_id == xgb and "no node labelled gpu is present" in g.fallback
+
+
+def test_fallback_after_the_wait_limit_when_preferred_node_is_busy():
+    w = World()
+    w.node("laptop", ["cpu"])
+    w.node("gpu-1", ["gpu"], slots=1, gpus=[24])
+    w.lease(w.decide("gpu-1") or [])  # nothing yet
+    first = w.job("XGBoost")
+    w.lease(w.decide("gpu-1"))  # gpu-1 busy now
+    second = w.job("XGBoost")
+    w.t += 9.9
+    assert w.decide("laptop") == []  # within XGBoost's 10 s limit
+    w.t += 0.2
+    (g,) = w.decide("laptop")
+    assert g.job_id == second and "limit 10s" in g.fallback
+    assert first != second
+
+
+def test_gpu_node_lost_its_queued_work_falls_back_at_once():
+    w = World()
+    w.node("laptop", ["cpu"])
+    w.node("gpu-1", ["gpu"], gpus=[24])
+    xgb = w.job("XGBoost")
+    assert w.decide("laptop") == []
+    w.emit(NodeLost, node="gpu-1", reason="silent")
+    assert [g.job_id for g in w.decide("laptop")] == [xgb]
+
+
+def test_fit_cpus_memory_slots():
+    w = World()
+    w.node("n", [], cpus=4, mem=8, slots=2)
+    big = w.job(cpus=6)
+    a = w.job(cpus=2, mem_gb=6)
+    b = w.job(cpus=2, mem_gb=4)   # memory left: 2
+    c = w.job(cpus=1, mem_gb=1)
+    assert w.lease(w.decide("n")) == [a, c]  # big never fits; b lacks memory after a
+    assert w.decide("n") == []  # both slots used
+    assert "can never fit: n has 4 CPUs, the job needs 6" in explain(w.state, big, w.t, CLUSTER)
+    assert "no free slot" in explain(w.state, b, w.t, CLUSTER)
+
+
+def test_gpu_whole_and_shared_vram():
+    w = World()
+    w.node("ws", ["gpu"], slots=8, gpus=[24, 10])
+    whole = w.job(gpus=1)                 # takes GPU 0 (most free) whole
+    share1 = w.job(gpus=1, vram_gb=8)     # GPU 1 (10 GB)
+    share2 = w.job(gpus=1, vram_gb=8)     # GPU 1 has 2 GB left: does not fit
+    grants = w.decide("ws")
+    assert [(g.job_id, g.devices) for g in grants] == [(whole, (0,)), (share1, (1,))]
+    w.lease(grants)
+    assert w.decide("ws") == []
+    why = explain(w.state, share2, w.t, CLUSTER)
+    assert "needs 8 GB VRAM" in why and "2 GB free" in why
+
+
+def test_priority_then_fair_share_between_sweeps():
+    w = World()
+    w.node("n", [], cpus=100, mem=100, slots=6)
+    a = [w.job(sweep="A") for _ in range(4)]
+    b = [w.job(sweep="B") for _ in range(4)]
+    urgent = w.job(prio=10)
+    got = [g.job_id for g in w.decide("n")]
+    assert got[0] == urgent
+    assert got[1:] == [a[0], b[0], a[1], b[1], a[2]]
+
+
+def test_fair_share_counts_running_jobs():
+    w = World()
+    w.node("n", [], cpus=100, mem=100, slots=3)
+    a = [w.job(sweep="A") for _ in range(4)]
+    w.lease(w.decide("n", max_leases=2))  # A has 2 running
+    b = [w.job(sweep="B") for _ in range(2)]
+    assert [g.job_id for g in w.decide("n")] == [b[0]]
+    assert a
+
+
+def test_dependencies_wait_for_completion():
+    w = World()
+    w.node("n", [], slots=4)
+    first = w.job()
+    second = w.job(after=[first])
+    assert w.lease(w.decide("n")) == [first]
+    assert f"waits for {first} (leased)" in explain(w.state, second, w.t, CLUSTER)
+    w.emit(JobCompleted, job_id=first, lease_epoch=w.state.jobs[first].lease_epoch)
+    assert w.lease(w.decide("n")) == [second]
+
+
+def test_retry_waits_for_not_before():
+    w = World()
+    w.node("n", [])
+    j = w.job()
+    w.lease(w.decide("n"))
+    w.emit(JobFailed, job_id=j, lease_epoch=w.state.jobs[j].lease_epoch, error="boom")
+    w.emit(RetryScheduled, job_id=j, attempt=2, not_before=w.t + 4)
+    assert w.decide("n") == []
+    assert "not before" in explain(w.state, j, w.t, CLUSTER)
+    w.t += 4
+    assert [g.job_id for g in w.decide("n")] == [j]
+
+
+def test_why_names_nodes_and_routing():
+    w = World()
+    w.node("laptop", ["cpu"])
+    w.node("gpu-1", ["gpu"], gpus=[10])
+    j = w.job("XGBoost", gpus=1, vram_gb=24)
+    why = explain(w.state, j, w.t, CLUSTER)
+    assert "laptop: not preferred for XGBoost" in why and "fallback after 10s" in why
+    assert "gpu-1: needs 24 GB VRAM on 1 GPU(s); gpu-1 has 10 GB free" in why
+
+
+def test_never_fits_warning_names_machines():
+    w = World()
+    assert never_fits(JobSpec(command=["x"], resources=Resources(gpus=1, vram_gb=48)), w.state,
+                      CLUSTER) == "no known machine fits this job: ws has 24 GB VRAM per GPU, the job needs 48; it waits for one that does"
+    w.node("big", [], cpus=64, mem=512, gpus=[80])
+    assert never_fits(JobSpec(command=["x"], resources=Resources(gpus=1, vram_gb=48)), w.state,
+                      CLUSTER) is None
