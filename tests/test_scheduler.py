@@ -169,7 +169,7 @@ def test_why_names_nodes_and_routing():
     j = w.job("XGBoost", gpus=1, vram_gb=24)
     why = explain(w.state, j, w.t, CLUSTER)
     assert "laptop: not preferred for XGBoost" in why and "fallback after 10s" in why
-    assert "gpu-1: needs 24 GB VRAM on 1 GPU(s); gpu-1 has 10 GB free" in why
+    assert "gpu-1: can never fit: gpu-1 has 10 GB VRAM per GPU, the job needs 24" in why
 
 
 def test_never_fits_warning_names_machines():
