@@ -11,17 +11,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from evo.errors import BadInput
-from evo.events.schema import CancelRequested, Event, JobCancelled, JobSpec, JobSubmitted
+from evo.events.schema import (
+    CancelRequested, Checkpointed, Event, JobCancelled, JobCompleted, JobFailed, JobLeased,
+    JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeJoined, NodeLeft, NodeLost, Progress,
+    ReportRejected, RetryScheduled, UtilizationSampled,
+)
 
 from . import protocol as p
-from .state import ACTIVE, QUEUED, TERMINAL, BrokerState
+from .cluster import Cluster
+from .liveness import compute_backoff, is_lost
+from .scheduler import decide, never_fits
+from .state import ACTIVE, COMPLETED, QUEUED, TERMINAL, BrokerState, Job
 
 
 class InvalidSpec(BadInput):
     """Raised when a job spec is invalid in itself; the message names the field path."""
 
 
-def validate_spec(spec: JobSpec, state: BrokerState | None = None) -> None:
+def validate_spec(spec: JobSpec, state: BrokerState | None = None,
+                  cluster: Cluster | None = None) -> None:
     """Check what a spec says about itself (and which jobs it depends on)."""
     if (spec.command is None) == (spec.callable is None):
         got = "both" if spec.command is not None else "neither"
@@ -41,6 +49,11 @@ def validate_spec(spec: JobSpec, state: BrokerState | None = None) -> None:
         raise InvalidSpec("$.spec.resources.vram_gb: VRAM was asked for without a GPU (gpus=0)")
     if spec.max_attempts < 1:
         raise InvalidSpec(f"$.spec.max_attempts: expected >= 1, got {spec.max_attempts}")
+    if cluster is not None and spec.model_type is not None and cluster.rules \
+            and cluster.rule_for(spec.model_type) is None:
+        known = ", ".join(r.model_type for r in cluster.rules)
+        raise InvalidSpec(f"$.spec.model_type: unknown model type {spec.model_type!r} "
+                          f"(the cluster file knows {known})")
     if state is not None and spec.after:
         for i, dep in enumerate(spec.after):
             if dep not in state.jobs:
@@ -51,6 +64,7 @@ def validate_spec(spec: JobSpec, state: BrokerState | None = None) -> None:
 class Outcome:
     events: list[Event] = field(default_factory=list)
     reply: p.Reply | None = None
+    park: bool = False  # a Ready that found no work: the server holds it until something changes
 
 
 class Desk:
@@ -58,8 +72,15 @@ class Desk:
 
     _handlers: dict[type, object] = {}
 
-    def __init__(self, state: BrokerState | None = None) -> None:
+    def __init__(self, state: BrokerState | None = None, cluster: Cluster | None = None, *,
+                 mono: float = 0.0, lease_s: float = 6.0) -> None:
         self.state = state or BrokerState()
+        self.cluster = cluster or Cluster()
+        # Liveness is not state: it lives on the broker's monotonic clock and starts afresh
+        # (with a full grace period) for every node the log says was alive.
+        self.last_seen: dict[str, float] = {n: mono for n, node in self.state.nodes.items()
+                                            if node.alive}
+        self.heartbeat_s: dict[str, float] = {n: lease_s / 3 for n in self.last_seen}
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
@@ -72,11 +93,13 @@ class Desk:
         out.events.append(event)
         return event
 
-    def handle(self, cmd: p.Command, now: float, *, cause: str = "") -> Outcome:
+    def handle(self, cmd: p.Command, now: float, *, cause: str = "", mono: float = 0.0) -> Outcome:
         method = self._handlers.get(type(cmd))
         if method is None:
             return Outcome(reply=p.Error(req=cmd.req, code="unknown",
                                          message=f"command {type(cmd).__name__} is not served"))
+        if type(cmd) in _NODE_COMMANDS:
+            return method(self, cmd, now, cause, mono)
         return method(self, cmd, now, cause)
 
     # --- clients ------------------------------------------------------------------------------
@@ -89,14 +112,18 @@ class Desk:
             return Outcome(reply=p.Submitted(req=cmd.req, job_id=job_id, seq=job.submitted_seq,
                                              duplicate=True))
         try:
-            validate_spec(spec, self.state)
+            validate_spec(spec, self.state, self.cluster)
         except InvalidSpec as exc:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=str(exc)))
         seq = self.state.last_seq + 1
         job_id = f"j{seq}"
         event = JobSubmitted(seq=seq, time=now, cause=cause, job_id=job_id, spec=spec)
         self.state.apply(event)
-        return Outcome([event], p.Submitted(req=cmd.req, job_id=job_id, seq=seq))
+        r = spec.resources
+        warning = ""
+        if r.gpus or r.cpus > 1 or r.mem_gb:  # a 1-CPU job fits anything: skip the scan
+            warning = never_fits(spec, self.state, self.cluster) or ""
+        return Outcome([event], p.Submitted(req=cmd.req, job_id=job_id, seq=seq, warning=warning))
 
     def on_cancel(self, cmd: p.Cancel, now: float, cause: str) -> Outcome:
         sweep = self.state.sweeps.get(cmd.target)
@@ -122,6 +149,183 @@ class Desk:
         out.reply = p.Cancelled(req=cmd.req, job_ids=targets, seq=self.state.last_seq)
         return out
 
+    # --- nodes --------------------------------------------------------------------------------
+
+    def on_join(self, cmd: p.Join, now: float, cause: str, mono: float = 0.0) -> Outcome:
+        out = Outcome()
+        self._emit(out, NodeJoined, now, cause, node=cmd.node, hostname=cmd.hostname,
+                   cpus=cmd.cpus, mem_gb=cmd.mem_gb, gpus=cmd.gpus, labels=cmd.labels,
+                   slots=cmd.slots, capabilities=cmd.capabilities)
+        self.last_seen[cmd.node] = mono
+        self.heartbeat_s[cmd.node] = cmd.heartbeat_s
+        # A node that reconnects carries on with the leases that are still its own.
+        out.reply = p.Leases(req=cmd.req, cancel=self._not_ours(cmd.node, cmd.running),
+                             seq=self.state.last_seq)
+        return out
+
+    def _not_ours(self, node: str, running: list[tuple[str, int]]) -> list[str]:
+        stale = []
+        for job_id, epoch in running:
+            job = self.state.jobs.get(job_id)
+            if (job is None or job.lease_epoch != epoch or job.node != node
+                    or job.state not in ACTIVE or job.cancel_requested):
+                stale.append(job_id)
+        return stale
+
+    def _to_cancel(self, node: str) -> list[str]:
+        n = self.state.nodes.get(node)
+        if n is None:
+            return []
+        return [j for j in n.running if self.state.jobs[j].cancel_requested]
+
+    def _unknown_node(self, cmd: p.Command, node: str) -> Outcome | None:
+        n = self.state.nodes.get(node)
+        if n is None or not n.alive:
+            return Outcome(reply=p.Error(req=cmd.req, code="rejoin",
+                                         message=f"node {node!r} is not joined; send join"))
+        return None
+
+    def on_heartbeat(self, cmd: p.Heartbeat, now: float, cause: str, mono: float = 0.0) -> Outcome:
+        err = self._unknown_node(cmd, cmd.node)
+        if err is not None:
+            return err
+        self.last_seen[cmd.node] = mono
+        out = Outcome()
+        if cmd.util:
+            self._emit(out, UtilizationSampled, now, cause, node=cmd.node,
+                       cpu=float(cmd.util.get("cpu", 0.0)), mem=float(cmd.util.get("mem", 0.0)),
+                       gpus=cmd.gpus, running=len(cmd.running))
+        cancel = self._to_cancel(cmd.node) + self._not_ours(cmd.node, cmd.running)
+        out.reply = p.Leases(req=cmd.req, cancel=sorted(set(cancel)), seq=self.state.last_seq)
+        return out
+
+    def on_ready(self, cmd: p.Ready, now: float, cause: str, mono: float = 0.0) -> Outcome:
+        err = self._unknown_node(cmd, cmd.node)
+        if err is not None:
+            return err
+        self.last_seen[cmd.node] = mono
+        out = Outcome()
+        grants = []
+        for g in decide(self.state, cmd.node, now, self.cluster, cmd.max_leases or None):
+            job = self.state.jobs[g.job_id]
+            ev = self._emit(out, JobLeased, now, cause, job_id=g.job_id, attempt=job.attempt + 1,
+                            node=g.node, devices=list(g.devices),
+                            deadline=mono + 3 * self.heartbeat_s.get(cmd.node, 2.0),
+                            fallback=g.fallback)
+            grants.append(p.LeaseGrant(job_id=g.job_id, lease_epoch=ev.seq, attempt=job.attempt,
+                                       spec=job.spec, devices=list(g.devices)))
+        out.reply = p.Leases(req=cmd.req, leases=grants, cancel=self._to_cancel(cmd.node),
+                             seq=self.state.last_seq)
+        out.park = not grants and not out.reply.cancel and cmd.wait_s > 0
+        return out
+
+    def on_report(self, cmd: p.Report, now: float, cause: str, mono: float = 0.0) -> Outcome:
+        out = Outcome()
+        job = self.state.jobs.get(cmd.job_id)
+        if job is None:
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"no job {cmd.job_id!r}"))
+        if cmd.node in self.last_seen:
+            self.last_seen[cmd.node] = mono
+        current = (job.lease_epoch == cmd.lease_epoch and job.node == cmd.node
+                   and job.state in ACTIVE)
+        if not current:
+            why = (f"lease {cmd.lease_epoch} of {cmd.job_id} is not current "
+                   f"(job is {job.state}, lease {job.lease_epoch or 'none'} on {job.node or '-'})")
+            self._emit(out, ReportRejected, now, cause, job_id=cmd.job_id,
+                       lease_epoch=cmd.lease_epoch, node=cmd.node, report=cmd.kind, reason=why)
+            out.reply = p.Error(req=cmd.req, code="stale", message=why)
+            return out
+        d = cmd.data
+        ids = {"job_id": cmd.job_id, "lease_epoch": cmd.lease_epoch}
+        kind = cmd.kind
+        try:
+            if kind == "started":
+                self._emit(out, JobStarted, now, cause, pid=int(d.get("pid", 0)),
+                           env=dict(d.get("env", {})), **ids)
+            elif kind == "progress":
+                self._emit(out, Progress, now, cause, step=d.get("step"), epoch=d.get("epoch"),
+                           metrics=_floats(d.get("metrics", {})), eta_s=d.get("eta_s"), **ids)
+            elif kind == "checkpoint":
+                self._emit(out, Checkpointed, now, cause, path=str(d["path"]), step=d.get("step"),
+                           metrics=_floats(d.get("metrics", {})), **ids)
+            elif kind == "completed":
+                self._emit(out, JobCompleted, now, cause, metrics=_floats(d.get("metrics", {})),
+                           artifacts={str(k): str(v) for k, v in d.get("artifacts", {}).items()},
+                           duration_s=float(d.get("duration_s", 0.0)), **ids)
+            elif kind == "cancelled" and job.cancel_requested:
+                self._emit(out, JobCancelled, now, cause, job_id=cmd.job_id,
+                           reason=str(d.get("reason", "cancelled")))
+            elif kind in ("failed", "cancelled"):
+                self._attempt_failed(out, job, now, cause, error=str(d.get("error", kind)),
+                                     exit_code=d.get("exit_code"),
+                                     retryable=bool(d.get("retryable", True)))
+            else:
+                return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                             message=f"unknown report kind {kind!r}"))
+        except (KeyError, TypeError, ValueError) as exc:
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"bad {kind} report for {cmd.job_id}: {exc}"))
+        out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq)
+        return out
+
+    def _attempt_failed(self, out: Outcome, job: Job, now: float, cause: str, *, error: str,
+                        exit_code: int | None = None, retryable: bool = True,
+                        expired_on: str | None = None) -> None:
+        final = not retryable or job.attempt >= job.spec.max_attempts
+        if expired_on is not None:
+            self._emit(out, LeaseExpired, now, cause, job_id=job.job_id,
+                       lease_epoch=job.lease_epoch, node=expired_on)
+            if final:
+                self._emit(out, JobFailed, now, cause, job_id=job.job_id, error=error,
+                           retryable=False, final=True)
+                return
+        else:
+            self._emit(out, JobFailed, now, cause, job_id=job.job_id, lease_epoch=job.lease_epoch,
+                       error=error, exit_code=exit_code, retryable=retryable, final=final)
+        if not final:
+            delay = compute_backoff(job.attempt)
+            self._emit(out, RetryScheduled, now, cause, job_id=job.job_id,
+                       attempt=job.attempt + 1, not_before=now + delay, delay_s=delay)
+
+    def on_leave(self, cmd: p.Leave, now: float, cause: str, mono: float = 0.0) -> Outcome:
+        err = self._unknown_node(cmd, cmd.node)
+        if err is not None:
+            return err
+        out = Outcome()
+        for job_id in sorted(self.state.nodes[cmd.node].running):
+            self._attempt_failed(out, self.state.jobs[job_id], now, cause,
+                                 error=f"node {cmd.node} left", expired_on=cmd.node)
+        self._emit(out, NodeLeft, now, cause, node=cmd.node)
+        self.last_seen.pop(cmd.node, None)
+        out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq)
+        return out
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def tick(self, now: float, mono: float) -> Outcome:
+        """Expire the leases of nodes that went silent; fail jobs whose dependency failed."""
+        out = Outcome()
+        for node, seen in list(self.last_seen.items()):
+            if is_lost(seen, mono, self.heartbeat_s.get(node, 2.0)):
+                n = self.state.nodes[node]
+                for job_id in sorted(n.running):
+                    self._attempt_failed(out, self.state.jobs[job_id], now, "tick",
+                                         error=f"lease on {node} expired", expired_on=node)
+                missed = (mono - seen) / self.heartbeat_s.get(node, 2.0)
+                self._emit(out, NodeLost, now, "tick", node=node,
+                           reason=f"{missed:.1f} heartbeats missed")
+                del self.last_seen[node]
+        for job_id in list(self.state.queue):
+            job = self.state.jobs[job_id]
+            for dep in job.spec.after:
+                d = self.state.jobs.get(dep)
+                if d is not None and d.state in TERMINAL and d.state != COMPLETED:
+                    self._emit(out, JobFailed, now, "tick", job_id=job_id, retryable=False,
+                               final=True, error=f"dependency {dep} {d.state}")
+                    break
+        return out
+
     def on_hello(self, cmd: p.Hello, now: float, cause: str) -> Outcome:
         # The server fills in the endpoint; the desk only knows the state.
         return Outcome(reply=p.Welcome(req=cmd.req, events_endpoint="",
@@ -142,6 +346,11 @@ def _handlers_of(cls: type) -> dict[type, object]:
 
 
 Desk._handlers = _handlers_of(Desk)
+_NODE_COMMANDS = {p.Join, p.Heartbeat, p.Ready, p.Report, p.Leave}
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {str(k): float(v) for k, v in metrics.items()}
 
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50) -> p.StatusReply:

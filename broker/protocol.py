@@ -62,17 +62,18 @@ class Join(Command, tag="join"):
     slots: int = 1
     capabilities: list[str] = []
     running: list[tuple[str, int]] = []  # (job id, lease epoch) still running after a reconnect
+    heartbeat_s: float = 2.0  # leases expire after 3 heartbeats missed
 
 
 class Ready(Command, tag="ready"):
-    """A node offers its free resources and waits (long poll) for leases."""
+    """A node asks for work and waits up to ``wait_s`` (long poll) for leases.
+
+    The broker counts the node's free resources from the jobs it leased to it; ``max_leases``
+    caps how many it grants at once (0: as many as fit).
+    """
 
     node: str
-    free_slots: int
-    free_cpus: float
-    free_mem_gb: float
-    free_gpus: list[int] = []
-    free_vram_gb: dict[int, float] = {}
+    max_leases: int = 0
     wait_s: float = 0.0
 
 
@@ -145,9 +146,18 @@ class Ok(Reply, tag="ok"):
     data: dict[str, Any] = {}
 
 
+class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    lease_epoch: int
+    attempt: int
+    spec: JobSpec
+    devices: list[int] = []
+
+
 class Leases(Reply, tag="leases"):
-    leases: list[dict[str, Any]] = []
+    leases: list[LeaseGrant] = []
     cancel: list[str] = []  # job ids this node should stop
+    seq: int = 0
 
 
 AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Ok, Leases]

@@ -31,6 +31,7 @@ from evo.errors import BadInput, EvoError
 from evo.home import is_loopback, read_broker_file, write_broker_file
 
 from . import protocol as p
+from .cluster import Cluster, load_cluster
 from .desk import Desk
 from .state import fold
 
@@ -55,6 +56,9 @@ class Broker:
         segment_bytes: int | None = None,
         max_batch: int = 4096,
         allow_remote: bool = False,
+        cluster: Cluster | None = None,
+        cluster_path: str | os.PathLike[str] | None = None,
+        tick_s: float = 0.2,
     ) -> None:
         self.home = Path(home).absolute()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -70,7 +74,12 @@ class Broker:
         self.log = SegmentLog(self.home / "log", **kw)
         for msg in self.log.recovered:
             log.warning(msg)
-        self.desk = Desk(fold(self.log.read_from(1)))
+        self.desk = Desk(fold(self.log.read_from(1)),
+                         cluster or load_cluster(cluster_path, self.home), mono=time.monotonic())
+        self.tick_s = tick_s
+        self._next_tick = 0.0
+        self._parked: list[tuple[bytes, p.Ready, float]] = []  # (ident, command, give up at)
+        self._parked_seq = -1
         # The state holds one small object graph per job and has no reference cycles worth
         # chasing: move what the replay built out of the collector's sight and collect young
         # objects less often, or full collections over a large state dominate each batch.
@@ -125,17 +134,17 @@ class Broker:
         poller.register(self.router, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if poller.poll(poll_ms):
-                    self.run_batch()
-                self.on_tick(time.time())
+                wait = min(poll_ms, max(0, int((self._next_tick - time.monotonic()) * 1000)) + 1)
+                if self._parked:
+                    wait = min(wait, max(0, int((min(d for _, _, d in self._parked)
+                                                 - time.monotonic()) * 1000)) + 1)
+                poller.poll(wait)
+                self.run_batch()
         finally:
             self.close()
 
-    def on_tick(self, now: float) -> None:
-        """Timers (lease expiry, retries) hook in here; see the node support."""
-
     def run_batch(self) -> None:
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         events: list = []
         replies: list[tuple[bytes, p.Reply]] = []
         reads: list[tuple[bytes, p.Read]] = []
@@ -156,16 +165,16 @@ class Broker:
             if type(cmd) is p.Read:
                 reads.append((ident, cmd))
                 continue
-            try:
-                out = self.desk.handle(cmd, now, cause=f"{ident.hex()}:{cmd.req}")
-            except Exception as exc:  # a bug must not take the broker down with it
-                log.exception("command %s failed", type(cmd).__name__)
-                replies.append((ident, p.Error(req=cmd.req, code="internal",
-                                               message=f"{type(exc).__name__}: {exc}")))
-                continue
-            events.extend(out.events)
-            if out.reply is not None:
-                replies.append((ident, self._fill(out.reply)))
+            self._handle(ident, cmd, now, mono, events, replies)
+        if mono >= self._next_tick:
+            self._next_tick = mono + self.tick_s
+            events.extend(self.desk.tick(now, mono).events)
+        if self._parked and (self._parked_seq != self.desk.state.last_seq
+                             or any(d <= mono for _, _, d in self._parked)):
+            parked, self._parked = self._parked, []
+            for ident, cmd, deadline in parked:
+                self._handle(ident, cmd, now, mono, events, replies, deadline)
+        self._parked_seq = self.desk.state.last_seq
         encoded = self.log.append(events) if events else []
         send, encode = self.router.send, p.reply_encoder.encode
         for ident, reply in replies:
@@ -177,6 +186,24 @@ class Broker:
             self.pub.send_multipart([p.RELAY_TOPIC, pack_batch(encoded)])
         for ident, read in reads:
             self.router.send_multipart([ident, p.reply_encoder.encode(self._read(read))])
+
+    def _handle(self, ident: bytes, cmd: p.Command, now: float, mono: float, events: list,
+                replies: list, deadline: float | None = None) -> None:
+        try:
+            out = self.desk.handle(cmd, now, cause=f"{ident.hex()}:{cmd.req}", mono=mono)
+        except Exception as exc:  # a bug must not take the broker down with it
+            log.exception("command %s failed", type(cmd).__name__)
+            replies.append((ident, p.Error(req=cmd.req, code="internal",
+                                           message=f"{type(exc).__name__}: {exc}")))
+            return
+        events.extend(out.events)
+        if out.park:  # a Ready with no work: answer when something changes or time is up
+            deadline = mono + cmd.wait_s if deadline is None else deadline  # type: ignore[attr-defined]
+            if deadline > mono:
+                self._parked.append((ident, cmd, deadline))  # type: ignore[arg-type]
+                return
+        if out.reply is not None:
+            replies.append((ident, self._fill(out.reply)))
 
     def _decode(self, ident: bytes, frames: list[bytes], replies: list) -> p.Command | None:
         if len(frames) != 2:
