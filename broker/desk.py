@@ -20,7 +20,7 @@ from evo.events.schema import (
 from . import protocol as p
 from .cluster import Cluster
 from .liveness import compute_backoff, is_lost
-from .scheduler import decide, never_fits
+from .scheduler import decide, explain, never_fits
 from .state import ACTIVE, COMPLETED, QUEUED, TERMINAL, BrokerState, Job
 
 
@@ -330,6 +330,13 @@ class Desk:
         # The server fills in the endpoint; the desk only knows the state.
         return Outcome(reply=p.Welcome(req=cmd.req, events_endpoint="",
                                        last_seq=self.state.last_seq))
+
+    def on_why(self, cmd: p.Why, now: float, cause: str) -> Outcome:
+        if cmd.job_id not in self.state.jobs:
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"no job {cmd.job_id!r}"))
+        return Outcome(reply=p.Explanation(req=cmd.req,
+                                           text=explain(self.state, cmd.job_id, now, self.cluster)))
 
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
         return Outcome(reply=status_of(self.state, cmd.req))

@@ -49,6 +49,10 @@ class Status(Command, tag="status"):
     pass
 
 
+class Why(Command, tag="why"):
+    job_id: str
+
+
 # Node commands (the node daemon speaks these; see nodes/daemon.py).
 
 
@@ -98,7 +102,7 @@ class Leave(Command, tag="leave"):
     node: str
 
 
-AnyCommand = Union[Hello, Submit, Cancel, Read, Status, Join, Ready, Heartbeat, Report, Leave]
+AnyCommand = Union[Hello, Submit, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave]
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
@@ -141,6 +145,10 @@ class StatusReply(Reply, tag="status"):
     queued: list[dict[str, Any]] = []
 
 
+class Explanation(Reply, tag="why"):
+    text: str
+
+
 class Ok(Reply, tag="ok"):
     seq: int = 0
     data: dict[str, Any] = {}
@@ -160,7 +168,7 @@ class Leases(Reply, tag="leases"):
     seq: int = 0
 
 
-AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Ok, Leases]
+AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Explanation, Ok, Leases]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(AnyCommand)

@@ -56,14 +56,86 @@ def _setup_logging() -> None:
 def broker(
     bind: str = typer.Option("tcp://127.0.0.1:*", "--bind",
                              help="ROUTER address; `*` as port picks a free one"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", help="routing rules (default "
+                                           "EVO_HOME/cluster.yaml, else the packaged one)"),
     no_sync: bool = typer.Option(False, "--no-sync", help="skip fdatasync (tests only: unsafe)"),
 ) -> None:
     """Run the broker in the foreground (Ctrl-C stops it cleanly)."""
+    from evo.broker.cluster import load_cluster
     from evo.broker.server import run_broker
     from evo.home import normalize_address
 
     _setup_logging()
-    run_broker(evo_home(), normalize_address(bind), sync=not no_sync)
+    rules = load_cluster(cluster, evo_home())  # bad file: exit 2 before binding anything
+    run_broker(evo_home(), normalize_address(bind), sync=not no_sync, cluster=rules)
+
+
+def _labels(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+@app.command()
+def node(
+    name: Optional[str] = typer.Option(None, "--name", help="default: the hostname"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="a,b (routing rules match these)"),
+    slots: Optional[int] = typer.Option(None, "--slots", help="jobs at once (default: cores)"),
+    cpus: Optional[float] = typer.Option(None, "--cpus"),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb"),
+    gpus: Optional[int] = typer.Option(None, "--gpus"),
+    vram_gb: Optional[float] = typer.Option(None, "--vram-gb", help="per GPU"),
+    heartbeat_s: float = typer.Option(2.0, "--heartbeat-s"),
+    broker: Optional[str] = BrokerOpt,
+) -> None:
+    """Run a node daemon: lease the jobs that fit this machine, run them, report back.
+
+    Declared values override the probe (reserve headroom, or simulate a machine)."""
+    from evo.home import find_broker
+    from evo.nodes.daemon import run_node
+
+    _setup_logging()
+    run_node(find_broker(broker), name=name, labels=_labels(labels), slots=slots, cpus=cpus,
+             mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb, heartbeat_s=heartbeat_s)
+
+
+@app.command()
+def up(
+    slots: Optional[int] = typer.Option(None, "--slots", help="local node's slots (default: cores)"),
+    labels: Optional[str] = typer.Option("cpu", "--labels"),
+    gpus: Optional[int] = typer.Option(None, "--gpus"),
+) -> None:
+    """Embedded broker and a local node in the foreground: zero setup. Ctrl-C stops both."""
+    from evo.broker.cluster import load_cluster
+    from evo.broker.server import Broker
+    from evo.nodes.daemon import NodeDaemon
+    import threading
+
+    _setup_logging()
+    b = Broker(evo_home(), cluster=load_cluster(None, evo_home()))
+    t = threading.Thread(target=b.serve_forever, daemon=True)
+    t.start()
+    n = NodeDaemon(b.address, name="local", labels=_labels(labels), slots=slots, gpus=gpus)
+    stop = lambda *_: n.stop(drain=False)  # noqa: E731
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, stop)
+    _signal.signal(_signal.SIGTERM, stop)
+    typer.echo(f"evo up: broker {b.address}, node 'local' with {n.slots} slot(s); Ctrl-C stops",
+               err=True)
+    try:
+        n.run()
+    finally:
+        b.stop()
+        t.join(10)
+
+
+@app.command()
+def why(job: str = typer.Argument(...), broker: Optional[str] = BrokerOpt) -> None:
+    """Why a job waits, naming the nodes and what each one lacks."""
+    from evo.broker import protocol as p
+
+    with _client(broker) as c:
+        reply = c.request(p.Why(job_id=job))
+    typer.echo(reply.text)  # type: ignore[attr-defined]
 
 
 # --- jobs -------------------------------------------------------------------------------------

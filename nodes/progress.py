@@ -1,0 +1,53 @@
+"""Progress from inside a job, and from its log lines as a fallback.
+
+Inside a job, ``evo.report(step=3, loss=0.41)`` and ``evo.checkpoint(path)`` append one JSON
+line to the file named by EVO_REPORT_FILE, which the node tails. Jobs that do not use evo are
+still tracked through lines such as ``epoch 3/10 loss=0.41 auc=0.61``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+_KV = re.compile(r"([A-Za-z_][\w.\-]*)\s*[=:]\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+_EPOCH = re.compile(r"\bepoch\s*[:=]?\s*(\d+)\s*(?:/\s*(\d+))?", re.IGNORECASE)
+_STEP = re.compile(r"\bstep\s*[:=]?\s*(\d+)", re.IGNORECASE)
+
+
+def parse_line(line: str) -> dict | None:
+    """A progress report from a log line, or None when the line says nothing measurable."""
+    metrics = {k: float(v) for k, v in _KV.findall(line) if k.lower() not in ("epoch", "step")}
+    epoch = _EPOCH.search(line)
+    step = _STEP.search(line)
+    if not metrics and not epoch and not step:
+        return None
+    out: dict = {"metrics": metrics}
+    if epoch:
+        out["epoch"] = int(epoch.group(1))
+    if step:
+        out["step"] = int(step.group(1))
+    return out
+
+
+def _write(record: dict) -> None:
+    path = os.environ.get("EVO_REPORT_FILE")
+    if not path:
+        return  # not running under evo: reporting is a no-op
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def report(step: int | None = None, *, epoch: int | None = None, eta_s: float | None = None,
+           **metrics: float) -> None:
+    """Report progress from inside a job."""
+    _write({"kind": "progress", "step": step, "epoch": epoch, "eta_s": eta_s, "t": time.time(),
+            "metrics": {k: float(v) for k, v in metrics.items()}})
+
+
+def checkpoint(path: str, step: int | None = None, **metrics: float) -> None:
+    """Record that a checkpoint was written (it lives in EVO_CHECKPOINT_DIR across retries)."""
+    _write({"kind": "checkpoint", "path": str(path), "step": step,
+            "metrics": {k: float(v) for k, v in metrics.items()}})
