@@ -77,7 +77,6 @@ def free_of(state: BrokerState, node: Node) -> Free:
                 whole.add(d)
     for d in whole:
         free.gpus.pop(d, None)
-    # a GPU that shares out VRAM cannot also be taken whole: mark it as partly used
     return free
 
 
