@@ -178,18 +178,19 @@ class Desk:
             return []
         return [j for j in n.running if self.state.jobs[j].cancel_requested]
 
-    def _unknown_node(self, cmd: p.Command, node: str) -> Outcome | None:
+    def _seen(self, cmd: p.Command, node: str, mono: float) -> Outcome | None:
+        """Note that a joined node is alive; an error telling it to rejoin if it is not joined."""
         n = self.state.nodes.get(node)
         if n is None or not n.alive:
             return Outcome(reply=p.Error(req=cmd.req, code="rejoin",
                                          message=f"node {node!r} is not joined; send join"))
+        self.last_seen[node] = mono
         return None
 
     def on_heartbeat(self, cmd: p.Heartbeat, now: float, cause: str, mono: float = 0.0) -> Outcome:
-        err = self._unknown_node(cmd, cmd.node)
+        err = self._seen(cmd, cmd.node, mono)
         if err is not None:
             return err
-        self.last_seen[cmd.node] = mono
         out = Outcome()
         if cmd.util:
             self._emit(out, UtilizationSampled, now, cause, node=cmd.node,
@@ -200,10 +201,9 @@ class Desk:
         return out
 
     def on_ready(self, cmd: p.Ready, now: float, cause: str, mono: float = 0.0) -> Outcome:
-        err = self._unknown_node(cmd, cmd.node)
+        err = self._seen(cmd, cmd.node, mono)
         if err is not None:
             return err
-        self.last_seen[cmd.node] = mono
         out = Outcome()
         grants = []
         for g in decide(self.state, cmd.node, now, self.cluster, cmd.max_leases or None):
@@ -289,7 +289,7 @@ class Desk:
                        attempt=job.attempt + 1, not_before=now + delay, delay_s=delay)
 
     def on_leave(self, cmd: p.Leave, now: float, cause: str, mono: float = 0.0) -> Outcome:
-        err = self._unknown_node(cmd, cmd.node)
+        err = self._seen(cmd, cmd.node, mono)
         if err is not None:
             return err
         out = Outcome()

@@ -101,14 +101,12 @@ def test_late_follower_sees_every_event_once_in_order(tbroker):
     b = tbroker()
     with b.client() as c:
         c.submit_many([JobSpec(command=["early", str(i)]) for i in range(300)])
-    stop = threading.Event()
 
     def producer():
         with b.client() as c:
             for i in range(20):
                 c.submit_many([JobSpec(command=["live", str(i), str(k)]) for k in range(25)])
                 time.sleep(0.01)
-        stop.set()
 
     seen = []
     with b.client() as c:
