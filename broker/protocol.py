@@ -102,7 +102,33 @@ class Leave(Command, tag="leave"):
     node: str
 
 
-AnyCommand = Union[Hello, Submit, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave]
+class Output(Command, tag="output"):
+    """A chunk of a job's stdout or stderr, appended at ``offset`` to the broker's copy.
+
+    Output is stored beside the event log, never in it. A chunk whose offset is not the size
+    of the broker's copy is not written; the reply's ``data["size"]`` says where to resume.
+    """
+
+    node: str
+    job_id: str
+    attempt: int
+    stream: str  # "stdout" or "stderr"
+    offset: int
+    data: bytes
+
+
+class Logs(Command, tag="logs"):
+    """Read a job's shipped output: ``attempt`` 0 means the latest."""
+
+    job_id: str
+    attempt: int = 0
+    stream: str = "stdout"
+    offset: int = 0
+    limit: int = 1 << 20
+
+
+AnyCommand = Union[Hello, Submit, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
+                   Output, Logs]
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
@@ -168,7 +194,19 @@ class Leases(Reply, tag="leases"):
     seq: int = 0
 
 
-AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Explanation, Ok, Leases]
+class LogChunk(Reply, tag="log_chunk"):
+    job_id: str
+    attempt: int
+    stream: str
+    offset: int
+    data: bytes
+    size: int  # of the stored output so far
+    attempts: list[int] = []
+    state: str = ""  # the job's state: a follower stops once it is final and all is read
+
+
+AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
+                 LogChunk]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(AnyCommand)

@@ -33,6 +33,7 @@ from evo.home import is_loopback, read_broker_file, write_broker_file
 from . import protocol as p
 from .cluster import Cluster, load_cluster
 from .desk import Desk
+from .outputs import OutputStore
 from .state import fold
 
 log = logging.getLogger("evo.broker")
@@ -72,6 +73,7 @@ class Broker:
         if segment_bytes:
             kw["segment_bytes"] = segment_bytes
         self.log = SegmentLog(self.home / "log", **kw)
+        self.outputs = OutputStore(self.home / "logs")
         for msg in self.log.recovered:
             log.warning(msg)
         self.desk = Desk(fold(self.log.read_from(1)),
@@ -165,6 +167,9 @@ class Broker:
             if type(cmd) is p.Read:
                 reads.append((ident, cmd))
                 continue
+            if type(cmd) is p.Output or type(cmd) is p.Logs:
+                replies.append((ident, self._output(cmd)))
+                continue
             self._handle(ident, cmd, now, mono, events, replies)
         if mono >= self._next_tick:
             self._next_tick = mono + self.tick_s
@@ -225,6 +230,25 @@ class Broker:
             return msgspec.structs.replace(reply, events_endpoint=self.events_endpoint,
                                            last_seq=self.log.last_seq)
         return reply
+
+    def _output(self, cmd: p.Output | p.Logs) -> p.Reply:
+        job = self.desk.state.jobs.get(cmd.job_id)
+        if job is None:
+            return p.Error(req=cmd.req, code="unknown", message=f"no job {cmd.job_id!r}")
+        try:
+            if isinstance(cmd, p.Output):
+                size = self.outputs.write(cmd.job_id, cmd.attempt, cmd.stream, cmd.offset,
+                                          cmd.data)
+                return p.Ok(req=cmd.req, data={"size": size})
+            attempts = self.outputs.attempts(cmd.job_id)
+            attempt = cmd.attempt or max([job.attempt, *attempts, 1])
+            data, size = self.outputs.read(cmd.job_id, attempt, cmd.stream, cmd.offset,
+                                           cmd.limit)
+        except (ValueError, OSError) as exc:
+            return p.Error(req=cmd.req, code="invalid", message=str(exc))
+        return p.LogChunk(req=cmd.req, job_id=cmd.job_id, attempt=attempt, stream=cmd.stream,
+                          offset=cmd.offset, data=data, size=size, attempts=attempts,
+                          state=job.state)
 
     def _read(self, cmd: p.Read) -> p.Reply:
         raws: list[bytes] = []

@@ -270,16 +270,85 @@ def tail(
 
 @app.command()
 def status(broker: Optional[str] = BrokerOpt,
-           as_json: bool = typer.Option(False, "--json")) -> None:
+           as_json: bool = typer.Option(False, "--json"),
+           watch: bool = typer.Option(False, "--watch", "-w", help="refresh live until Ctrl-C"),
+           interval: float = typer.Option(1.0, "--interval", help="seconds between refreshes")) -> None:
     """Queue and nodes: job counts by state, nodes, running and queued jobs."""
-    from evo.cli.views import render_status
+    from evo.cli.views import console, render_status, status_view
 
     with _client(broker) as c:
+        if watch:
+            import time
+
+            from rich.live import Live
+
+            with Live(status_view(c.status()), console=console, auto_refresh=False) as live:
+                try:
+                    while True:
+                        time.sleep(interval)
+                        live.update(status_view(c.status()), refresh=True)
+                except KeyboardInterrupt:
+                    pass
+            return
         st = c.status()
     if as_json:
         typer.echo(msgspec.json.encode(st).decode())
     else:
         render_status(st)
+
+
+@app.command()
+def logs(job: str = typer.Argument(..., help="job id"),
+         attempt: int = typer.Option(0, "--attempt", help="attempt number (default: the latest)"),
+         follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+         stream: str = typer.Option("both", "--stream", help="stdout, stderr or both"),
+         broker: Optional[str] = BrokerOpt) -> None:
+    """A job's stdout and stderr, from whichever node ran it (stderr goes to stderr)."""
+    import time
+
+    from evo.home import NoBroker
+
+    if stream not in ("stdout", "stderr", "both"):
+        raise BadInput(f"--stream: expected stdout, stderr or both, got {stream!r}")
+    streams = ("stdout", "stderr") if stream == "both" else (stream,)
+    sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    try:
+        c = _client(broker)
+    except NoBroker:
+        if follow:
+            raise
+        from evo.broker.outputs import OutputStore
+
+        store = OutputStore(evo_home() / "logs")
+        tried = attempt or max(store.attempts(job) or [0])
+        if not tried:
+            raise EvoError(f"no output stored for {job} in {evo_home() / 'logs'}")
+        for s in streams:
+            data, _ = store.read(job, tried, s, 0, 1 << 40)
+            sinks[s].write(data)
+        return
+    offsets = dict.fromkeys(streams, 0)
+    with c:
+        while True:
+            final = False
+            for s in streams:
+                while True:
+                    chunk = c.logs(job, attempt=attempt, stream=s, offset=offsets[s])
+                    attempt = attempt or chunk.attempt  # stay on one attempt while following
+                    sinks[s].write(chunk.data)
+                    offsets[s] += len(chunk.data)
+                    if offsets[s] >= chunk.size or not chunk.data:
+                        break
+                sinks[s].flush()
+                final = chunk.state in ("completed", "failed", "cancelled")
+            if not follow or final:
+                # the node ships a job's last output before its final report, so a final
+                # state read after the last chunk means nothing more will come
+                if follow and any(c.logs(job, attempt=attempt, stream=s, offset=offsets[s]).data
+                                  for s in streams):
+                    continue
+                return
+            time.sleep(0.3)
 
 
 def main() -> None:

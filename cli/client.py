@@ -98,6 +98,16 @@ class Client:
             if reply.req > req:  # an answer to a request still to be received
                 self._early[reply.req] = reply
 
+    def replies(self) -> list[p.Reply]:
+        """Every reply that has arrived, without waiting and without raising on errors."""
+        out = [self._early.pop(r) for r in sorted(self._early)]
+        recv, decode = self.sock.recv, p.reply_decoder.decode
+        while True:
+            try:
+                out.append(decode(recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return out
+
     @staticmethod
     def _check(reply: p.Reply) -> p.Reply:
         if isinstance(reply, p.Error):
@@ -146,6 +156,14 @@ class Client:
     def status(self) -> p.StatusReply:
         reply = self.request(p.Status())
         assert isinstance(reply, p.StatusReply)
+        return reply
+
+    def logs(self, job_id: str, *, attempt: int = 0, stream: str = "stdout", offset: int = 0,
+             limit: int = 1 << 20) -> p.LogChunk:
+        """A chunk of a job's shipped output (attempt 0: the latest)."""
+        reply = self.request(p.Logs(job_id=job_id, attempt=attempt, stream=stream, offset=offset,
+                                    limit=limit))
+        assert isinstance(reply, p.LogChunk)
         return reply
 
     def read(self, from_seq: int = 1, limit: int = 10_000) -> tuple[list[Event], int]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from evo.broker import protocol as p
 
 console = Console()
 
 
-def render_status(st: p.StatusReply, show: int = 10) -> None:
+def status_view(st: p.StatusReply, show: int = 10) -> Group:
+    """Job counts, nodes, running and queued jobs as one renderable (printed or live)."""
+    parts: list[RenderableType] = []
     counts = "  ".join(f"{k} {v}" for k, v in sorted(st.jobs.items())) or "no jobs"
-    console.print(f"[bold]seq {st.last_seq}[/bold]  jobs: {counts}")
+    parts.append(Text.from_markup(f"[bold]seq {st.last_seq}[/bold]  jobs: {counts}"))
     if st.nodes:
         t = Table(title="nodes", title_justify="left")
         for col in ("node", "alive", "labels", "slots", "running", "cpus", "mem GB", "GPUs"):
@@ -21,7 +24,7 @@ def render_status(st: p.StatusReply, show: int = 10) -> None:
             t.add_row(n["node"], "yes" if n["alive"] else "no", ",".join(n["labels"]),
                       str(n["slots"]), str(n["running"]), f"{n['cpus']:g}",
                       f"{n['mem_gb']:.1f}", str(n["gpus"]))
-        console.print(t)
+        parts.append(t)
     for title, rows, cols in (("running", st.running, ("job_id", "state", "node", "attempt", "name")),
                               ("queued", st.queued, ("job_id", "priority", "attempt", "name"))):
         if rows:
@@ -33,4 +36,9 @@ def render_status(st: p.StatusReply, show: int = 10) -> None:
                 t.add_row(*(str(r.get(c, "")) for c in cols))
             if total > show:
                 t.caption = f"... and {total - show} more {title}"
-            console.print(t)
+            parts.append(t)
+    return Group(*parts)
+
+
+def render_status(st: p.StatusReply, show: int = 10) -> None:
+    console.print(status_view(st, show))

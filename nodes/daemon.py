@@ -1,10 +1,17 @@
 """The node daemon: join, ask for work, run it, report, heartbeat; reconnect when the broker
 goes away and carry on with the jobs that still run.
 
-One thread. Each turn of the loop: collect what running attempts did (progress lines, exits),
-report it, heartbeat when due, and when a slot is free ask the broker for work with a short
-long-poll. Every report names its lease epoch; a report the broker calls stale means the lease
-was taken back (the node was silent too long), so the attempt is killed, never finished twice.
+One thread, driven by readiness: it waits on the broker socket and on the pipes of busy warm
+workers at once, so a trial that ends is reported, and the next lease asked for, in the same
+moment. Requests are pipelined: reports, output chunks, heartbeats and one outstanding Ready
+(a long-poll the broker answers when work appears) travel without waiting for each other, and
+each reply is matched to its request by number. A burst of reports therefore shares one group
+commit at the broker instead of paying one fsync each.
+
+Every report names its lease epoch; a report the broker calls stale means the lease was taken
+back (the node was silent too long), so the attempt is killed, never finished twice. A final
+report (completed, failed, cancelled) stays owed until the broker acknowledges it; after a
+reconnect the node carries such jobs in its Join and sends their final report again.
 """
 
 from __future__ import annotations
@@ -14,16 +21,28 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import zmq
 
 from evo.broker import protocol as p
 from evo.cli.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
 
+from .environment import fingerprint
 from .executor import Run
+from .pool import WorkerPool
 from .probe import probe, sample
 
 log = logging.getLogger("evo.node")
+
+OUTPUT_CHUNK = 256 << 10
+FINAL = ("completed", "failed", "cancelled")
+
+
+class _Reconnect(Exception):
+    """The broker went away or forgot us: join again."""
 
 
 class NodeDaemon:
@@ -32,7 +51,8 @@ class NodeDaemon:
                  mem_gb: float | None = None, gpus: int | None = None,
                  vram_gb: float | None = None, work: Path | None = None,
                  heartbeat_s: float = 2.0, util_every_s: float = 5.0,
-                 poll_s: float = 0.05) -> None:
+                 poll_s: float = 0.05, idle_wait_s: float = 1.0, ship_every_s: float = 0.5,
+                 warm_workers: bool = True) -> None:
         hw = probe()
         self.name = name or hw["hostname"]
         gpu_list: list[GpuInfo] = hw["gpus"]
@@ -56,21 +76,30 @@ class NodeDaemon:
         self.work = Path(work or Path(os.environ.get("EVO_HOME", ".evo")) / "nodes" / self.name).absolute()
         self.work.mkdir(parents=True, exist_ok=True)
         self.heartbeat_s, self.util_every_s, self.poll_s = heartbeat_s, util_every_s, poll_s
+        self.idle_wait_s, self.ship_every_s = idle_wait_s, ship_every_s
+        self.pool = WorkerPool(self.work / "workers", keep_idle=self.slots) if warm_workers else None
         self.runs: dict[str, Run] = {}
+        self.finishing: dict[str, tuple[Run, p.Report]] = {}  # final report not yet acknowledged
         self.client: Client | None = None
+        self.pending: dict[int, tuple[Callable[[p.Reply], None], float]] = {}
+        self._ready_req: int | None = None
         self._stop = threading.Event()
         self._draining = False
         self._next_hb = 0.0
         self._next_util = 0.0
+        self._next_ship = 0.0
 
     # --- connection ---------------------------------------------------------------------------
 
     def _running(self) -> list[tuple[str, int]]:
-        return [(j, r.grant.lease_epoch) for j, r in self.runs.items()]
+        held = [*self.runs.values(), *(r for r, _ in self.finishing.values())]
+        return [(r.grant.job_id, r.grant.lease_epoch) for r in held]
 
     def connect(self) -> None:
         """(Re)join, with backoff while the broker is away; keeps running jobs running."""
         delay = 0.2
+        self.pending.clear()
+        self._ready_req = None
         while not self._stop.is_set():
             if self.client is not None:
                 self.client.close()
@@ -79,9 +108,14 @@ class NodeDaemon:
                 join = p.Join(**{**_fields(self.join_cmd), "running": self._running()})
                 reply = self.client.request(join)
                 assert isinstance(reply, p.Leases)
+                for job_id in reply.cancel:
+                    self.finishing.pop(job_id, None)  # not ours any more: nothing to report
                 self._cancel(reply.cancel, "the broker no longer holds its lease")
+                for run, report in list(self.finishing.values()):  # owed final reports
+                    self._send_report(run, report)
                 log.info("node %s joined %s (%d job(s) carried on)", self.name,
-                         self.client.address, len(self.runs) - len(reply.cancel))
+                         self.client.address, len(self.runs))
+                self._next_hb = 0.0
                 return
             except (BrokerUnavailable, OSError) as exc:
                 log.warning("broker unavailable (%s); retrying in %.1fs", exc, delay)
@@ -89,19 +123,27 @@ class NodeDaemon:
                 delay = min(delay * 2, 5.0)
                 self._collect(report=False)  # keep reaping jobs while away
 
-    def _request(self, cmd: p.Command, timeout_s: float | None = None) -> p.Reply | None:
-        """A request; None if the broker went away (the caller's turn ends, we reconnect)."""
+    def _send(self, cmd: p.Command, on_reply: Callable[[p.Reply], None],
+              wait_s: float = 0.0) -> int:
         assert self.client is not None
-        try:
-            return self.client.request(cmd, timeout_s)
-        except BrokerUnavailable:
-            self.connect()
-            return None
-        except CommandRejected as exc:
-            if exc.code == "rejoin":
-                self.connect()
-                return None
-            raise
+        req = self.client.send(cmd)
+        self.pending[req] = (on_reply, time.monotonic() + wait_s + self.client.timeout_s)
+        return req
+
+    def _drain(self) -> None:
+        """Dispatch every reply that has arrived; raise _Reconnect when the broker is gone."""
+        assert self.client is not None
+        for reply in self.client.replies():
+            entry = self.pending.pop(reply.req, None)
+            if entry is None:
+                continue  # the answer to a request given up on
+            if isinstance(reply, p.Error) and reply.code == "rejoin":
+                raise _Reconnect(reply.message)
+            entry[0](reply)
+        if self.pending:
+            now = time.monotonic()
+            if any(deadline < now for _, deadline in self.pending.values()):
+                raise _Reconnect(f"no answer from the broker at {self.client.address}")
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -110,49 +152,76 @@ class NodeDaemon:
         self._stop.set()
 
     def run(self) -> None:
+        if self.pool is not None:
+            self.pool.warm(self.slots)
         self.connect()
+        poller = zmq.Poller()
         try:
             while not self._stop.is_set():
-                busy = self.turn()
-                if not busy:
-                    self._stop.wait(self.poll_s)
+                try:
+                    self.turn(poller)
+                except _Reconnect as exc:
+                    log.warning("%s; joining again", exc)
+                    self.connect()
         finally:
             self.shutdown()
 
-    def turn(self) -> bool:
-        """One pass; True when something happened (so the loop does not sleep)."""
+    def turn(self, poller: zmq.Poller | None = None) -> bool:
+        """One pass: collect, report, ask for work, then wait for something to happen."""
+        assert self.client is not None
         did = self._collect(report=True)
         now = time.monotonic()
         if now >= self._next_hb:
             self._heartbeat(now)
-        if len(self.runs) < self.slots:
-            reply = self._request(p.Ready(node=self.name, max_leases=self.slots - len(self.runs),
-                                          wait_s=0.0 if did else 0.25), timeout_s=10.0)
-            if isinstance(reply, p.Leases):
-                self._cancel(reply.cancel, "cancel requested")
-                for grant in reply.leases:
-                    self._start(grant)
-                did = did or bool(reply.leases)
+        free = self.slots - len(self.runs)
+        if free > 0 and self._ready_req is None:
+            wait = 0.0 if did else self.idle_wait_s
+            self._ready_req = self._send(p.Ready(node=self.name, max_leases=free, wait_s=wait),
+                                         self._on_leases, wait)
+        # Wait for the broker or a worker; commands (plain processes) are polled.
+        timeout = max(0.0, self._next_hb - time.monotonic())
+        if self.runs:
+            timeout = min(timeout, self.poll_s)
+        if poller is None:
+            poller = zmq.Poller()
+        poller.register(self.client.sock, zmq.POLLIN)
+        fds = [r.fd for r in self.runs.values() if r.fd is not None]
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+        try:
+            poller.poll(int(timeout * 1000) + (0 if did else 1))
+        finally:
+            for fd in fds:
+                poller.unregister(fd)
+            poller.unregister(self.client.sock)
+        self._drain()
         return did
+
+    def _on_leases(self, reply: p.Reply) -> None:
+        self._ready_req = None
+        if isinstance(reply, p.Leases):
+            self._cancel(reply.cancel, "cancel requested")
+            for grant in reply.leases:
+                self._start(grant)
 
     def _heartbeat(self, now: float) -> None:
         util, gpus = ({}, [])
         if now >= self._next_util:
             util, gpus = sample()
             self._next_util = now + self.util_every_s
-        reply = self._request(p.Heartbeat(node=self.name, running=self._running(), util=util,
-                                          gpus=gpus))
+        self._send(p.Heartbeat(node=self.name, running=self._running(), util=util, gpus=gpus),
+                   self._on_heartbeat)
         self._next_hb = now + self.heartbeat_s
+
+    def _on_heartbeat(self, reply: p.Reply) -> None:
         if isinstance(reply, p.Leases):
             self._cancel(reply.cancel, "cancel requested")
 
     def _start(self, grant: p.LeaseGrant) -> None:
-        run = Run(grant, self.work, self.name)
+        run = Run(grant, self.work, self.name, self.pool)
         self.runs[grant.job_id] = run
-        if run.proc is None:
-            return  # reported as failed by _collect
-        from evo.nodes.environment import fingerprint
-
+        if run.rc is not None:
+            return  # could not start: reported as failed by _collect
         self._report(run, "started", {"pid": run.pid, "env": fingerprint(grant.spec, run.dir)})
 
     def _cancel(self, job_ids: list[str], why: str) -> None:
@@ -162,22 +231,60 @@ class NodeDaemon:
                 log.info("stopping %s: %s", job_id, why)
                 run.cancel()
 
-    def _report(self, run: Run, kind: str, data: dict) -> bool:
-        """Send one report; False when the broker says the lease is no longer ours."""
+    def _report(self, run: Run, kind: str, data: dict) -> None:
         cmd = p.Report(node=self.name, job_id=run.grant.job_id,
                        lease_epoch=run.grant.lease_epoch, kind=kind, data=data)
-        try:
-            self._request(cmd)
-        except CommandRejected as exc:
-            if exc.code == "stale":
-                log.warning("%s: %s; stopping the attempt", run.grant.job_id, exc)
-                run.cancel(grace_s=1.0)
-                return False
-            log.error("report %s for %s refused: %s", kind, run.grant.job_id, exc)
-        return True
+        if kind in FINAL:
+            self.finishing[run.grant.job_id] = (run, cmd)
+        self._send_report(run, cmd)
+
+    def _send_report(self, run: Run, cmd: p.Report) -> None:
+        def on_reply(reply: p.Reply) -> None:
+            if cmd.kind in FINAL:
+                self.finishing.pop(cmd.job_id, None)
+            if isinstance(reply, p.Error):
+                if reply.code == "stale":
+                    log.warning("%s: %s; stopping the attempt", cmd.job_id, reply.message)
+                    if cmd.job_id in self.runs:
+                        run.cancel(grace_s=1.0)
+                else:
+                    log.error("report %s for %s refused: %s", cmd.kind, cmd.job_id, reply.message)
+
+        self._send(cmd, on_reply)
+
+    # --- output shipping ----------------------------------------------------------------------
+
+    def _ship(self, run: Run, everything: bool = False) -> None:
+        """Send new stdout/stderr bytes to the broker (all of it when the attempt ended)."""
+        for stream, path in (("stdout", run.stdout_path), ("stderr", run.stderr_path)):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            sent = run.shipped.get(stream, 0)
+            if size <= sent:
+                continue
+            with open(path, "rb") as f:
+                f.seek(sent)
+                while sent < size:
+                    data = f.read(min(OUTPUT_CHUNK, size - sent))
+                    if not data:
+                        break
+                    self._send(p.Output(node=self.name, job_id=run.grant.job_id,
+                                        attempt=run.grant.attempt, stream=stream, offset=sent,
+                                        data=data), _shipped(run, stream, sent + len(data)))
+                    sent += len(data)
+                    if not everything:
+                        break
+            run.shipped[stream] = sent
+
+    # --- collecting what runs did -------------------------------------------------------------
 
     def _collect(self, report: bool) -> bool:
         did = False
+        ship = report and time.monotonic() >= self._next_ship
+        if ship:
+            self._next_ship = time.monotonic() + self.ship_every_s
         for job_id, run in list(self.runs.items()):
             updates = run.reports()
             rc = run.poll()
@@ -186,12 +293,14 @@ class NodeDaemon:
             for rec in updates:
                 kind = rec.pop("kind", "progress")
                 rec.pop("t", None)
-                if not self._report(run, kind, rec):
-                    break
+                self._report(run, kind, rec)
                 did = True
             if rc is None:
+                if ship:
+                    self._ship(run)
                 continue
             run.reports()  # whatever it wrote last
+            self._ship(run, everything=True)  # output lands before the final report
             if run.cancelled:
                 self._report(run, "cancelled", {"reason": "stopped by the node"})
             elif rc == 0:
@@ -210,19 +319,44 @@ class NodeDaemon:
         return did
 
     def shutdown(self) -> None:
-        """Drain: let running attempts finish (up to a minute), then leave."""
+        """Drain: let running attempts finish (up to a minute), report them, then leave."""
         deadline = time.monotonic() + (60.0 if self._draining else 0.0)
-        while self.runs and time.monotonic() < deadline:
-            self._collect(report=True)
-            time.sleep(0.05)
+        try:
+            while self.runs and time.monotonic() < deadline and self.client is not None:
+                self._collect(report=True)
+                self._drain()
+                time.sleep(0.02)
+            for run in self.runs.values():
+                run.cancel(grace_s=2.0)
+            end = time.monotonic() + 3.0
+            while self.client is not None and (self.runs or self.finishing) \
+                    and time.monotonic() < end:
+                self._collect(report=True)
+                self._drain()
+                time.sleep(0.02)
+        except (_Reconnect, BrokerUnavailable, CommandRejected) as exc:
+            log.warning("leaving without the broker: %s", exc)
         for run in self.runs.values():
-            run.cancel(grace_s=2.0)
+            run.cancel(grace_s=0.0)
+            run.poll()
+            run.finish()
+        if self.pool is not None:
+            self.pool.close()
         if self.client is not None:
             try:
                 self.client.request(p.Leave(node=self.name), timeout_s=2.0)
             except Exception:  # noqa: BLE001 - leaving a broker that is gone
                 pass
             self.client.close()
+
+
+def _shipped(run: Run, stream: str, end: int) -> Callable[[p.Reply], None]:
+    def on_reply(reply: p.Reply) -> None:
+        if isinstance(reply, p.Ok):
+            size = int(reply.data.get("size", end))
+            if size < end:  # the broker's copy is behind (it restarted): resend from there
+                run.shipped[stream] = min(run.shipped.get(stream, 0), size)
+    return on_reply
 
 
 def _fields(s) -> dict:  # noqa: ANN001

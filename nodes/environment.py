@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+import time
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -25,8 +26,27 @@ def _packages() -> dict[str, str]:
     return out
 
 
+_GIT_TTL_S = 5.0
+_git_cache: dict[str, tuple[float, dict]] = {}
+
+
 def git_state(path: Path) -> dict:
-    """Commit and dirty flag of the repository holding ``path``, or {} outside a repo."""
+    """Commit and dirty flag of the repository holding ``path``, or {} outside a repo.
+
+    Two git calls cost milliseconds, more than a short trial, so the answer is reused for a few
+    seconds per directory: a commit made within that window is seen by the next jobs after it.
+    """
+    key = str(path)
+    now = time.monotonic()
+    hit = _git_cache.get(key)
+    if hit is not None and now - hit[0] < _GIT_TTL_S:
+        return hit[1]
+    state = _git_state(path)
+    _git_cache[key] = (now, state)
+    return state
+
+
+def _git_state(path: Path) -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=5)
@@ -39,9 +59,14 @@ def git_state(path: Path) -> dict:
         return {}
 
 
+@lru_cache(maxsize=1)
+def _platform() -> str:
+    return platform.platform()
+
+
 def fingerprint(spec: JobSpec, workdir: Path) -> dict:
     env = {"python": platform.python_version(), "executable": sys.executable,
-           "platform": platform.platform(), "packages": _packages(), "seed": spec.seed,
+           "platform": _platform(), "packages": _packages(), "seed": spec.seed,
            "data": dict(spec.data)}
     code_dir = Path(spec.workdir) if spec.workdir else Path.cwd()
     git = git_state(code_dir)

@@ -1,7 +1,8 @@
 """Running one attempt of a job: a subprocess in its own process group.
 
 A command job runs from its argv list (never a shell). A callable job (``module:function``)
-runs through ``python -m evo.nodes.runner``. Each attempt gets its own working directory with
+runs in a warm worker from the node's pool, or with ``isolate: true`` in a fresh process through
+``python -m evo.nodes.runner``. Each attempt gets its own working directory with
 stdout and stderr captured to files; the checkpoint directory is per job and the same across
 attempts, so a retry can resume. The job sees EVO_* variables and CUDA_VISIBLE_DEVICES set to
 exactly its devices (empty for a CPU job, which hides every GPU).
@@ -19,11 +20,13 @@ import subprocess
 
 from evo.broker.protocol import LeaseGrant
 
+from .pool import Worker, WorkerPool
 from .progress import parse_line
 
 
 class Run:
-    def __init__(self, grant: LeaseGrant, root: Path, node: str) -> None:
+    def __init__(self, grant: LeaseGrant, root: Path, node: str,
+                 pool: WorkerPool | None = None) -> None:
         self.grant = grant
         spec = grant.spec
         self.job_dir = root / "jobs" / grant.job_id
@@ -46,44 +49,63 @@ class Run:
         })
         if spec.seed is not None:
             env["EVO_SEED"] = str(spec.seed)
-        if spec.command is not None:
-            argv = list(spec.command)
-        else:
-            params = self.dir / "params.json"
-            params.write_text(json.dumps({"callable": spec.callable, "params": spec.params,
-                                          "seed": spec.seed}))
-            env["EVO_PARAMS_FILE"] = str(params)
-            argv = [sys.executable, "-m", "evo.nodes.runner"]
-        self._out = open(self.stdout_path, "ab")  # noqa: SIM115 - closed in finish()
-        self._err = open(self.stderr_path, "ab")  # noqa: SIM115
         self.started = time.time()
         self.error = ""
-        try:
-            self.proc: subprocess.Popen | None = subprocess.Popen(
-                argv, cwd=workdir, env=env, stdout=self._out, stderr=self._err,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as exc:  # no such program, not executable, bad workdir
-            self.proc = None
-            self.error = f"could not start {argv[0]!r}: {exc.strerror or exc}"
-        self._report_off = 0
-        self._stdout_off = 0
+        self.proc: subprocess.Popen | None = None
+        self.worker: Worker | None = None
+        self.pool = pool
+        self.rc: int | None = None
+        if spec.callable is not None and not spec.isolate and pool is not None:
+            self.worker = pool.take(tuple(grant.devices))
+            env.pop("CUDA_VISIBLE_DEVICES")  # the worker was started with the job's devices
+            self.worker.send({"callable": spec.callable, "params": spec.params, "seed": spec.seed,
+                              "cwd": str(workdir), "stdout": str(self.stdout_path),
+                              "stderr": str(self.stderr_path),
+                              "env": {k: v for k, v in env.items() if k.startswith("EVO_")}})
+        else:
+            if spec.command is not None:
+                argv = list(spec.command)
+            else:
+                params = self.dir / "params.json"
+                params.write_text(json.dumps({"callable": spec.callable, "params": spec.params,
+                                              "seed": spec.seed}))
+                env["EVO_PARAMS_FILE"] = str(params)
+                argv = [sys.executable, "-m", "evo.nodes.runner"]
+            with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+                try:
+                    self.proc = subprocess.Popen(
+                        argv, cwd=workdir, env=env, stdout=out, stderr=err,
+                        stdin=subprocess.DEVNULL, start_new_session=True)
+                except OSError as exc:  # no such program, not executable, bad workdir
+                    self.error = f"could not start {argv[0]!r}: {exc.strerror or exc}"
+                    self.rc = 127
+        self._reports = open(self.report_file, "rb")  # noqa: SIM115 - closed in finish()
+        self._stdout = open(self.stdout_path, "ab+")  # noqa: SIM115 - created if absent
+        self._stdout.seek(0)
         self._partial = b""
         self.result: dict = {}
         self.kill_at: float | None = None
         self.cancelled = False
+        self.shipped: dict[str, int] = {}  # stream -> bytes sent to the broker
 
     @property
     def pid(self) -> int:
+        if self.worker is not None:
+            return self.worker.pid
         return self.proc.pid if self.proc is not None else 0
+
+    @property
+    def fd(self) -> int | None:
+        """A descriptor that becomes readable when a warm worker answers (None: poll)."""
+        return self.worker.fd if self.worker is not None and self.rc is None else None
 
     def reports(self) -> list[dict]:
         """New progress reports: from evo.report() first, else parsed from stdout lines."""
         out: list[dict] = []
-        with open(self.report_file, "rb") as f:
-            f.seek(self._report_off)
-            data = f.read()
+        data = self._reports.read()
         end = data.rfind(b"\n") + 1
-        self._report_off += end
+        if end < len(data):  # a line still being written: read it whole next time
+            self._reports.seek(end - len(data), os.SEEK_CUR)
         for line in data[:end].splitlines():
             try:
                 rec = json.loads(line)
@@ -93,10 +115,9 @@ class Run:
                 self.result = rec
             else:
                 out.append(rec)
-        with open(self.stdout_path, "rb") as f:
-            f.seek(self._stdout_off)
-            chunk = f.read(1 << 20)
-        self._stdout_off += len(chunk)
+        chunk = self._stdout.read(1 << 20)
+        if not chunk:
+            return out
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
@@ -107,14 +128,30 @@ class Run:
         return out
 
     def poll(self) -> int | None:
-        if self.proc is None:
-            return 127
-        rc = self.proc.poll()
-        if rc is None and self.kill_at is not None and time.time() >= self.kill_at:
+        if self.rc is not None:
+            return self.rc
+        if self.worker is not None:
+            msgs = self.worker.replies()
+            if msgs is None:  # the worker died under the job (crash, OOM kill, cancel)
+                code = self.worker.proc.wait()
+                self.rc = code if code else 1
+                self.error = self.error or f"warm worker {self.worker.pid} died ({_how(code)})"
+            elif msgs:
+                reply = msgs[0]
+                self.result = {"metrics": reply.get("metrics", {}),
+                               "artifacts": reply.get("artifacts", {})}
+                self.rc = 0 if reply["ok"] else int(reply.get("exit_code") or 1)
+                self.error = reply.get("error", "")
+        elif self.proc is not None:
+            self.rc = self.proc.poll()
+        if self.rc is None and self.kill_at is not None and time.time() >= self.kill_at:
             self._signal(signal.SIGKILL)
-        return rc
+        return self.rc
 
     def _signal(self, sig: int) -> None:
+        if self.worker is not None:
+            self.worker.kill(sig)
+            return
         if self.proc is None:
             return
         try:
@@ -130,10 +167,18 @@ class Run:
             self.kill_at = time.time() + grace_s
 
     def finish(self) -> None:
-        self._out.close()
-        self._err.close()
-        if self.proc is not None:
+        self._reports.close()
+        self._stdout.close()
+        if self.worker is not None:
+            if self.cancelled or self.worker.exit_code() is not None or self.pool is None:
+                self.worker.kill()  # a cancelled task may have left the worker mid-way
+                self.worker.proc.wait()
+                self.worker.close()
+            else:
+                self.pool.give_back(self.worker)
+        elif self.proc is not None:
             self._signal(signal.SIGKILL)  # leftovers of the group must not outlive the attempt
+            self.proc.wait()
 
     def tail(self, path: Path, n: int = 800) -> str:
         try:
@@ -141,3 +186,12 @@ class Run:
         except OSError:
             return ""
         return data.decode("utf-8", "replace").strip()
+
+
+def _how(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"

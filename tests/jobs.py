@@ -7,3 +7,38 @@ def square(x: float, steps: int = 2) -> dict:
     for s in range(1, steps + 1):
         evo.report(step=s, partial=x * s)
     return {"y": x * x, "model": "square.json"}
+
+
+def whoami(tag: str = "") -> dict:
+    import os
+
+    print(f"running {tag} in {os.getpid()}")
+    return {"pid": os.getpid(), "cwd": os.getcwd(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def crash_once(flag: str) -> dict:
+    """Dies by SIGKILL on the first attempt (the flag file remembers), succeeds after."""
+    import os
+    import pathlib
+    import signal
+
+    p = pathlib.Path(flag)
+    if not p.exists():
+        p.write_text("crashed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"ok": 1}
+
+
+def boom() -> None:
+    raise ValueError("bad hyperparameter: depth=-1")
+
+
+def chatty(lines: int = 3, delay: float = 0.0) -> dict:
+    import sys
+    import time
+
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        print(f"warn {i}", file=sys.stderr, flush=True)
+        time.sleep(delay)
+    return {"lines": lines}

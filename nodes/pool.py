@@ -1,0 +1,137 @@
+"""The node's side of warm workers: spawn, hand out per device set, replace when one dies.
+
+A worker is busy with at most one task. Idle workers are kept per CUDA device set (CUDA reads
+CUDA_VISIBLE_DEVICES once per process); when more are idle than the node has slots, the
+longest-idle one retires. A worker that dies or is killed (cancel) is dropped, and the next job
+that needs one gets a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from .worker import _LEN, write_frame
+
+_enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+
+
+class Worker:
+    def __init__(self, devices: tuple[int, ...], log_path: Path) -> None:
+        self.devices = devices
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)),
+                   PYTHONUNBUFFERED="1")
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "evo.nodes.worker"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True, bufsize=0)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self._buf = bytearray()
+        self.ready = False
+        self.tasks = 0
+        self.idle_since = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, task: dict) -> None:
+        assert self.proc.stdin is not None
+        write_frame(self.proc.stdin.fileno(), _enc.encode(task))
+        self.tasks += 1
+
+    def replies(self) -> list[dict] | None:
+        """Complete messages read so far without blocking; None once the worker is gone."""
+        eof = False
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            self._buf += chunk
+        out = []
+        while len(self._buf) >= 4:
+            n = _LEN.unpack_from(self._buf)[0]
+            if len(self._buf) < 4 + n:
+                break
+            msg = _dec.decode(bytes(self._buf[4:4 + n]))
+            del self._buf[:4 + n]
+            if "ready" in msg:
+                self.ready = True
+            else:
+                out.append(msg)
+        if eof and not out:
+            return None
+        return out
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def close(self) -> None:
+        """Retire: closing its stdin ends its loop; the group is killed if it lingers."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.proc.wait()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+
+class WorkerPool:
+    def __init__(self, root: Path, keep_idle: int) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.keep_idle = keep_idle
+        self.idle: list[Worker] = []
+        self.spawned = 0
+
+    def _spawn(self, devices: tuple[int, ...]) -> Worker:
+        self.spawned += 1
+        return Worker(devices, self.root / f"worker-{self.spawned}.log")
+
+    def warm(self, n: int) -> None:
+        """Start n CPU workers ahead of the first jobs, so they pay the imports while idle."""
+        while len(self.idle) < n:
+            self.idle.append(self._spawn(()))
+
+    def take(self, devices: tuple[int, ...]) -> Worker:
+        for i, w in enumerate(self.idle):
+            if w.devices == devices and w.exit_code() is None:
+                return self.idle.pop(i)
+        return self._spawn(devices)
+
+    def give_back(self, w: Worker) -> None:
+        if w.exit_code() is not None:
+            return
+        w.idle_since = time.monotonic()
+        self.idle.append(w)
+        while len(self.idle) > self.keep_idle:
+            self.idle.sort(key=lambda x: x.idle_since)
+            self.idle.pop(0).close()
+
+    def close(self) -> None:
+        for w in self.idle:
+            w.close()
+        self.idle = []

@@ -1,0 +1,150 @@
+"""A warm worker: a long-lived process that runs callable jobs one after another.
+
+The node starts one per slot with ``python -m evo.nodes.worker``. It imports the heavy
+libraries once (numpy, scikit-learn, xgboost: whatever of EVO_WORKER_PRELOAD is installed), then
+reads tasks from its stdin and answers on its stdout, each message a 4-byte big-endian length
+and a msgpack map. While a task runs, file descriptors 1 and 2 point at the attempt's
+stdout.log and stderr.log, so a job's prints and C-level output land where a fresh process's
+would; between tasks they point at the worker's own log.
+
+A task sets the job's EVO_* variables and working directory for its duration and seeds
+``random`` and numpy when the job has a seed. CUDA_VISIBLE_DEVICES is fixed when the worker
+starts, because CUDA reads it once per process: the node keeps workers per device set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import struct
+import sys
+import traceback
+
+import msgspec
+
+_LEN = struct.Struct(">I")
+DEFAULT_PRELOAD = "numpy,sklearn,xgboost"
+
+
+def read_frame(fd: int) -> bytes | None:
+    head = _read_exact(fd, 4)
+    if head is None:
+        return None
+    body = _read_exact(fd, _LEN.unpack(head)[0])
+    return body
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def write_frame(fd: int, payload: bytes) -> None:
+    data = _LEN.pack(len(payload)) + payload
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def split_result(result: object) -> tuple[dict[str, float], dict[str, str]]:
+    """A callable's returned dict as (metrics: its numbers, artifacts: everything else)."""
+    metrics: dict[str, float] = {}
+    artifacts: dict[str, str] = {}
+    if isinstance(result, dict):
+        for k, v in result.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[str(k)] = float(v)
+            else:
+                artifacts[str(k)] = str(v)
+    return metrics, artifacts
+
+
+def resolve(target: str):  # noqa: ANN201 - any callable
+    module, _, func = target.partition(":")
+    fn = importlib.import_module(module)
+    for part in func.split("."):
+        fn = getattr(fn, part)
+    return fn
+
+
+def seed_everything(seed: int | None) -> None:
+    if seed is None:
+        return
+    random.seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % (2**32))
+
+
+def run_task(task: dict) -> dict:
+    """Run one task with fds 1/2 on the attempt's files; never raises."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out_fd = os.open(task["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    err_fd = os.open(task["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    keep_out, keep_err = os.dup(1), os.dup(2)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    os.close(out_fd)
+    os.close(err_fd)
+    reply: dict = {"ok": False}
+    try:
+        os.environ.update(task["env"])
+        os.chdir(task["cwd"])
+        seed_everything(task.get("seed"))
+        result = resolve(task["callable"])(**(task.get("params") or {}))
+        reply["metrics"], reply["artifacts"] = split_result(result)
+        reply["ok"] = True
+    except SystemExit as exc:  # a job may sys.exit(); 0 or None is success
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        reply.update(ok=code == 0, exit_code=code, metrics={}, artifacts={},
+                     error=f"exit code {code}")
+    except BaseException as exc:  # noqa: BLE001 - the job's failure is reported, not ours
+        traceback.print_exc()
+        reply.update(exit_code=1, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - a job that closed its own streams
+            pass
+        os.dup2(keep_out, 1)
+        os.dup2(keep_err, 2)
+        os.close(keep_out)
+        os.close(keep_err)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return reply
+
+
+def main() -> int:
+    # The protocol gets private copies of fds 0 and 1; the job's stdin is /dev/null and its
+    # stdout is a file, so nothing a job prints can corrupt a frame.
+    cmd_fd, reply_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)  # between tasks, stray prints go to the worker's log
+    for name in filter(None, os.environ.get("EVO_WORKER_PRELOAD", DEFAULT_PRELOAD).split(",")):
+        try:
+            importlib.import_module(name.strip())
+        except Exception:  # noqa: BLE001 - preload is an optimisation, a missing one is fine
+            pass
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+    write_frame(reply_fd, enc.encode({"ready": os.getpid()}))
+    while True:
+        frame = read_frame(cmd_fd)
+        if frame is None:  # the node closed the pipe: it is gone or retiring us
+            return 0
+        write_frame(reply_fd, enc.encode(run_task(dec.decode(frame))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
