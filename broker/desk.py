@@ -206,12 +206,13 @@ class Desk:
             return err
         out = Outcome()
         grants = []
-        for g in decide(self.state, cmd.node, now, self.cluster, cmd.max_leases or None):
+        for g in decide(self.state, cmd.node, now, self.cluster, cmd.max_leases or None,
+                        cmd.ahead):
             job = self.state.jobs[g.job_id]
             ev = self._emit(out, JobLeased, now, cause, job_id=g.job_id, attempt=job.attempt + 1,
                             node=g.node, devices=list(g.devices),
                             deadline=mono + 3 * self.heartbeat_s.get(cmd.node, 2.0),
-                            fallback=g.fallback)
+                            fallback=g.fallback, ahead=g.ahead)
             grants.append(p.LeaseGrant(job_id=g.job_id, lease_epoch=ev.seq, attempt=job.attempt,
                                        spec=job.spec, devices=list(g.devices)))
         out.reply = p.Leases(req=cmd.req, leases=grants, cancel=self._to_cancel(cmd.node),

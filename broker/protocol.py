@@ -73,12 +73,15 @@ class Ready(Command, tag="ready"):
     """A node asks for work and waits up to ``wait_s`` (long poll) for leases.
 
     The broker counts the node's free resources from the jobs it leased to it; ``max_leases``
-    caps how many it grants at once (0: as many as fit).
+    caps how many it grants at once (0: as many as fit). With ``ahead`` > 0 the broker may also
+    lease ahead: CPU jobs that fit the node when empty, queued on the node and started there as
+    its slots free, so short trials do not wait a round trip to the broker between them.
     """
 
     node: str
     max_leases: int = 0
     wait_s: float = 0.0
+    ahead: int = 0  # the node queues up to this many leases beyond its free resources
 
 
 class Heartbeat(Command, tag="heartbeat"):

@@ -16,8 +16,10 @@ Rules, in the order they apply to each queued job:
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from evo.events.schema import JobSpec
@@ -36,6 +38,7 @@ class GrantLease:
     node: str
     devices: tuple[int, ...] = ()
     fallback: str = ""  # why a non-preferred node takes it, if it does
+    ahead: bool = False  # queued on the node until a slot frees (see decide)
 
 
 @dataclass
@@ -65,6 +68,8 @@ def free_of(state: BrokerState, node: Node) -> Free:
     whole: set[int] = set()
     for job_id in node.running:
         job = state.jobs[job_id]
+        if job.ahead:
+            continue  # queued on the node: it takes resources when it starts
         r = job.spec.resources
         free.slots -= 1
         free.cpus -= r.cpus
@@ -180,49 +185,104 @@ def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: flo
     return False, ""
 
 
-def _fair_order(state: BrokerState, candidates: list[Job]) -> list[Job]:
+class QueueIndex:
+    """Queued job ids per sweep, each in (priority desc, submit order): kept across calls.
+
+    Rebuilding the order for every Ready costs O(queue log queue); this index only takes in the
+    jobs that entered the queue since the last call (appended when they sort last, as new
+    submits do) and drops from each front the jobs that left it.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[str | None, deque[tuple[int, int, str]]] = defaultdict(deque)
+        self.known: set[str] = set()
+
+    def sync(self, state: BrokerState) -> None:
+        new = state.queue.keys() - self.known
+        if not new:
+            return
+        for job_id in sorted(new, key=lambda j: state.jobs[j].submitted_seq):
+            job = state.jobs[job_id]
+            key = (-job.spec.priority, job.submitted_seq, job_id)
+            g = self.groups[job.spec.sweep_id]
+            if not g or key > g[-1]:
+                g.append(key)
+            else:  # a retry or a higher priority: rare, an insert
+                i = bisect.bisect(g, key)
+                g.insert(i, key)
+            self.known.add(job_id)
+
+    def heads(self, state: BrokerState, key: str | None) -> Iterator[Job]:
+        """Queued jobs of one group in order (dropping departed ones from the front)."""
+        g = self.groups[key]
+        while g and g[0][2] not in state.queue:
+            self.known.discard(g.popleft()[2])
+        for _, _, job_id in g:
+            if job_id in state.queue:
+                yield state.jobs[job_id]
+
+
+def _fair_order(state: BrokerState, now: float) -> Iterator[Job]:
+    """Runnable queued jobs, lazily: priority first, then the sweep with the fewest running
+    jobs (fair share), then submit order."""
+    index = state.order_index
+    if not isinstance(index, QueueIndex):
+        index = state.order_index = QueueIndex()
+    index.sync(state)
     running: dict[str | None, int] = defaultdict(int)
     for n in state.nodes.values():
         for jid in n.running:
             running[state.jobs[jid].spec.sweep_id] += 1
-    groups: dict[str | None, deque[Job]] = defaultdict(deque)
-    for job in sorted(candidates, key=lambda j: (-j.spec.priority, j.submitted_seq)):
-        groups[job.spec.sweep_id].append(job)
-    heap = [(-g[0].spec.priority, running[k], g[0].submitted_seq, i, k)
-            for i, (k, g) in enumerate(groups.items())]
+    iters: dict[str | None, Iterator[Job]] = {}
+    heap = []
+    for i, k in enumerate(list(index.groups)):
+        it = (j for j in index.heads(state, k) if blocked(j, state, now) is None)
+        head = next(it, None)
+        if head is None:
+            continue
+        iters[k] = it
+        heap.append((-head.spec.priority, running[k], head.submitted_seq, i, k, head))
     heapq.heapify(heap)
-    order = []
     while heap:
-        _, _, _, i, k = heapq.heappop(heap)
-        g = groups[k]
-        order.append(g.popleft())
+        _, _, _, i, k, job = heapq.heappop(heap)
+        yield job
         running[k] += 1
-        if g:
-            heapq.heappush(heap, (-g[0].spec.priority, running[k], g[0].submitted_seq, i, k))
-    return order
+        nxt = next(iters[k], None)
+        if nxt is not None:
+            heapq.heappush(heap, (-nxt.spec.priority, running[k], nxt.submitted_seq, i, k, nxt))
 
 
 def decide(state: BrokerState, node_name: str, now: float, cluster: Cluster,
-           max_leases: int | None = None) -> list[GrantLease]:
-    """The leases to grant to one node now."""
+           max_leases: int | None = None, ahead: int = 0) -> list[GrantLease]:
+    """The leases to grant to one node now.
+
+    First the jobs that fit the node's free resources. Then, when the node offers to queue
+    ``ahead`` leases, CPU-only jobs that would fit the node if it were empty, up to ``ahead``
+    such leases outstanding on it: the node starts them itself as its slots free.
+    """
     node = state.nodes.get(node_name)
-    if node is None or not node.alive:
+    if node is None or not node.alive or not state.queue:
         return []
     free = free_of(state, node)
-    if free.slots < 1 or not state.queue:
+    room = ahead - sum(1 for j in node.running if state.jobs[j].ahead) if ahead > 0 else 0
+    if free.slots < 1 and room < 1:
         return []
-    candidates = [j for j in (state.jobs[i] for i in state.queue) if blocked(j, state, now) is None]
+    empty = Free(slots=1, cpus=node.cpus, mem_gb=node.mem_gb)
     out: list[GrantLease] = []
-    for job in _fair_order(state, candidates):
-        if free.slots < 1 or (max_leases is not None and len(out) >= max_leases):
+    for job in _fair_order(state, now):
+        if (free.slots < 1 and room < 1) or (max_leases is not None and len(out) >= max_leases):
             break
         ok, fallback = routing(job, node, state, cluster, now)
-        if not ok or misfit(job.spec, free, node) is not None:
+        if not ok:
             continue
-        devices = pick_devices(job.spec, free, node)
-        assert devices is not None
-        free.take(job.spec, devices)
-        out.append(GrantLease(job.job_id, node.node, devices, fallback))
+        if free.slots >= 1 and misfit(job.spec, free, node) is None:
+            devices = pick_devices(job.spec, free, node)
+            assert devices is not None
+            free.take(job.spec, devices)
+            out.append(GrantLease(job.job_id, node.node, devices, fallback))
+        elif room >= 1 and job.spec.resources.gpus == 0 and misfit(job.spec, empty, node) is None:
+            room -= 1
+            out.append(GrantLease(job.job_id, node.node, (), fallback, ahead=True))
     return out
 
 

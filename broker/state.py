@@ -107,6 +107,7 @@ class Job:
     error: str = ""
     last_progress_seq: int = 0
     queued_at: float = 0.0  # when it (re)entered the queue: the fallback wait counts from here
+    ahead: bool = False  # leased ahead and not started: holds none of the node's resources yet
 
 
 @dataclass(slots=True)
@@ -144,6 +145,8 @@ class BrokerState:
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
     queue: dict[str, None] = field(default_factory=dict)  # queued job ids, in submit order
     counts: dict[str, int] = field(default_factory=dict)  # jobs per state
+    # The scheduler's index of the queue in its order: derived from ``queue``, never folded.
+    order_index: object = field(default=None, repr=False, compare=False)
 
     def apply(self, event: Event) -> None:
         """Fold one event into the state. Raises before mutating if the event is illegal."""
@@ -200,6 +203,7 @@ class BrokerState:
             self.nodes[job.node].running.discard(job.job_id)
         job.lease_epoch = 0
         job.devices = []
+        job.ahead = False
 
     def _leased(self, job: Job, ev: JobLeased) -> None:
         job.attempt = ev.attempt
@@ -208,11 +212,13 @@ class BrokerState:
         job.devices = list(ev.devices)
         job.leased_at = ev.time
         job.not_before = 0.0
+        job.ahead = ev.ahead
         if ev.node in self.nodes:
             self.nodes[ev.node].running.add(job.job_id)
 
     def _started(self, job: Job, ev: JobStarted) -> None:
         job.started_at = ev.time
+        job.ahead = False
 
     def _progress(self, job: Job, ev: Progress | Checkpointed) -> None:
         if not job.started_at:

@@ -84,6 +84,8 @@ def node(
     gpus: Optional[int] = typer.Option(None, "--gpus"),
     vram_gb: Optional[float] = typer.Option(None, "--vram-gb", help="per GPU"),
     heartbeat_s: float = typer.Option(2.0, "--heartbeat-s"),
+    lease_ahead: Optional[int] = typer.Option(
+        None, "--lease-ahead", help="short trials queued here beyond free slots (default 4 x slots; 0: off)"),
     broker: Optional[str] = BrokerOpt,
 ) -> None:
     """Run a node daemon: lease the jobs that fit this machine, run them, report back.
@@ -94,7 +96,8 @@ def node(
 
     _setup_logging()
     run_node(find_broker(broker), name=name, labels=_labels(labels), slots=slots, cpus=cpus,
-             mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb, heartbeat_s=heartbeat_s)
+             mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb, heartbeat_s=heartbeat_s,
+             lease_ahead=lease_ahead)
 
 
 @app.command()

@@ -91,6 +91,7 @@ class JobLeased(Event, tag="JobLeased"):
     devices: list[int] = []
     deadline: float = 0.0  # broker monotonic clock; informative only after a restart
     fallback: str = ""  # why a non-preferred node was chosen, if it was
+    ahead: bool = False  # leased ahead: queued on the node until one of its slots frees
 
 
 class JobStarted(Event, tag="JobStarted"):

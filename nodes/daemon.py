@@ -8,6 +8,13 @@ moment. Requests are pipelined: reports, output chunks, heartbeats and one outst
 each reply is matched to its request by number. A burst of reports therefore shares one group
 commit at the broker instead of paying one fsync each.
 
+While recent trials are short (under SHORT_TRIAL_S on average), the node also leases ahead:
+it asks for up to ``lease_ahead`` more jobs than it has free slots and queues them locally,
+starting each the moment a slot frees, so back-to-back short trials never wait for the broker.
+The node is the final judge of its own concurrency: it starts a queued job only when its slots,
+CPUs, memory and devices allow. Long jobs are never leased ahead, so a node does not sit on
+work that another idle node could be running.
+
 Every report names its lease epoch; a report the broker calls stale means the lease was taken
 back (the node was silent too long), so the attempt is killed, never finished twice. A final
 report (completed, failed, cancelled) stays owed until the broker acknowledges it; after a
@@ -21,6 +28,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +46,8 @@ from .probe import probe, sample
 log = logging.getLogger("evo.node")
 
 OUTPUT_CHUNK = 256 << 10
+SHORT_TRIAL_S = 0.5
+EPS = 1e-9
 FINAL = ("completed", "failed", "cancelled")
 
 
@@ -52,7 +62,7 @@ class NodeDaemon:
                  vram_gb: float | None = None, work: Path | None = None,
                  heartbeat_s: float = 2.0, util_every_s: float = 5.0,
                  poll_s: float = 0.05, idle_wait_s: float = 1.0, ship_every_s: float = 0.5,
-                 warm_workers: bool = True) -> None:
+                 warm_workers: bool = True, lease_ahead: int | None = None) -> None:
         hw = probe()
         self.name = name or hw["hostname"]
         gpu_list: list[GpuInfo] = hw["gpus"]
@@ -79,6 +89,9 @@ class NodeDaemon:
         self.idle_wait_s, self.ship_every_s = idle_wait_s, ship_every_s
         self.pool = WorkerPool(self.work / "workers", keep_idle=self.slots) if warm_workers else None
         self.runs: dict[str, Run] = {}
+        self.queued: dict[str, p.LeaseGrant] = {}  # leased ahead, waiting for a slot here
+        self.lease_ahead = 4 * self.slots if lease_ahead is None else lease_ahead
+        self.durations: deque[float] = deque(maxlen=16)
         self.finishing: dict[str, tuple[Run, p.Report]] = {}  # final report not yet acknowledged
         self.client: Client | None = None
         self.pending: dict[int, tuple[Callable[[p.Reply], None], float]] = {}
@@ -92,8 +105,9 @@ class NodeDaemon:
     # --- connection ---------------------------------------------------------------------------
 
     def _running(self) -> list[tuple[str, int]]:
-        held = [*self.runs.values(), *(r for r, _ in self.finishing.values())]
-        return [(r.grant.job_id, r.grant.lease_epoch) for r in held]
+        held = [*(r.grant for r in self.runs.values()), *self.queued.values(),
+                *(r.grant for r, _ in self.finishing.values())]
+        return [(g.job_id, g.lease_epoch) for g in held]
 
     def connect(self) -> None:
         """(Re)join, with backoff while the broker is away; keeps running jobs running."""
@@ -110,6 +124,7 @@ class NodeDaemon:
                 assert isinstance(reply, p.Leases)
                 for job_id in reply.cancel:
                     self.finishing.pop(job_id, None)  # not ours any more: nothing to report
+                    self.queued.pop(job_id, None)
                 self._cancel(reply.cancel, "the broker no longer holds its lease")
                 for run, report in list(self.finishing.values()):  # owed final reports
                     self._send_report(run, report)
@@ -173,11 +188,13 @@ class NodeDaemon:
         now = time.monotonic()
         if now >= self._next_hb:
             self._heartbeat(now)
-        free = self.slots - len(self.runs)
-        if free > 0 and self._ready_req is None:
+        did = self._start_queued() or did
+        ahead = self._ahead()
+        want = self.slots + ahead - len(self.runs) - len(self.queued)
+        if want > 0 and self._ready_req is None:
             wait = 0.0 if did else self.idle_wait_s
-            self._ready_req = self._send(p.Ready(node=self.name, max_leases=free, wait_s=wait),
-                                         self._on_leases, wait)
+            self._ready_req = self._send(p.Ready(node=self.name, max_leases=want, wait_s=wait,
+                                                 ahead=ahead), self._on_leases, wait)
         # Wait for the broker or a worker; commands (plain processes) are polled.
         timeout = max(0.0, self._next_hb - time.monotonic())
         if self.runs:
@@ -197,12 +214,42 @@ class NodeDaemon:
         self._drain()
         return did
 
+    def _ahead(self) -> int:
+        """How many leases to queue here beyond the free slots: only while trials are short."""
+        if self.lease_ahead <= 0 or len(self.durations) < 4 or self._stop.is_set():
+            return 0
+        return self.lease_ahead if sum(self.durations) / len(self.durations) < SHORT_TRIAL_S else 0
+
     def _on_leases(self, reply: p.Reply) -> None:
         self._ready_req = None
         if isinstance(reply, p.Leases):
             self._cancel(reply.cancel, "cancel requested")
             for grant in reply.leases:
-                self._start(grant)
+                self.queued[grant.job_id] = grant
+            self._start_queued()
+
+    def _fits(self, grant: p.LeaseGrant) -> bool:
+        """Whether this node's own free slots, CPUs, memory and devices take the job now."""
+        if len(self.runs) >= self.slots:
+            return False
+        r = grant.spec.resources
+        cpus = sum(x.grant.spec.resources.cpus for x in self.runs.values())
+        mem = sum(x.grant.spec.resources.mem_gb for x in self.runs.values())
+        busy = {d for x in self.runs.values() for d in x.grant.devices}
+        return (cpus + r.cpus <= self.join_cmd.cpus + EPS
+                and mem + r.mem_gb <= self.join_cmd.mem_gb + EPS
+                and (r.vram_gb > 0 or not busy & set(grant.devices)))
+
+    def _start_queued(self) -> bool:
+        started = False
+        while self.queued:
+            grant = next(iter(self.queued.values()))
+            if self.runs and not self._fits(grant):
+                break  # first come, first started: later jobs wait behind it
+            del self.queued[grant.job_id]
+            self._start(grant)
+            started = True
+        return started
 
     def _heartbeat(self, now: float) -> None:
         util, gpus = ({}, [])
@@ -226,6 +273,12 @@ class NodeDaemon:
 
     def _cancel(self, job_ids: list[str], why: str) -> None:
         for job_id in job_ids:
+            grant = self.queued.pop(job_id, None)
+            if grant is not None:  # never started: nothing to stop
+                self._send_report(None, p.Report(
+                    node=self.name, job_id=job_id, lease_epoch=grant.lease_epoch,
+                    kind="cancelled", data={"reason": why}))
+                continue
             run = self.runs.get(job_id)
             if run is not None and not run.cancelled:
                 log.info("stopping %s: %s", job_id, why)
@@ -238,14 +291,14 @@ class NodeDaemon:
             self.finishing[run.grant.job_id] = (run, cmd)
         self._send_report(run, cmd)
 
-    def _send_report(self, run: Run, cmd: p.Report) -> None:
+    def _send_report(self, run: Run | None, cmd: p.Report) -> None:
         def on_reply(reply: p.Reply) -> None:
             if cmd.kind in FINAL:
                 self.finishing.pop(cmd.job_id, None)
             if isinstance(reply, p.Error):
                 if reply.code == "stale":
                     log.warning("%s: %s; stopping the attempt", cmd.job_id, reply.message)
-                    if cmd.job_id in self.runs:
+                    if run is not None and cmd.job_id in self.runs:
                         run.cancel(grace_s=1.0)
                 else:
                     log.error("report %s for %s refused: %s", cmd.kind, cmd.job_id, reply.message)
@@ -299,7 +352,11 @@ class NodeDaemon:
                 if ship:
                     self._ship(run)
                 continue
-            run.reports()  # whatever it wrote last
+            updates = run.reports(final=True)  # whatever it wrote last
+            for rec in updates:
+                kind = rec.pop("kind", "progress")
+                rec.pop("t", None)
+                self._report(run, kind, rec)
             self._ship(run, everything=True)  # output lands before the final report
             if run.cancelled:
                 self._report(run, "cancelled", {"reason": "stopped by the node"})
@@ -314,6 +371,7 @@ class NodeDaemon:
                 self._report(run, "failed", {"error": f"{error}: {tail}" if tail else error,
                                              "exit_code": rc})
             run.finish()
+            self.durations.append(time.time() - run.started)
             del self.runs[job_id]
             did = True
         return did
@@ -321,6 +379,7 @@ class NodeDaemon:
     def shutdown(self) -> None:
         """Drain: let running attempts finish (up to a minute), report them, then leave."""
         deadline = time.monotonic() + (60.0 if self._draining else 0.0)
+        self.queued.clear()  # never started: the broker re-queues them when we leave
         try:
             while self.runs and time.monotonic() < deadline and self.client is not None:
                 self._collect(report=True)

@@ -24,6 +24,9 @@ from .pool import Worker, WorkerPool
 from .progress import parse_line
 
 
+LOOK_EVERY_S = 0.2
+
+
 class Run:
     def __init__(self, grant: LeaseGrant, root: Path, node: str,
                  pool: WorkerPool | None = None) -> None:
@@ -31,22 +34,20 @@ class Run:
         spec = grant.spec
         self.job_dir = root / "jobs" / grant.job_id
         self.dir = self.job_dir / f"attempt-{grant.attempt}"
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.job_dir / "checkpoints"
-        self.ckpt.mkdir(exist_ok=True)
         workdir = Path(spec.workdir) if spec.workdir else self.dir
         self.report_file = self.dir / "reports.jsonl"
-        self.report_file.touch()
+        warm = spec.callable is not None and not spec.isolate and pool is not None
+        if not warm:  # a warm worker makes these itself, off the node's thread
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.ckpt.mkdir(exist_ok=True)
         self.stdout_path, self.stderr_path = self.dir / "stdout.log", self.dir / "stderr.log"
-        env = dict(os.environ)
-        env.update({
+        env = {
             "EVO_JOB_ID": grant.job_id, "EVO_ATTEMPT": str(grant.attempt),
             "EVO_LEASE_EPOCH": str(grant.lease_epoch), "EVO_NODE": node,
             "EVO_CHECKPOINT_DIR": str(self.ckpt), "EVO_REPORT_FILE": str(self.report_file),
             "EVO_WORKDIR": str(self.dir),
-            "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in grant.devices),
-            "PYTHONUNBUFFERED": "1",
-        })
+        }
         if spec.seed is not None:
             env["EVO_SEED"] = str(spec.seed)
         self.started = time.time()
@@ -55,14 +56,16 @@ class Run:
         self.worker: Worker | None = None
         self.pool = pool
         self.rc: int | None = None
-        if spec.callable is not None and not spec.isolate and pool is not None:
-            self.worker = pool.take(tuple(grant.devices))
-            env.pop("CUDA_VISIBLE_DEVICES")  # the worker was started with the job's devices
+        if warm:
+            self.worker = pool.take(tuple(grant.devices))  # started with the job's devices
             self.worker.send({"callable": spec.callable, "params": spec.params, "seed": spec.seed,
                               "cwd": str(workdir), "stdout": str(self.stdout_path),
                               "stderr": str(self.stderr_path),
-                              "env": {k: v for k, v in env.items() if k.startswith("EVO_")}})
+                              "mkdirs": [str(self.dir), str(self.ckpt)],
+                              "env": env})
         else:
+            env = {**os.environ, **env, "PYTHONUNBUFFERED": "1",
+                   "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in grant.devices)}
             if spec.command is not None:
                 argv = list(spec.command)
             else:
@@ -79,9 +82,8 @@ class Run:
                 except OSError as exc:  # no such program, not executable, bad workdir
                     self.error = f"could not start {argv[0]!r}: {exc.strerror or exc}"
                     self.rc = 127
-        self._reports = open(self.report_file, "rb")  # noqa: SIM115 - closed in finish()
-        self._stdout = open(self.stdout_path, "ab+")  # noqa: SIM115 - created if absent
-        self._stdout.seek(0)
+        self._reports = self._stdout = None  # opened once the job has written to them
+        self._next_look = time.monotonic() + LOOK_EVERY_S
         self._partial = b""
         self.result: dict = {}
         self.kill_at: float | None = None
@@ -99,10 +101,20 @@ class Run:
         """A descriptor that becomes readable when a warm worker answers (None: poll)."""
         return self.worker.fd if self.worker is not None and self.rc is None else None
 
-    def reports(self) -> list[dict]:
-        """New progress reports: from evo.report() first, else parsed from stdout lines."""
+    def reports(self, final: bool = False) -> list[dict]:
+        """New progress reports: from evo.report() first, else parsed from stdout lines.
+
+        Files are looked at a few times a second while the job runs (a short trial would
+        otherwise pay more for the looking than for itself), and always once at the end.
+        """
         out: list[dict] = []
-        data = self._reports.read()
+        now = time.monotonic()
+        if not final and now < self._next_look:
+            return out
+        self._next_look = now + LOOK_EVERY_S
+        if self._reports is None:
+            self._reports = _open_if_there(self.report_file)
+        data = self._reports.read() if self._reports is not None else b""
         end = data.rfind(b"\n") + 1
         if end < len(data):  # a line still being written: read it whole next time
             self._reports.seek(end - len(data), os.SEEK_CUR)
@@ -115,7 +127,9 @@ class Run:
                 self.result = rec
             else:
                 out.append(rec)
-        chunk = self._stdout.read(1 << 20)
+        if self._stdout is None:
+            self._stdout = _open_if_there(self.stdout_path)
+        chunk = self._stdout.read(1 << 20) if self._stdout is not None else b""
         if not chunk:
             return out
         lines = (self._partial + chunk).split(b"\n")
@@ -167,8 +181,9 @@ class Run:
             self.kill_at = time.time() + grace_s
 
     def finish(self) -> None:
-        self._reports.close()
-        self._stdout.close()
+        for f in (self._reports, self._stdout):
+            if f is not None:
+                f.close()
         if self.worker is not None:
             if self.cancelled or self.worker.exit_code() is not None or self.pool is None:
                 self.worker.kill()  # a cancelled task may have left the worker mid-way
@@ -186,6 +201,13 @@ class Run:
         except OSError:
             return ""
         return data.decode("utf-8", "replace").strip()
+
+
+def _open_if_there(path: Path):  # noqa: ANN202 - a binary file or None
+    try:
+        return open(path, "rb")  # noqa: SIM115 - closed in Run.finish()
+    except FileNotFoundError:
+        return None
 
 
 def _how(code: int | None) -> str:

@@ -83,7 +83,18 @@ def seed_everything(seed: int | None) -> None:
 
 def run_task(task: dict) -> dict:
     """Run one task with fds 1/2 on the attempt's files; never raises."""
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_cwd = os.getcwd()
+    for d in task.get("mkdirs", ()):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(d, exist_ok=True)
+    # Only the job's own variables are set and restored: copying the whole environment costs
+    # more than a short trial. Other changes a job makes to os.environ stay in this worker
+    # (``isolate: true`` gives a job a process of its own).
+    saved_env = {k: os.environ.get(k) for k in task["env"]}
     out_fd = os.open(task["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     err_fd = os.open(task["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
@@ -119,8 +130,11 @@ def run_task(task: dict) -> dict:
         os.close(keep_out)
         os.close(keep_err)
         os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return reply
 
 

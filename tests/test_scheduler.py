@@ -40,7 +40,7 @@ class World:
     def lease(self, grants):
         for g in grants:
             self.emit(JobLeased, job_id=g.job_id, attempt=self.state.jobs[g.job_id].attempt + 1,
-                      node=g.node, devices=list(g.devices))
+                      node=g.node, devices=list(g.devices), ahead=g.ahead)
         return [g.job_id for g in grants]
 
     def decide(self, node, **kw):
@@ -179,3 +179,29 @@ def test_never_fits_warning_names_machines():
     w.node("big", [], cpus=64, mem=512, gpus=[80])
     assert never_fits(JobSpec(command=["x"], resources=Resources(gpus=1, vram_gb=48)), w.state,
                       CLUSTER) is None
+
+
+def test_lease_ahead_queues_cpu_jobs_beyond_free_slots_up_to_the_offer():
+    from evo.events.schema import JobStarted
+
+    w = World()
+    w.node("n", ["cpu"], cpus=2, mem=8, slots=2, gpus=[24])
+    jobs = [w.job(cpus=1) for _ in range(6)]
+    big, gpu = w.job(cpus=4), w.job(gpus=1)
+    first = w.decide("n", ahead=3)
+    assert [(g.job_id, g.ahead) for g in first] == [
+        (jobs[0], False), (jobs[1], False), (jobs[2], True), (jobs[3], True), (jobs[4], True)]
+    w.lease(first)
+    # three ahead leases are outstanding: nothing more until one starts (or the offer grows)
+    assert w.decide("n", ahead=3) == []
+    # queued-ahead leases hold no resources; a started one does, like any lease
+    w.emit(JobCompleted, job_id=jobs[0], lease_epoch=w.state.jobs[jobs[0]].lease_epoch)
+    w.emit(JobStarted, job_id=jobs[2], lease_epoch=w.state.jobs[jobs[2]].lease_epoch)
+    assert not w.state.jobs[jobs[2]].ahead
+    nxt = w.decide("n", ahead=3)
+    # no free slot (jobs 1 and 2 run); one ahead lease is free again: job 5 (the 4-CPU job never
+    # fits this node, the GPU job is never leased ahead)
+    assert [(g.job_id, g.ahead) for g in nxt] == [(jobs[5], True)]
+    assert big not in [g.job_id for g in nxt] and gpu not in [g.job_id for g in nxt]
+    # without an offer the node gets only what fits its free resources
+    assert w.decide("n") == []

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-from evo.cli.client import Client
+from evo.cli.client import Client, make_spec
 from tests.conftest import ROOT, evo_cmd, run_evo
 from tests.test_nodes import cluster, done, wait_for  # noqa: F401 - the fixture is used by name
 
@@ -103,3 +103,25 @@ def test_logs_of_an_unknown_job_is_an_error(cluster):
     home, b, node = cluster
     r = run_evo("logs", "j999", home=home)
     assert r.returncode == 1 and "no job 'j999'" in r.stderr
+
+
+def test_short_trials_are_leased_ahead_but_never_run_past_the_slots(cluster):
+    home, b, node = cluster
+    node("solo", "--slots", "1", "--lease-ahead", "3")
+    with Client(b.address) as c:
+        ids = c.submit_many([make_spec(callable="tests.jobs:whoami") for _ in range(40)])
+        events = wait_for(c, lambda evs: all(done(j)(evs) for j in ids))
+    leased = [e for e in events if type(e).__name__ == "JobLeased"]
+    assert any(e.ahead for e in leased), "short trials should be leased ahead"
+    running: set[str] = set()
+    most = 0
+    for e in events:
+        name = type(e).__name__
+        if name == "JobStarted":
+            running.add(e.job_id)
+            most = max(most, len(running))
+        elif name in ("JobCompleted", "JobFailed"):
+            running.discard(e.job_id)
+    assert most == 1  # one slot: one job at a time, however many were leased ahead
+    completed = [e.job_id for e in events if type(e).__name__ == "JobCompleted"]
+    assert sorted(completed) == sorted(ids)  # each exactly once
