@@ -130,8 +130,20 @@ class Logs(Command, tag="logs"):
     limit: int = 1 << 20
 
 
+class Query(Command, tag="query"):
+    """Sent to the projection's own endpoint (Welcome.query_endpoint), never to the broker's.
+
+    ``kind``: "sql" (one read-only statement; ``as_of`` > 0 answers from the state at that seq)
+    or "digest" (the live projection's digest).
+    """
+
+    sql: str = ""
+    as_of: int = 0
+    kind: str = "sql"
+
+
 AnyCommand = Union[Hello, Submit, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
-                   Output, Logs]
+                   Output, Logs, Query]
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
@@ -147,6 +159,7 @@ class Welcome(Reply, tag="welcome"):
     events_endpoint: str
     last_seq: int
     version: int = PROTOCOL_VERSION
+    query_endpoint: str = ""  # the projection follower's endpoint ("" when it is off)
 
 
 class Submitted(Reply, tag="submitted"):
@@ -208,8 +221,15 @@ class LogChunk(Reply, tag="log_chunk"):
     state: str = ""  # the job's state: a follower stops once it is final and all is read
 
 
+class QueryResult(Reply, tag="query_result"):
+    arrow: bytes = b""  # an Arrow IPC stream
+    seq: int = 0  # the last event the answer includes
+    digest: str = ""
+    tables: dict[str, str] = {}
+
+
 AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
-                 LogChunk]
+                 LogChunk, QueryResult]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(AnyCommand)

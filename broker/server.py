@@ -34,6 +34,7 @@ from . import protocol as p
 from .cluster import Cluster, load_cluster
 from .desk import Desk
 from .outputs import OutputStore
+from evo.projections.follower import Follower
 from .state import fold
 
 log = logging.getLogger("evo.broker")
@@ -60,6 +61,7 @@ class Broker:
         cluster: Cluster | None = None,
         cluster_path: str | os.PathLike[str] | None = None,
         tick_s: float = 0.2,
+        projections: bool = True,
     ) -> None:
         self.home = Path(home).absolute()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,14 @@ class Broker:
         self.events_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._stop = threading.Event()
         self.stats = {"batches": 0, "events": 0, "commands": 0, "errors": 0}
+        self.follower: Follower | None = None
+        self.query_endpoint = ""
+        if projections:
+            self.follower = Follower(self.home, self.ctx, self.log.last_seq, host)
+            self.follower.start_and_wait()
+            self.query_endpoint = self.follower.endpoint
         write_broker_file(self.home, {"address": self.address, "events": self.events_endpoint,
+                                      "queries": self.query_endpoint,
                                       "pid": os.getpid(), "started": time.time()})
 
     def _lock(self) -> int:
@@ -181,6 +190,8 @@ class Broker:
                 self._handle(ident, cmd, now, mono, events, replies, deadline)
         self._parked_seq = self.desk.state.last_seq
         encoded = self.log.append(events) if events else []
+        if encoded and self.follower is not None:
+            self.follower.push(encoded)  # before the acks: answers include what was acked
         send, encode = self.router.send, p.reply_encoder.encode
         for ident, reply in replies:
             send(ident, _SNDMORE)
@@ -228,7 +239,8 @@ class Broker:
     def _fill(self, reply: p.Reply) -> p.Reply:
         if isinstance(reply, p.Welcome):
             return msgspec.structs.replace(reply, events_endpoint=self.events_endpoint,
-                                           last_seq=self.log.last_seq)
+                                           last_seq=self.log.last_seq,
+                                           query_endpoint=self.query_endpoint)
         return reply
 
     def _output(self, cmd: p.Output | p.Logs) -> p.Reply:
@@ -262,6 +274,9 @@ class Broker:
         return p.Events(req=cmd.req, events=msgspec.Raw(pack_batch(raws)), head=self.log.last_seq)
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower.join(30)
         for sock in (self.router, self.pub):
             sock.close(0)
         self.ctx.term()

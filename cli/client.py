@@ -166,6 +166,32 @@ class Client:
         assert isinstance(reply, p.LogChunk)
         return reply
 
+    def query(self, sql: str = "", *, as_of: int = 0, kind: str = "sql",
+              timeout_s: float = 300.0) -> p.QueryResult:
+        """Ask the broker's projection (its own endpoint, so a slow query delays no one)."""
+        endpoint = self.hello().query_endpoint
+        if not endpoint:
+            raise EvoError(f"the broker at {self.address} runs without projections")
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        try:
+            sock.send(p.command_encoder.encode(p.Query(req=1, sql=sql, as_of=as_of, kind=kind)))
+            if not sock.poll(int(timeout_s * 1000)):
+                raise BrokerUnavailable(f"no answer from the projection at {endpoint} within "
+                                        f"{timeout_s:g}s")
+            reply = self._check(p.reply_decoder.decode(sock.recv()))
+        finally:
+            sock.close(0)
+        assert isinstance(reply, p.QueryResult)
+        return reply
+
+    def sql(self, sql: str, *, as_of: int = 0):  # noqa: ANN201 - a pyarrow.Table
+        """A read-only query over the projections, as a pyarrow Table."""
+        from evo.projections.follower import from_ipc
+
+        return from_ipc(self.query(sql, as_of=as_of).arrow)
+
     def read(self, from_seq: int = 1, limit: int = 10_000) -> tuple[list[Event], int]:
         """Committed events from ``from_seq`` (at most ``limit``) and the broker's head seq."""
         reply = self.request(p.Read(from_seq=from_seq, limit=limit))

@@ -1,0 +1,145 @@
+"""The broker's projection follower: one thread that owns ``evo.duckdb`` while the broker runs.
+
+The server hands it every committed batch (the same bytes as the log and the relay) before it
+sends the batch's acknowledgements, and the follower applies whatever has arrived before it
+answers a query. So an answer is never staler than the events acknowledged before the query
+was sent, and a slow query never delays an acknowledgement: it runs in this thread, on its own
+socket (Welcome.query_endpoint), while the broker's loop carries on.
+
+On start it catches the file up from the log (read-only) to the seq the broker had when it
+started it; a file from another schema version, or ahead of the log, is rebuilt from nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import zmq
+
+from evo.broker import protocol as p
+from evo.errors import EvoError
+from evo.events.log import SegmentLog
+
+from .schema import VERSION
+from .store import Projection, SqlError, as_of
+
+log = logging.getLogger("evo.projections")
+
+
+def open_projection(home: Path, upto: int | None = None) -> Projection:
+    """``EVO_HOME/evo.duckdb`` caught up from the log (rebuilt if it cannot be trusted)."""
+    path = home / "evo.duckdb"
+    proj = Projection(path)
+    version = proj.con.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+    with SegmentLog(home / "log", readonly=True) as lg:
+        head = lg.last_seq if upto is None else min(upto, lg.last_seq)
+        if (version and version[0] != VERSION) or proj.last_seq > head:
+            log.warning("rebuilding %s (schema version %s, last seq %d, log head %d)", path,
+                        version[0] if version else None, proj.last_seq, head)
+            proj.close()
+            for f in (path, Path(str(path) + ".wal")):
+                f.unlink(missing_ok=True)
+            proj = Projection(path)
+        proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
+    return proj
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+class Follower(threading.Thread):
+    def __init__(self, home: Path, ctx: zmq.Context, start_seq: int, host: str) -> None:
+        super().__init__(name="evo-projection", daemon=True)
+        self.home, self.ctx, self.start_seq, self.host = home, ctx, start_seq, host
+        self.inbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self.endpoint = ""
+        self.error: str = ""
+        self._ready = threading.Event()
+        self._halt = threading.Event()
+
+    def start_and_wait(self, timeout_s: float = 10.0) -> None:
+        self.start()
+        self._ready.wait(timeout_s)
+
+    def push(self, raws: list[bytes]) -> None:
+        self.inbox.put(raws)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def _drain(self, proj: Projection) -> None:
+        raws: list[bytes] = []
+        while True:
+            try:
+                raws.extend(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        if raws:
+            proj.apply(raws)
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"{self.host}:*")
+        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._ready.set()
+        proj = None
+        try:
+            proj = open_projection(self.home, self.start_seq)
+            while not self._halt.is_set():
+                if sock.poll(50):
+                    ident, body = sock.recv_multipart()
+                    self._drain(proj)
+                    sock.send_multipart([ident, p.reply_encoder.encode(self._answer(proj, body))])
+                else:
+                    self._drain(proj)
+        except Exception as exc:  # noqa: BLE001 - the broker keeps serving without projections
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("projection follower stopped")
+            while not self._halt.is_set():  # answer queries with the reason, not silence
+                if sock.poll(100):
+                    ident, body = sock.recv_multipart()
+                    sock.send_multipart([ident, p.reply_encoder.encode(p.Error(
+                        req=p.salvage_req(body), code="internal",
+                        message=f"the projection is unavailable: {self.error}"))])
+        finally:
+            if proj is not None:
+                proj.close()
+            sock.close(0)
+
+    def _answer(self, proj: Projection, body: bytes) -> p.Reply:
+        try:
+            cmd = p.command_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            return p.Error(req=p.salvage_req(body), code="protocol", message=f"bad query: {exc}")
+        if not isinstance(cmd, p.Query):
+            return p.Error(req=cmd.req, code="protocol", message="only queries are served here")
+        try:
+            if cmd.kind == "digest":
+                digest, tables = proj.digest()
+                return p.QueryResult(req=cmd.req, seq=proj.last_seq, digest=digest, tables=tables)
+            if cmd.as_of:
+                past = as_of(proj, cmd.as_of)
+                try:
+                    return p.QueryResult(req=cmd.req, seq=past.last_seq,
+                                         arrow=to_ipc(past.query(cmd.sql)))
+                finally:
+                    past.close()
+            return p.QueryResult(req=cmd.req, seq=proj.last_seq, arrow=to_ipc(proj.query(cmd.sql)))
+        except SqlError as exc:
+            return p.Error(req=cmd.req, code="invalid", message=str(exc))
+        except EvoError as exc:
+            return p.Error(req=cmd.req, code="internal", message=str(exc))
