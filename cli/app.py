@@ -275,9 +275,22 @@ def tail(
 def status(broker: Optional[str] = BrokerOpt,
            as_json: bool = typer.Option(False, "--json"),
            watch: bool = typer.Option(False, "--watch", "-w", help="refresh live until Ctrl-C"),
-           interval: float = typer.Option(1.0, "--interval", help="seconds between refreshes")) -> None:
+           interval: float = typer.Option(1.0, "--interval", help="seconds between refreshes"),
+           as_of: int = typer.Option(0, "--as-of", help="the state at this seq (from the projection)")) -> None:
     """Queue and nodes: job counts by state, nodes, running and queued jobs."""
     from evo.cli.views import console, render_status, status_view
+
+    if as_of:
+        for title, q in (
+            ("jobs by state", "SELECT state, count(*) AS jobs FROM jobs GROUP BY state ORDER BY state"),
+            ("nodes", "SELECT node, state, labels, slots, cpus, mem_gb, gpus FROM nodes ORDER BY node"),
+            ("running", "SELECT job_id, state, node, attempts, name FROM jobs "
+                        "WHERE state IN ('leased', 'running') ORDER BY submitted_seq LIMIT 50"),
+            ("queued", "SELECT job_id, priority, attempts, name FROM queue LIMIT 50"),
+        ):
+            _print_table(_sql(q, broker, as_of), "json" if as_json else "table",
+                         title=f"{title} at seq {as_of}")
+        return
 
     with _client(broker) as c:
         if watch:
@@ -352,6 +365,163 @@ def logs(job: str = typer.Argument(..., help="job id"),
                     continue
                 return
             time.sleep(0.3)
+
+
+# --- projections ------------------------------------------------------------------------------
+
+
+def _sql(sql: str, broker: str | None, as_of: int = 0):  # noqa: ANN202 - a pyarrow.Table
+    """Through the broker's projection when a broker runs; else from the files, caught up."""
+    from evo.home import NoBroker
+
+    try:
+        c = _client(broker)
+    except NoBroker:
+        from evo.projections.follower import open_projection
+        from evo.projections.store import as_of as past
+
+        proj = open_projection(evo_home())
+        try:
+            if as_of:
+                old = past(proj, as_of)
+                try:
+                    return old.query(sql)
+                finally:
+                    old.close()
+            return proj.query(sql)
+        finally:
+            proj.close()
+    with c:
+        return c.sql(sql, as_of=as_of)
+
+
+def _print_table(table, fmt: str, title: str = "") -> None:  # noqa: ANN001
+    if fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(table.column_names)
+        for row in table.to_pylist():
+            w.writerow(row.values())
+    elif fmt == "json":
+        for row in table.to_pylist():
+            typer.echo(msgspec.json.encode(row).decode())
+    elif fmt == "table":
+        from rich.table import Table
+
+        from evo.cli.views import console
+
+        t = Table(title=title or None, title_justify="left")
+        for name in table.column_names:
+            t.add_column(name)
+        for row in table.to_pylist():
+            t.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                        for v in row.values()))
+        console.print(t)
+    else:
+        raise BadInput(f"--format: expected table, csv or json, got {fmt!r}")
+
+
+@app.command()
+def sql(query: str = typer.Argument(..., help="one read-only SQL statement"),
+        fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write the result to FILE (.csv or .parquet)"),
+        as_of: int = typer.Option(0, "--as-of", help="answer from the state at this seq"),
+        broker: Optional[str] = BrokerOpt) -> None:
+    """SQL over the projections (events, jobs, attempts, metrics, nodes, sweeps, views)."""
+    table = _sql(query, broker, as_of)
+    if out is not None:
+        if out.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, out)
+        elif out.suffix == ".csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, out, pacsv.WriteOptions(quoting_style="needed"))
+        else:
+            raise BadInput(f"--out: expected a .csv or .parquet file, got {out}")
+        _err(f"{table.num_rows} rows written to {out}")
+        return
+    _print_table(table, fmt)
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+@app.command()
+def leaderboard(sweep: str = typer.Argument(..., help="sweep id"),
+                metric: Optional[str] = typer.Option(None, "--metric", help="default: auc if present, else the first"),
+                top: int = typer.Option(10, "--top"),
+                fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+                broker: Optional[str] = BrokerOpt) -> None:
+    """The best configurations of a sweep by one metric, each parameter a column."""
+    metrics = [r["metric"] for r in _sql(
+        f"SELECT DISTINCT metric FROM leaderboard WHERE sweep_id = {_quote(sweep)} ORDER BY 1",
+        broker).to_pylist()]
+    if not metrics:
+        raise EvoError(f"no completed jobs with metrics in sweep {sweep!r}")
+    if metric is None:
+        metric = "auc" if "auc" in metrics else metrics[0]
+    if metric not in metrics:
+        raise BadInput(f"--metric: sweep {sweep} has no metric {metric!r} (it has {', '.join(metrics)})")
+    keys = [r["k"] for r in _sql(
+        f"SELECT DISTINCT unnest(json_keys(params)) AS k FROM leaderboard "
+        f"WHERE sweep_id = {_quote(sweep)} ORDER BY 1", broker).to_pylist()]
+    cols = "".join(f", params ->> {_quote(k)} AS {_ident(k)}" for k in keys)
+    table = _sql(f"SELECT rank, job_id, model_type, value AS {_ident(metric)}{cols} "
+                 f"FROM leaderboard WHERE sweep_id = {_quote(sweep)} AND metric = {_quote(metric)} "
+                 f"ORDER BY rank LIMIT {int(top)}", broker)
+    _print_table(table, fmt, title=f"{sweep}: top {top} by {metric}")
+
+
+def _ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+@app.command()
+def replay(to: Optional[int] = typer.Option(None, "--to", help="stop at this seq"),
+           verify: bool = typer.Option(False, "--verify", help="compare with the live projection; exit 1 on a difference"),
+           broker: Optional[str] = BrokerOpt) -> None:
+    """Rebuild the projections from nothing and print their digest."""
+    import time
+
+    from evo.events.log import SegmentLog
+    from evo.home import NoBroker
+    from evo.projections.store import replay as rebuild
+
+    live = None
+    if verify:
+        try:
+            with _client(broker) as c:
+                live = c.query(kind="digest")
+                live_seq, live_digest, live_tables = live.seq, live.digest, live.tables
+        except NoBroker:
+            from evo.projections.follower import open_projection
+
+            proj = open_projection(evo_home())
+            live_seq = proj.last_seq
+            live_digest, live_tables = proj.digest()
+            proj.close()
+        to = live_seq if to is None else min(to, live_seq)
+    t0 = time.perf_counter()
+    with SegmentLog(evo_home() / "log", readonly=True) as lg:
+        proj = rebuild((raw for _, raw in lg.read_raw_from(1)), to_seq=to)
+    digest, tables = proj.digest()
+    seq = proj.last_seq
+    proj.close()
+    typer.echo(f"replayed {seq} events in {time.perf_counter() - t0:.2f}s")
+    for name, d in tables.items():
+        typer.echo(f"  {name:<16} {d}")
+    typer.echo(f"digest {digest}")
+    if verify:
+        if digest == live_digest:
+            typer.echo(f"verify: the live projection at seq {live_seq} matches")
+            return
+        bad = [t for t in tables if tables[t] != live_tables.get(t)]
+        _err(f"verify: the live projection at seq {live_seq} differs in {', '.join(bad)}")
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ def open_projection(home: Path, upto: int | None = None) -> Projection:
     """``EVO_HOME/evo.duckdb`` caught up from the log (rebuilt if it cannot be trusted)."""
     path = home / "evo.duckdb"
     proj = Projection(path)
-    version = proj.con.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+    version = (proj.con.execute("SELECT value FROM meta WHERE key = 'version'").fetchall()
+               or [None])[0]
     with SegmentLog(home / "log", readonly=True) as lg:
         head = lg.last_seq if upto is None else min(upto, lg.last_seq)
         if (version and version[0] != VERSION) or proj.last_seq > head:
@@ -141,5 +142,6 @@ class Follower(threading.Thread):
             return p.QueryResult(req=cmd.req, seq=proj.last_seq, arrow=to_ipc(proj.query(cmd.sql)))
         except SqlError as exc:
             return p.Error(req=cmd.req, code="invalid", message=str(exc))
-        except EvoError as exc:
-            return p.Error(req=cmd.req, code="internal", message=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad query must not stop the follower
+            log.exception("query failed")
+            return p.Error(req=cmd.req, code="internal", message=f"{type(exc).__name__}: {exc}")

@@ -84,8 +84,8 @@ class Projection:
 
     @property
     def last_seq(self) -> int:
-        row = self.con.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
-        return int(row[0]) if row else 0
+        rows = self.con.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchall()
+        return int(rows[0][0]) if rows else 0
 
     # --- applying -----------------------------------------------------------------------------
 
@@ -137,7 +137,7 @@ class Projection:
         for table in TABLES:
             row = self.con.execute(
                 f"SELECT count(*), md5(coalesce(string_agg(md5(CAST(t AS VARCHAR)), '' "
-                f"ORDER BY {KEYS[table]}), '')) FROM {table} t").fetchone()
+                f"ORDER BY {KEYS[table]}), '')) FROM {table} t").fetchall()[0]
             per[table] = f"{row[0]}:{row[1]}"
         h = hashlib.sha256()
         for table in TABLES:
@@ -157,7 +157,7 @@ class Projection:
             raise SqlError(f"evo sql is read-only: a {kind} statement is refused "
                            "(export with --out FILE)")
         try:
-            return self.con.execute(sql).fetch_arrow_table()
+            return self.con.sql(sql).to_arrow_table()
         except duckdb.Error as exc:
             raise SqlError(f"SQL error: {exc}") from exc
 
@@ -178,7 +178,8 @@ def replay(raws: Iterable[bytes], path: str | Path = ":memory:", to_seq: int | N
 def as_of(live: Projection, seq: int) -> Projection:
     """The projection as it was at ``seq``, derived from the live ``events`` table."""
     proj = Projection(":memory:")
-    table = live.con.execute("SELECT * FROM events WHERE seq <= ? ORDER BY seq", [seq]).fetch_arrow_table()
+    table = live.con.sql("SELECT * FROM events WHERE seq <= $seq ORDER BY seq",
+                         params={"seq": seq}).to_arrow_table()
     if table.num_rows:
         hi = int(table.column("seq")[-1].as_py())
         con = proj.con
