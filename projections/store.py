@@ -101,21 +101,7 @@ class Projection:
         first, hi = decode_seq(raws[0]), decode_seq(raws[-1])
         if first != lo + 1 or hi - first + 1 != len(raws):
             raise EvoError(f"events {first}..{hi} do not follow on from seq {lo} without a gap")
-        batch = to_arrow(raws)
-        con = self.con
-        con.begin()
-        try:
-            con.register("_batch", batch)
-            con.execute(INSERT_EVENTS)
-            con.unregister("_batch")
-            params = {"lo": lo, "hi": hi}
-            for _, sql in DERIVE:
-                con.execute(sql, params)
-            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [hi])
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+        _commit(self.con, to_arrow(raws), INSERT_EVENTS, lo, hi)
         return hi
 
     def catch_up(self, raws: Iterable[bytes], batch: int = 100_000) -> int:
@@ -182,13 +168,22 @@ def as_of(live: Projection, seq: int) -> Projection:
                          params={"seq": seq}).to_arrow_table()
     if table.num_rows:
         hi = int(table.column("seq")[-1].as_py())
-        con = proj.con
-        con.begin()
-        con.register("_batch", table)
-        con.execute("INSERT INTO events SELECT * FROM _batch")
+        _commit(proj.con, table, "INSERT INTO events SELECT * FROM _batch", 0, hi)
+    return proj
+
+
+def _commit(con: duckdb.DuckDBPyConnection, batch: pa.Table, insert: str, lo: int,
+            hi: int) -> None:
+    """Insert a batch of events, derive what it touched, record ``hi``: one transaction."""
+    con.begin()
+    try:
+        con.register("_batch", batch)
+        con.execute(insert)
         con.unregister("_batch")
         for _, sql in DERIVE:
-            con.execute(sql, {"lo": 0, "hi": hi})
+            con.execute(sql, {"lo": lo, "hi": hi})
         con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [hi])
         con.commit()
-    return proj
+    except BaseException:
+        con.rollback()
+        raise
