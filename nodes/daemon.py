@@ -309,16 +309,13 @@ class NodeDaemon:
 
     def _ship(self, run: Run, everything: bool = False) -> None:
         """Send new stdout/stderr bytes to the broker (all of it when the attempt ended)."""
-        for stream, path in (("stdout", run.stdout_path), ("stderr", run.stderr_path)):
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
+        for stream in ("stdout", "stderr"):
+            path, base, size = run.span(stream)
             sent = run.shipped.get(stream, 0)
             if size <= sent:
                 continue
             with open(path, "rb") as f:
-                f.seek(sent)
+                f.seek(base + sent)
                 while sent < size:
                     data = f.read(min(OUTPUT_CHUNK, size - sent))
                     if not data:
@@ -367,7 +364,7 @@ class NodeDaemon:
                     "duration_s": time.time() - run.started})
             else:
                 error = run.error or f"exit code {rc}"
-                tail = run.tail(run.stderr_path)
+                tail = run.tail("stderr")
                 self._report(run, "failed", {"error": f"{error}: {tail}" if tail else error,
                                              "exit_code": rc})
             run.finish()

@@ -2,9 +2,11 @@
 
 A command job runs from its argv list (never a shell). A callable job (``module:function``)
 runs in a warm worker from the node's pool, or with ``isolate: true`` in a fresh process through
-``python -m evo.nodes.runner``. Each attempt gets its own working directory with
-stdout and stderr captured to files; the checkpoint directory is per job and the same across
-attempts, so a retry can resume. The job sees EVO_* variables and CUDA_VISIBLE_DEVICES set to
+``python -m evo.nodes.runner``. A process of its own (command, isolate) gets its own working
+directory with stdout and stderr captured to files; a warm task runs in its worker's folder and
+its output is a byte range of the worker's files. The checkpoint directory is per job and the
+same across attempts, so a retry can resume; a warm task makes it on first use
+(``evo.checkpoint_dir()``). The job sees EVO_* variables and CUDA_VISIBLE_DEVICES set to
 exactly its devices (empty for a CPU job, which hides every GPU).
 """
 
@@ -33,36 +35,43 @@ class Run:
         self.grant = grant
         spec = grant.spec
         self.job_dir = root / "jobs" / grant.job_id
-        self.dir = self.job_dir / f"attempt-{grant.attempt}"
         self.ckpt = self.job_dir / "checkpoints"
-        workdir = Path(spec.workdir) if spec.workdir else self.dir
-        self.report_file = self.dir / "reports.jsonl"
+        self.worker: Worker | None = None
         warm = spec.callable is not None and not spec.isolate and pool is not None
-        if not warm:  # a warm worker makes these itself, off the node's thread
+        if warm:
+            # No files or folders per attempt: the worker's own files hold this task's output
+            # from the current ends on, and its folder is the working directory.
+            self.worker = pool.take(tuple(grant.devices))  # started with the job's devices
+            self.dir = self.worker.folder
+            paths = self.worker.paths
+            self.stdout_path, self.stderr_path = paths["stdout"], paths["stderr"]
+            self.report_file = paths["reports"]
+            self.base = dict(zip(("stdout", "stderr", "reports"), self.worker.ends))
+        else:
+            self.dir = self.job_dir / f"attempt-{grant.attempt}"
             self.dir.mkdir(parents=True, exist_ok=True)
             self.ckpt.mkdir(exist_ok=True)
-        self.stdout_path, self.stderr_path = self.dir / "stdout.log", self.dir / "stderr.log"
+            self.stdout_path, self.stderr_path = self.dir / "stdout.log", self.dir / "stderr.log"
+            self.report_file = self.dir / "reports.jsonl"
+            self.base = {"stdout": 0, "stderr": 0, "reports": 0}
+        self.ends: dict[str, int] | None = None  # a warm task's ends, once it has answered
+        workdir = Path(spec.workdir) if spec.workdir else self.dir
         env = {
             "EVO_JOB_ID": grant.job_id, "EVO_ATTEMPT": str(grant.attempt),
             "EVO_LEASE_EPOCH": str(grant.lease_epoch), "EVO_NODE": node,
             "EVO_CHECKPOINT_DIR": str(self.ckpt), "EVO_REPORT_FILE": str(self.report_file),
-            "EVO_WORKDIR": str(self.dir),
+            "EVO_WORKDIR": str(workdir),
         }
         if spec.seed is not None:
             env["EVO_SEED"] = str(spec.seed)
         self.started = time.time()
         self.error = ""
         self.proc: subprocess.Popen | None = None
-        self.worker: Worker | None = None
         self.pool = pool
         self.rc: int | None = None
-        if warm:
-            self.worker = pool.take(tuple(grant.devices))  # started with the job's devices
+        if self.worker is not None:
             self.worker.send({"callable": spec.callable, "params": spec.params, "seed": spec.seed,
-                              "cwd": str(workdir), "stdout": str(self.stdout_path),
-                              "stderr": str(self.stderr_path),
-                              "mkdirs": [str(self.dir), str(self.ckpt)],
-                              "env": env})
+                              "cwd": str(workdir), "env": env})
         else:
             env = {**os.environ, **env, "PYTHONUNBUFFERED": "1",
                    "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in grant.devices)}
@@ -90,6 +99,29 @@ class Run:
         self.cancelled = False
         self.shipped: dict[str, int] = {}  # stream -> bytes sent to the broker
 
+    def span(self, stream: str) -> tuple[Path, int, int]:
+        """(file, where this attempt's bytes start in it, how many there are so far)."""
+        path = {"stdout": self.stdout_path, "stderr": self.stderr_path,
+                "reports": self.report_file}[stream]
+        base = self.base[stream]
+        if self.ends is not None:
+            return path, base, self.ends[stream] - base
+        try:
+            return path, base, max(0, path.stat().st_size - base)
+        except FileNotFoundError:
+            return path, base, 0
+
+    def _wrote(self, stream: str) -> bool:
+        """False when a warm task has answered and wrote nothing there (no file to look at)."""
+        return self.ends is None or self.ends[stream] > self.base[stream]
+
+    def _open(self, stream: str):  # noqa: ANN202 - a binary file positioned at our bytes, or None
+        path, base, _ = self.span(stream)
+        f = _open_if_there(path)
+        if f is not None and base:
+            f.seek(base)
+        return f
+
     @property
     def pid(self) -> int:
         if self.worker is not None:
@@ -112,8 +144,8 @@ class Run:
         if not final and now < self._next_look:
             return out
         self._next_look = now + LOOK_EVERY_S
-        if self._reports is None:
-            self._reports = _open_if_there(self.report_file)
+        if self._reports is None and self._wrote("reports"):
+            self._reports = self._open("reports")
         data = self._reports.read() if self._reports is not None else b""
         end = data.rfind(b"\n") + 1
         if end < len(data):  # a line still being written: read it whole next time
@@ -127,8 +159,8 @@ class Run:
                 self.result = rec
             else:
                 out.append(rec)
-        if self._stdout is None:
-            self._stdout = _open_if_there(self.stdout_path)
+        if self._stdout is None and self._wrote("stdout"):
+            self._stdout = self._open("stdout")
         chunk = self._stdout.read(1 << 20) if self._stdout is not None else b""
         if not chunk:
             return out
@@ -152,6 +184,9 @@ class Run:
                 self.error = self.error or f"warm worker {self.worker.pid} died ({_how(code)})"
             elif msgs:
                 reply = msgs[0]
+                ends = reply.get("ends") or [0, 0, 0]
+                self.worker.ends = list(ends)
+                self.ends = dict(zip(("stdout", "stderr", "reports"), ends))
                 self.result = {"metrics": reply.get("metrics", {}),
                                "artifacts": reply.get("artifacts", {})}
                 self.rc = 0 if reply["ok"] else int(reply.get("exit_code") or 1)
@@ -195,9 +230,14 @@ class Run:
             self._signal(signal.SIGKILL)  # leftovers of the group must not outlive the attempt
             self.proc.wait()
 
-    def tail(self, path: Path, n: int = 800) -> str:
+    def tail(self, stream: str, n: int = 800) -> str:
+        path, base, size = self.span(stream)
+        if size <= 0:
+            return ""
         try:
-            data = path.read_bytes()[-n:]
+            with open(path, "rb") as f:
+                f.seek(base + max(0, size - n))
+                data = f.read(min(n, size))
         except OSError:
             return ""
         return data.decode("utf-8", "replace").strip()

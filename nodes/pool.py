@@ -19,17 +19,29 @@ import msgspec
 
 from .worker import _LEN, write_frame
 
+STREAMS = ("stdout", "stderr", "reports")
+
 _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
 
 
 class Worker:
-    def __init__(self, devices: tuple[int, ...], log_path: Path) -> None:
+    """One warm worker process and its folder: the default working directory of its tasks and
+    the files that capture them (stdout, stderr, reports; a task owns a byte range of each)."""
+
+    def __init__(self, devices: tuple[int, ...], folder: Path) -> None:
         self.devices = devices
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = {s: folder / s for s in STREAMS}
+        for path in self.paths.values():
+            path.write_bytes(b"")  # a name reused after a node restart starts empty
+        self.ends = [0, 0, 0]  # where the last task's output ended, per stream
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)),
                    PYTHONUNBUFFERED="1")
-        with open(log_path, "ab") as log:
+        with open(folder / "worker.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "evo.nodes.worker"], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "evo.nodes.worker", str(self.paths["stdout"]),
+                 str(self.paths["stderr"])], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True, bufsize=0)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
@@ -97,6 +109,8 @@ class Worker:
             self.kill()
             self.proc.wait()
         self.proc.stdout.close()  # type: ignore[union-attr]
+        for path in self.paths.values():  # already read and shipped by the runs that used it
+            path.unlink(missing_ok=True)
 
 
 class WorkerPool:
@@ -109,7 +123,7 @@ class WorkerPool:
 
     def _spawn(self, devices: tuple[int, ...]) -> Worker:
         self.spawned += 1
-        return Worker(devices, self.root / f"worker-{self.spawned}.log")
+        return Worker(devices, self.root / f"w{self.spawned}")
 
     def warm(self, n: int) -> None:
         """Start n CPU workers ahead of the first jobs, so they pay the imports while idle."""

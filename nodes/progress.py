@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 _KV = re.compile(r"([A-Za-z_][\w.\-]*)\s*[=:]\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 _EPOCH = re.compile(r"\bepoch\s*[:=]?\s*(\d+)\s*(?:/\s*(\d+))?", re.IGNORECASE)
@@ -45,6 +46,17 @@ def report(step: int | None = None, *, epoch: int | None = None, eta_s: float | 
     """Report progress from inside a job."""
     _write({"kind": "progress", "step": step, "epoch": epoch, "eta_s": eta_s, "t": time.time(),
             "metrics": {k: float(v) for k, v in metrics.items()}})
+
+
+def checkpoint_dir() -> Path:
+    """This job's checkpoint folder (the same across its attempts on a node), made if needed.
+
+    Outside evo it is ./checkpoints. Warm workers do not make it ahead of time: most short
+    trials never checkpoint, and a folder per trial costs more than the trial.
+    """
+    d = Path(os.environ.get("EVO_CHECKPOINT_DIR") or "checkpoints")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def checkpoint(path: str, step: int | None = None, **metrics: float) -> None:

@@ -1,11 +1,14 @@
 """A warm worker: a long-lived process that runs callable jobs one after another.
 
-The node starts one per slot with ``python -m evo.nodes.worker``. It imports the heavy
+The node starts one per slot with ``python -m evo.nodes.worker OUT ERR``. It imports the heavy
 libraries once (numpy, scikit-learn, xgboost: whatever of EVO_WORKER_PRELOAD is installed), then
 reads tasks from its stdin and answers on its stdout, each message a 4-byte big-endian length
-and a msgpack map. While a task runs, file descriptors 1 and 2 point at the attempt's
-stdout.log and stderr.log, so a job's prints and C-level output land where a fresh process's
-would; between tasks they point at the worker's own log.
+and a msgpack map. While a task runs, file descriptors 1 and 2 point at the worker's own OUT and
+ERR files, so a job's prints and C-level output are captured as a fresh process's would be;
+between tasks they point at the worker's log. The worker runs one task at a time, so what a
+task wrote is the byte range of each file between the previous reply's ends and its own: each
+reply carries the ends (stdout, stderr, reports), and a task makes no files or folders of its
+own, which keeps a no-op trial off the disk.
 
 A task sets the job's EVO_* variables and working directory for its duration and seeds
 ``random`` and numpy when the job has a seed. CUDA_VISIBLE_DEVICES is fixed when the worker
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import random
+import signal
 import struct
 import sys
 import traceback
@@ -81,29 +85,29 @@ def seed_everything(seed: int | None) -> None:
         np.random.seed(seed % (2**32))
 
 
-def run_task(task: dict) -> dict:
-    """Run one task with fds 1/2 on the attempt's files; never raises."""
+def _size(fd: int) -> int:
+    return os.fstat(fd).st_size
+
+
+def _report_size(path: str | None) -> int:
+    try:
+        return os.stat(path).st_size if path else 0
+    except FileNotFoundError:
+        return 0
+
+
+def run_task(task: dict, out_fd: int, err_fd: int) -> dict:
+    """Run one task with fds 1/2 on the worker's output files; never raises."""
     saved_cwd = os.getcwd()
-    for d in task.get("mkdirs", ()):
-        try:
-            os.mkdir(d)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(d, exist_ok=True)
     # Only the job's own variables are set and restored: copying the whole environment costs
     # more than a short trial. Other changes a job makes to os.environ stay in this worker
     # (``isolate: true`` gives a job a process of its own).
     saved_env = {k: os.environ.get(k) for k in task["env"]}
-    out_fd = os.open(task["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    err_fd = os.open(task["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     keep_out, keep_err = os.dup(1), os.dup(2)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
-    os.close(out_fd)
-    os.close(err_fd)
     reply: dict = {"ok": False}
     try:
         os.environ.update(task["env"])
@@ -135,13 +139,33 @@ def run_task(task: dict) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    reply["ends"] = [_size(out_fd), _size(err_fd), _report_size(task["env"].get("EVO_REPORT_FILE"))]
     return reply
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the node that started it dies (kill -9 included),
+    instead of waiting to notice the closed pipe after its imports."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the node died before the request took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> int:
+    _die_with_parent()
     # The protocol gets private copies of fds 0 and 1; the job's stdin is /dev/null and its
     # stdout is a file, so nothing a job prints can corrupt a frame.
     cmd_fd, reply_fd = os.dup(0), os.dup(1)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    out_fd, err_fd = os.open(sys.argv[1], flags, 0o644), os.open(sys.argv[2], flags, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -157,7 +181,7 @@ def main() -> int:
         frame = read_frame(cmd_fd)
         if frame is None:  # the node closed the pipe: it is gone or retiring us
             return 0
-        write_frame(reply_fd, enc.encode(run_task(dec.decode(frame))))
+        write_frame(reply_fd, enc.encode(run_task(dec.decode(frame), out_fd, err_fd)))
 
 
 if __name__ == "__main__":

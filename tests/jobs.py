@@ -42,3 +42,12 @@ def chatty(lines: int = 3, delay: float = 0.0) -> dict:
         print(f"warn {i}", file=sys.stderr, flush=True)
         time.sleep(delay)
     return {"lines": lines}
+
+
+def keep(text: str) -> dict:
+    """Writes into its checkpoint folder, which evo makes on first use."""
+    import evo
+
+    path = evo.checkpoint_dir() / "state.txt"
+    path.write_text(text)
+    return {"path": str(path)}

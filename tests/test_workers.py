@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 import subprocess
 
 from evo.cli.client import Client, make_spec
@@ -26,17 +27,27 @@ def test_callables_reuse_a_warm_worker_and_isolate_gets_a_fresh_one(cluster):
         ids = [c.submit(callable="tests.jobs:whoami", params={"tag": str(i)}) for i in range(4)]
         iso = [c.submit(callable="tests.jobs:whoami", params={"tag": "iso"}, isolate=True,
                         after=ids) for _ in range(2)]
-        events = wait_for(c, lambda evs: all(done(j)(evs) for j in ids + iso))
+        ck = c.submit(callable="tests.jobs:keep", params={"text": "epoch 3"}, after=iso)
+        events = wait_for(c, lambda evs: all(done(j)(evs) for j in ids + iso + [ck]))
+    ck_path = home / "nodes" / "solo" / "jobs" / ck / "checkpoints" / "state.txt"
+    assert _completed(events, ck).artifacts["path"] == str(ck_path)
+    assert ck_path.read_text() == "epoch 3"
     pids = {_completed(events, j).metrics["pid"] for j in ids}
     assert len(pids) == 1, f"4 callables on one slot should share one warm worker, got {pids}"
     iso_pids = {_completed(events, j).metrics["pid"] for j in iso}
     assert len(iso_pids) == 2 and not iso_pids & pids
-    # JobStarted names the worker's pid; each job ran in its own attempt folder
+    # JobStarted names the worker's pid; warm tasks run in their worker's folder and make no
+    # attempt folders, while an isolated job gets one of its own
     assert {_started(events, j)[0].pid for j in ids} == pids
     cwds = {_completed(events, j).artifacts["cwd"] for j in ids}
-    assert len(cwds) == 4
-    out = (home / "nodes" / "solo" / "jobs" / ids[2] / "attempt-1" / "stdout.log").read_text()
-    assert out == f"running 2 in {int(pids.pop())}\n"
+    assert len(cwds) == 1 and Path(cwds.pop()).parent == home / "nodes" / "solo" / "workers"
+    assert not (home / "nodes" / "solo" / "jobs" / ids[2]).exists()
+    iso_cwd = _completed(events, iso[0]).artifacts["cwd"]
+    assert iso_cwd == str(home / "nodes" / "solo" / "jobs" / iso[0] / "attempt-1")
+    # each task's output is its own byte range of the worker's stdout, shipped to the broker
+    for i, j in enumerate(ids):
+        out = (home / "logs" / j / "attempt-1.stdout").read_text()
+        assert out == f"running {i} in {int(next(iter(pids)))}\n"
 
 
 def test_a_crashed_worker_is_replaced_and_the_job_retried(cluster, tmp_path):
@@ -58,7 +69,7 @@ def test_a_crashed_worker_is_replaced_and_the_job_retried(cluster, tmp_path):
     err = next(e for e in events if type(e).__name__ == "JobFailed" and e.job_id == bad)
     assert "ValueError: bad hyperparameter: depth=-1" in err.error and err.final
     # ... and the traceback is in its stderr; the next job runs in the same worker
-    err_log = home / "nodes" / "solo" / "jobs" / bad / "attempt-1" / "stderr.log"
+    err_log = home / "logs" / bad / "attempt-1.stderr"
     assert "Traceback" in err_log.read_text() and "depth=-1" in err_log.read_text()
     assert _started(events, after)[0].pid == _started(events, bad)[0].pid
 
