@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 import subprocess
 
@@ -136,3 +137,18 @@ def test_short_trials_are_leased_ahead_but_never_run_past_the_slots(cluster):
     assert most == 1  # one slot: one job at a time, however many were leased ahead
     completed = [e.job_id for e in events if type(e).__name__ == "JobCompleted"]
     assert sorted(completed) == sorted(ids)  # each exactly once
+
+
+def test_warm_workers_die_with_their_node(cluster):
+    import psutil
+
+    home, b, node = cluster
+    n = node("solo", "--slots", "2")
+    with Client(b.address) as c:
+        job = c.submit(callable="tests.jobs:whoami")
+        wait_for(c, done(job))
+    workers = psutil.Process(n.proc.pid).children()
+    assert len(workers) == 2 and all("evo.nodes.worker" in " ".join(w.cmdline()) for w in workers)
+    n.signal(signal.SIGKILL)  # the node alone: its workers live in sessions of their own
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, f"workers outlived their node: {[w.pid for w in alive]}"
