@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from evo.errors import BadInput
 from evo.events.schema import (
     CancelRequested, Checkpointed, Event, JobCancelled, JobCompleted, JobFailed, JobLeased,
     JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeJoined, NodeLeft, NodeLost, Progress,
-    ReportRejected, RetryScheduled, UtilizationSampled,
+    ReportRejected, RetryScheduled, SweepCompleted, SweepSubmitted, UtilizationSampled,
 )
 
 from . import protocol as p
@@ -99,8 +101,51 @@ class Desk:
             return Outcome(reply=p.Error(req=cmd.req, code="unknown",
                                          message=f"command {type(cmd).__name__} is not served"))
         if type(cmd) in _NODE_COMMANDS:
-            return method(self, cmd, now, cause, mono)
-        return method(self, cmd, now, cause)
+            out = method(self, cmd, now, cause, mono)
+        else:
+            out = method(self, cmd, now, cause)
+        if self.state.closable:
+            self._close_sweeps(out, now, cause)
+        return out
+
+    def _close_sweeps(self, out: Outcome, now: float, cause: str) -> None:
+        """SweepCompleted for each sweep whose last job just ended, naming the best job."""
+        for sweep_id in sorted(self.state.closable):
+            sweep = self.state.sweeps[sweep_id]
+            jobs = [self.state.jobs[j] for j in sweep.job_ids if j in self.state.jobs]
+            counts = {s: sum(j.state == s for j in jobs) for s in TERMINAL}
+            metric = str(sweep.spec.get("metric") or "auc")
+            best = best_job(jobs, metric, sweep.spec.get("mode"))
+            self._emit(out, SweepCompleted, now, cause, sweep_id=sweep_id,
+                       completed=counts[COMPLETED], failed=counts["failed"],
+                       cancelled=counts["cancelled"], best_job=best)
+
+    def on_submitsweep(self, cmd: p.SubmitSweep, now: float, cause: str) -> Outcome:
+        if not cmd.jobs:
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"sweep {cmd.name!r}: no jobs to run"))
+        for i, spec in enumerate(cmd.jobs):
+            try:
+                validate_spec(spec, self.state, self.cluster)
+            except InvalidSpec as exc:
+                msg = str(exc).replace("$.spec", f"$.jobs[{i}]", 1)
+                return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=msg))
+        out = Outcome()
+        first = self.state.last_seq + 1
+        sweep_id = f"s{first}"
+        job_ids = [f"j{first + 1 + i}" for i in range(len(cmd.jobs))]
+        self._emit(out, SweepSubmitted, now, cause, sweep_id=sweep_id, spec=dict(cmd.spec),
+                   job_ids=job_ids, name=cmd.name)
+        for job_id, spec in zip(job_ids, cmd.jobs):
+            spec = msgspec.structs.replace(spec, sweep_id=sweep_id)
+            self._emit(out, JobSubmitted, now, cause, job_id=job_id, spec=spec)
+        spec = cmd.jobs[0]
+        r = spec.resources
+        warning = never_fits(spec, self.state, self.cluster) or "" if (
+            r.gpus or r.cpus > 1 or r.mem_gb) else ""
+        out.reply = p.SweepAccepted(req=cmd.req, sweep_id=sweep_id, job_ids=job_ids,
+                                    seq=self.state.last_seq, warning=warning)
+        return out
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -325,6 +370,8 @@ class Desk:
                     self._emit(out, JobFailed, now, "tick", job_id=job_id, retryable=False,
                                final=True, error=f"dependency {dep} {d.state}")
                     break
+        if self.state.closable:
+            self._close_sweeps(out, now, "tick")
         return out
 
     def on_hello(self, cmd: p.Hello, now: float, cause: str) -> Outcome:
@@ -355,6 +402,24 @@ def _handlers_of(cls: type) -> dict[type, object]:
 
 Desk._handlers = _handlers_of(Desk)
 _NODE_COMMANDS = {p.Join, p.Heartbeat, p.Ready, p.Report, p.Leave}
+
+
+LOWER_IS_BETTER = frozenset({"brier", "logloss", "loss", "error", "rmse", "mae"})
+
+
+def metric_mode(metric: str, mode: str | None = None) -> str:
+    """'max' or 'min': as given, else 'min' for losses and errors."""
+    if mode in ("max", "min"):
+        return mode
+    return "min" if metric.lower() in LOWER_IS_BETTER or "loss" in metric.lower() else "max"
+
+
+def best_job(jobs: list[Job], metric: str, mode: str | None = None) -> str | None:
+    """The completed job with the best value of ``metric`` (ties: the earliest submitted)."""
+    sign = -1.0 if metric_mode(metric, mode) == "max" else 1.0
+    scored = [(sign * j.metrics[metric], j.submitted_seq, j.job_id) for j in jobs
+              if j.state == COMPLETED and metric in j.metrics and j.metrics[metric] == j.metrics[metric]]
+    return min(scored)[2] if scored else None
 
 
 def _floats(metrics: dict) -> dict[str, float]:

@@ -35,6 +35,14 @@ class Submit(Command, tag="submit"):
     spec: JobSpec
 
 
+class SubmitSweep(Command, tag="submit_sweep"):
+    """A sweep and all its jobs, appended together: SweepSubmitted, then one JobSubmitted each."""
+
+    name: str
+    spec: dict[str, Any] = {}  # the sweep as the user wrote it, for the record
+    jobs: list[JobSpec] = []
+
+
 class Cancel(Command, tag="cancel"):
     target: str  # a job id or a sweep id
     reason: str = ""
@@ -142,7 +150,7 @@ class Query(Command, tag="query"):
     kind: str = "sql"
 
 
-AnyCommand = Union[Hello, Submit, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
+AnyCommand = Union[Hello, Submit, SubmitSweep, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
                    Output, Logs, Query]
 
 
@@ -166,6 +174,13 @@ class Submitted(Reply, tag="submitted"):
     job_id: str
     seq: int
     duplicate: bool = False
+    warning: str = ""
+
+
+class SweepAccepted(Reply, tag="sweep_accepted"):
+    sweep_id: str
+    job_ids: list[str]
+    seq: int
     warning: str = ""
 
 
@@ -228,7 +243,7 @@ class QueryResult(Reply, tag="query_result"):
     tables: dict[str, str] = {}
 
 
-AnyReply = Union[Error, Welcome, Submitted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
+AnyReply = Union[Error, Welcome, Submitted, SweepAccepted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
                  LogChunk, QueryResult]
 
 command_encoder = msgspec.msgpack.Encoder()

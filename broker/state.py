@@ -134,6 +134,7 @@ class Sweep:
     spec: dict[str, Any]
     job_ids: list[str]
     done: bool = False
+    open: int = 0  # jobs not yet completed, failed for good or cancelled
 
 
 @dataclass(slots=True)
@@ -147,6 +148,8 @@ class BrokerState:
     counts: dict[str, int] = field(default_factory=dict)  # jobs per state
     # The scheduler's index of the queue in its order: derived from ``queue``, never folded.
     order_index: object = field(default=None, repr=False, compare=False)
+    # Sweeps whose every job has ended and which await their SweepCompleted (the desk adds it).
+    closable: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def apply(self, event: Event) -> None:
         """Fold one event into the state. Raises before mutating if the event is illegal."""
@@ -197,6 +200,12 @@ class BrokerState:
             elif after == QUEUED:
                 self.queue[job_id] = None
                 job.queued_at = event.time
+            if after in TERMINAL and job.spec.sweep_id is not None:
+                sweep = self.sweeps.get(job.spec.sweep_id)
+                if sweep is not None:
+                    sweep.open -= 1
+                    if sweep.open <= 0 and not sweep.done:
+                        self.closable.add(sweep.sweep_id)
 
     def _release(self, job: Job) -> None:
         if job.node is not None and job.node in self.nodes:
@@ -277,12 +286,14 @@ class BrokerState:
             node.last_seen = ev.time
 
     def _sweep_submitted(self, ev: SweepSubmitted) -> None:
-        self.sweeps[ev.sweep_id] = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids))
+        self.sweeps[ev.sweep_id] = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids),
+                                         open=len(ev.job_ids))
 
     def _sweep_completed(self, ev: SweepCompleted) -> None:
         sweep = self.sweeps.get(ev.sweep_id)
         if sweep is not None:
             sweep.done = True
+        self.closable.discard(ev.sweep_id)
 
 
 _JOB_HANDLERS = {

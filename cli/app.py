@@ -524,6 +524,11 @@ def replay(to: Optional[int] = typer.Option(None, "--to", help="stop at this seq
         raise typer.Exit(1)
 
 
+from evo.cli import experiments as _experiments  # noqa: E402 - registers on `app`
+
+_experiments.register(app, _sql, _print_table, _client, BrokerOpt)
+
+
 def main() -> None:
     """Entry point: map evo's errors to one line on stderr and their exit codes."""
     from evo.cli.client import BrokerUnavailable, CommandRejected

@@ -136,6 +136,13 @@ class Client:
         assert isinstance(reply, p.Submitted)
         return reply
 
+    def submit_sweep(self, name: str, jobs: list[JobSpec], spec: dict | None = None
+                     ) -> p.SweepAccepted:
+        """A sweep and its jobs in one durable batch."""
+        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=jobs))
+        assert isinstance(reply, p.SweepAccepted)
+        return reply
+
     def submit_many(self, specs: Iterable[JobSpec], window: int = 64) -> list[str]:
         """Pipelined submits with at most ``window`` in flight; ids in the order given."""
         ids: list[str] = []

@@ -1,11 +1,19 @@
-"""Built-in trainers by name: ``evo submit --trainer NAME`` resolves here to a callable."""
+"""Built-in trainers by name: ``evo submit --trainer NAME`` and sweeps resolve here.
+
+The name is also the job's default model type, which the cluster's routing rules know.
+"""
 
 from __future__ import annotations
 
 from evo.errors import BadInput
 
 # name -> "module:function", run in a warm worker on the node.
-TRAINERS: dict[str, str] = {}
+TRAINERS: dict[str, str] = {
+    "GLM": "evo.trainers.experiment:glm",
+    "RandomForest": "evo.trainers.experiment:random_forest",
+    "XGBoost": "evo.trainers.experiment:xgboost",
+    "MLP": "evo.trainers.experiment:mlp",
+}
 
 
 def resolve_trainer(name: str) -> str:

@@ -1,0 +1,230 @@
+"""`evo sweep`, `evo data`, `evo report`, `evo audit`: the experiment side of the CLI.
+
+Registered on the main typer app by ``register`` (app.py passes its query helpers in, so this
+module never imports app.py, which may be running as ``__main__``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from evo.errors import BadInput, EvoError
+from evo.home import evo_home
+
+
+def _q(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Callable,
+             broker_opt) -> None:  # noqa: ANN001
+    def leaderboard_table(sweep: str, metric: str, top: int, broker: str | None):  # noqa: ANN202
+        keys = [r["k"] for r in sql(
+            f"SELECT DISTINCT unnest(json_keys(params)) AS k FROM leaderboard "
+            f"WHERE sweep_id = {_q(sweep)} ORDER BY 1", broker).to_pylist()]
+        varying = []
+        for k in keys:  # only the parameters that vary make useful columns
+            n = sql(f"SELECT count(DISTINCT params ->> {_q(k)}) AS n FROM leaderboard "
+                    f"WHERE sweep_id = {_q(sweep)}", broker).to_pylist()[0]["n"]
+            if n > 1:
+                varying.append(k)
+        cols = "".join(f', params ->> {_q(k)} AS "{k}"' for k in varying)
+        return sql(f'SELECT rank, job_id, model_type, value AS "{metric}"{cols} '
+                   f"FROM leaderboard WHERE sweep_id = {_q(sweep)} AND metric = {_q(metric)} "
+                   f"ORDER BY rank LIMIT {int(top)}", broker)
+
+    @app.command()
+    def sweep(spec_file: Path = typer.Argument(..., help="sweep spec (YAML)"),
+              wait: bool = typer.Option(False, "--wait", help="show progress; end with the leaderboard"),
+              plan: bool = typer.Option(False, "--plan", help="print the execution plan; submit nothing"),
+              top: int = typer.Option(10, "--top", help="leaderboard rows with --wait"),
+              broker: Optional[str] = broker_opt) -> None:
+        """Run a grid or random sweep; prints the sweep id."""
+        from evo.cli.sweeps import job_specs, load_sweep, record
+
+        spec = load_sweep(spec_file)
+        jobs = job_specs(spec)
+        if plan:
+            _plan(spec, jobs, sql, client, broker)
+            return
+        with client(broker) as c:
+            reply = c.submit_sweep(spec.name, jobs, record(spec, spec_file))
+        if reply.warning:
+            typer.echo(f"warning: {reply.warning}", err=True)
+        typer.echo(reply.sweep_id)
+        if not wait:
+            return
+        done = _follow(reply, client, broker, len(jobs))
+        metric = spec.metric
+        table = leaderboard_table(reply.sweep_id, metric, top, broker)
+        print_table(table, "table", title=f"{reply.sweep_id} ({spec.name}): top {top} by {metric}")
+        best = _best(reply.sweep_id, sql, broker)
+        if best is not None:
+            out = evo_home() / "sweeps" / reply.sweep_id / "best.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(best, indent=2, sort_keys=True) + "\n")
+            typer.echo(f"best: {best['job_id']} {metric}={best['metrics'].get(metric)} "
+                       f"params={json.dumps(best['params'], sort_keys=True)}")
+            typer.echo(f"best configuration written to {out}")
+        if not done.get("completed"):
+            raise EvoError(f"sweep {reply.sweep_id}: no job completed ({done})")
+
+    @app.command()
+    def data(kind: str = typer.Argument(..., help="games: the synthetic games dataset"),
+             out: Path = typer.Option(..., "--out", help="CSV file to write"),
+             rows: int = typer.Option(5000, "--rows"),
+             seed: int = typer.Option(2024, "--seed")) -> None:
+        """Write a built-in dataset as CSV; prints its sha256."""
+        from evo.trainers.data import games, to_csv
+
+        if kind != "games":
+            raise BadInput(f"evo data {kind!r}: unknown dataset (expected games)")
+        if rows < 1:
+            raise BadInput(f"--rows: expected >= 1, got {rows}")
+        raw = to_csv(games(rows=rows, seed=seed))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(raw)
+        import hashlib
+
+        typer.echo(f"{hashlib.sha256(raw).hexdigest()}  {out}")
+
+    @app.command()
+    def report(sweep: str = typer.Argument(..., help="sweep id"),
+               out: Path = typer.Option(..., "--out", help="folder for the report"),
+               broker: Optional[str] = broker_opt) -> None:
+        """Per-experiment JSON/CSV, a comparison CSV and LaTeX table, ROC and calibration PDFs,
+        and utilization per node."""
+        from evo.trainers.report import write_report
+
+        paths = write_report(sweep, lambda q: sql(q, broker), out)
+        for p in paths:
+            typer.echo(str(p))
+
+    @app.command()
+    def audit(job: str = typer.Argument(..., help="a completed job's id"),
+              broker: Optional[str] = broker_opt) -> None:
+        """Re-run a completed job from its recorded spec, data and seed; compare metrics.
+
+        Exit 0 when every metric matches bit for bit and the data is unchanged, else 1."""
+        from evo.trainers.audit import audit_job
+
+        ok, lines = audit_job(job, lambda q: sql(q, broker))
+        for line in lines:
+            typer.echo(line)
+        if not ok:
+            raise typer.Exit(1)
+
+
+def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  # noqa: ANN001
+    """Follow the sweep's events with a progress bar (stderr) until SweepCompleted."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    ids = set(reply.job_ids)
+    state = {"completed": 0, "failed": 0, "cancelled": 0, "running": 0}
+    running: set[str] = set()
+    console = Console(stderr=True)
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn())
+    with client(broker, timeout_s=30) as c, Progress(*cols, console=console,
+                                                      transient=False) as bar:
+        task = bar.add_task(reply.sweep_id, total=total, detail="")
+        for ev in c.follow(reply.seq - len(ids), idle_s=0.5):
+            name = type(ev).__name__
+            if name == "SweepCompleted" and ev.sweep_id == reply.sweep_id:
+                break
+            jid = getattr(ev, "job_id", None)
+            if jid not in ids:
+                continue
+            if name == "JobStarted":
+                running.add(jid)
+            elif name in ("JobCompleted", "JobCancelled") or (name == "JobFailed" and ev.final):
+                running.discard(jid)
+                key = {"JobCompleted": "completed", "JobCancelled": "cancelled"}.get(name, "failed")
+                state[key] += 1
+                bar.advance(task)
+            elif name in ("JobFailed", "LeaseExpired"):
+                running.discard(jid)
+            state["running"] = len(running)
+            bar.update(task, detail=f"done {state['completed']} running {state['running']} "
+                                    f"failed {state['failed']}")
+    return state
+
+
+def _best(sweep_id: str, sql: Callable, broker: str | None) -> dict | None:
+    rows = sql(f"SELECT best_job FROM sweeps WHERE sweep_id = {_q(sweep_id)}", broker).to_pylist()
+    if not rows or not rows[0]["best_job"]:
+        return None
+    job = rows[0]["best_job"]
+    r = sql(f"SELECT job_id, model_type, params, metrics FROM jobs WHERE job_id = {_q(job)}",
+            broker).to_pylist()[0]
+    return {"sweep_id": sweep_id, "job_id": job, "model_type": r["model_type"],
+            "params": json.loads(r["params"]) if isinstance(r["params"], str) else r["params"],
+            "metrics": json.loads(r["metrics"]) if isinstance(r["metrics"], str) else r["metrics"]}
+
+
+def _plan(spec, jobs: list, sql: Callable, client: Callable, broker: str | None) -> None:  # noqa: ANN001
+    """Where the routing rules would send each configuration now, and how long it may take."""
+    from collections import Counter
+
+    from evo.broker.cluster import load_cluster
+    from evo.home import NoBroker
+
+    cluster = load_cluster(None, evo_home())
+    nodes: list[dict] = []
+    try:
+        with client(broker) as c:
+            nodes = [n for n in c.status().nodes if n["alive"]]
+    except NoBroker:
+        pass
+    typer.echo(f"sweep {spec.name}: {len(jobs)} configurations ({spec.method}), "
+               f"metric {spec.metric}")
+    by_type = Counter(j.model_type or "-" for j in jobs)
+    try:
+        hist = {r["model_type"]: (r["mean_s"], r["n"]) for r in sql(
+            "SELECT model_type, avg(finished_at - started_at) AS mean_s, count(*) AS n "
+            "FROM jobs WHERE state = 'completed' AND started_at IS NOT NULL "
+            "GROUP BY model_type", broker).to_pylist()}
+    except Exception:  # noqa: BLE001 - no history yet is a normal answer
+        hist = {}
+    total_slot_s = 0.0
+    known = True
+    for mt, n in sorted(by_type.items()):
+        rule = cluster.rule_for(mt) if mt != "-" else None
+        preferred = [x["node"] for x in nodes if rule and set(x["labels"]) & set(rule.route_to)]
+        if rule is None:
+            where = ", ".join(x["node"] for x in nodes) or "any node (none present now)"
+            why = "no routing rule: any node that fits"
+        elif preferred:
+            where, why = ", ".join(preferred), f"preferred ({rule.reason})"
+        else:
+            others = ", ".join(x["node"] for x in nodes) or "none present now"
+            where = f"fallback: {others}"
+            why = f"no node labelled {'/'.join(rule.route_to)} present: any node that fits " \
+                  f"takes them now (once one joins, others wait up to {cluster.wait_limit(rule):g}s)"
+        est = hist.get(mt)
+        if est is not None and est[0] is not None:
+            total_slot_s += est[0] * n
+            guess = f"~{est[0]:.1f}s each (mean of {est[1]} past runs)"
+        else:
+            known = False
+            guess = "no past runs to estimate from"
+        typer.echo(f"  {mt:<14} {n:>5} jobs -> {where}   [{why}]; {guess}")
+    slots = sum(x["slots"] for x in nodes)
+    if known and slots:
+        typer.echo(f"estimated duration: ~{total_slot_s / slots:.0f}s on {slots} slot(s) "
+                   f"({total_slot_s:.0f} slot-seconds)")
+    elif not slots:
+        typer.echo("no node is present now: nothing would start until one joins")
+    else:
+        typer.echo("estimated duration: unknown for some model types (no history yet)")
+    sys.stdout.flush()

@@ -1,0 +1,247 @@
+"""Sweep specs: decode and check a YAML file, expand it into job specs, plan where they go.
+
+A sweep runs a built-in trainer (``trainer: XGBoost``), a callable, or a command with
+``{param}`` placeholders over a parameter space: ``method: grid`` takes every combination in
+the order written, ``method: random`` draws ``samples`` configurations with the sweep's seed.
+``trainer`` may itself be a dimension of the space (the ensemble comparison). Everything is
+checked before anything is submitted: an unknown trainer, a parameter of the wrong type or out
+of bounds, an empty list, an unknown placeholder; each error names the file, the path
+(``$.space.max_depth[2]``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from evo.errors import BadInput
+from evo.events.schema import JobSpec, Resources
+
+
+class Dist(msgspec.Struct, forbid_unknown_fields=True):
+    """A range for random search: uniform (or log-uniform) between low and high."""
+
+    low: float
+    high: float
+    log: bool = False
+    int: bool = False
+
+
+class SweepResources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    cpus: float = 1.0
+    mem_gb: float = 0.0
+    gpus: int = 0
+    vram_gb: float = 0.0
+
+
+class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    trainer: str | None = None
+    callable: str | None = None
+    command: list[str] | None = None
+    model_type: str | None = None
+    method: Literal["grid", "random"] = "grid"
+    samples: int | None = None
+    seed: int = 0
+    metric: str = "auc"
+    mode: Literal["max", "min"] | None = None
+    params: dict[str, Any] = {}
+    space: dict[str, list[Any] | Dist] = {}
+    resources: SweepResources = SweepResources()
+    priority: int = 0
+    max_attempts: int = 3
+    tags: dict[str, str] = {}
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def load_sweep(path: Path) -> SweepSpec:
+    """Decode and check a sweep file; BadInput names the file, the path and the expectation."""
+    import yaml
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read the sweep spec ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{path}: not valid YAML: {exc}") from None
+    try:
+        spec = msgspec.convert(data, SweepSpec)
+    except msgspec.ValidationError as exc:
+        raise BadInput(f"{path}: {exc}") from None
+    check(spec, str(path))
+    return spec
+
+
+def _trainers_of(spec: SweepSpec) -> list[str]:
+    if "trainer" in spec.space:
+        values = spec.space["trainer"]
+        return [str(v) for v in values] if isinstance(values, list) else []
+    return [spec.trainer] if spec.trainer else []
+
+
+def check(spec: SweepSpec, where: str) -> None:
+    from evo.trainers.models import PARAMS
+
+    kinds = sum(x is not None for x in (spec.trainer, spec.callable, spec.command)) \
+        + ("trainer" in spec.space)
+    if kinds != 1:
+        raise BadInput(f"{where}: $: expected exactly one of `trainer`, `callable`, `command` "
+                       f"(or `trainer` as a dimension of `space`)")
+    if not spec.space:
+        raise BadInput(f"{where}: $.space: expected at least one parameter to sweep")
+    for name, values in spec.space.items():
+        if isinstance(values, list) and not values:
+            raise BadInput(f"{where}: $.space.{name}: expected a non-empty list of values")
+        if isinstance(values, Dist):
+            if spec.method != "random":
+                raise BadInput(f"{where}: $.space.{name}: a range ({{low, high}}) needs "
+                               f"`method: random`; a grid needs a list of values")
+            if not values.low < values.high or (values.log and values.low <= 0):
+                raise BadInput(f"{where}: $.space.{name}: expected low < high"
+                               f"{' and low > 0 for log' if values.log else ''}")
+    if spec.method == "random" and (spec.samples is None or spec.samples < 1):
+        raise BadInput(f"{where}: $.samples: expected a positive number of samples for "
+                       f"`method: random`")
+    if spec.method == "grid" and spec.samples is not None:
+        raise BadInput(f"{where}: $.samples: only for `method: random`")
+    if spec.max_attempts < 1:
+        raise BadInput(f"{where}: $.max_attempts: expected >= 1, got {spec.max_attempts}")
+    for field in ("cpus", "mem_gb", "gpus", "vram_gb"):
+        if getattr(spec.resources, field) < 0:
+            raise BadInput(f"{where}: $.resources.{field}: expected >= 0")
+    trainers = _trainers_of(spec)
+    for i, t in enumerate(trainers):
+        if t not in PARAMS:
+            at = f"$.space.trainer[{i}]" if "trainer" in spec.space else "$.trainer"
+            raise BadInput(f"{where}: {at}: unknown trainer {t!r} "
+                           f"(expected one of {', '.join(PARAMS)})")
+    for t in trainers:
+        cls = PARAMS[t]
+        fields = set(cls.__struct_fields__)
+        for name, value in spec.params.items():
+            _check_value(cls, fields, t, name, value, f"$.params.{name}", where)
+        for name, values in spec.space.items():
+            if name == "trainer":
+                continue
+            if isinstance(values, Dist):
+                for bound in ("low", "high"):
+                    v = getattr(values, bound)
+                    _check_value(cls, fields, t, name, int(v) if values.int else v,
+                                 f"$.space.{name}.{bound}", where)
+                continue
+            for i, v in enumerate(values):
+                _check_value(cls, fields, t, name, v, f"$.space.{name}[{i}]", where)
+    if spec.command is not None:
+        known = set(spec.space) | set(spec.params) | {"seed"}
+        for i, arg in enumerate(spec.command):
+            for name in _PLACEHOLDER.findall(arg):
+                if name not in known:
+                    raise BadInput(f"{where}: $.command[{i}]: placeholder {{{name}}} is not a "
+                                   f"parameter (expected one of {', '.join(sorted(known))})")
+
+
+def _check_value(cls: type, fields: set[str], trainer: str, name: str, value: Any, at: str,
+                 where: str) -> None:
+    if name not in fields:
+        known = ", ".join(sorted(fields))
+        raise BadInput(f"{where}: {at}: {trainer} has no parameter {name!r} (expected one of "
+                       f"{known})")
+    try:
+        msgspec.convert({name: value}, cls)
+    except msgspec.ValidationError as exc:
+        msg = str(exc).split(" - at ")[0]
+        raise BadInput(f"{where}: {at}: {msg} for {trainer}.{name}, got {value!r}") from None
+
+
+def configurations(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The parameter sets, in a stable order: grid order as written, or seeded draws."""
+    names = list(spec.space)
+    if spec.method == "grid":
+        lists = [spec.space[n] for n in names]
+        return [dict(zip(names, combo)) for combo in itertools.product(*lists)]  # type: ignore[arg-type]
+    rng = random.Random(spec.seed)
+    out = []
+    for _ in range(spec.samples or 0):
+        conf = {}
+        for n in names:
+            v = spec.space[n]
+            if isinstance(v, Dist):
+                if v.log:
+                    x = math.exp(rng.uniform(math.log(v.low), math.log(v.high)))
+                else:
+                    x = rng.uniform(v.low, v.high)
+                conf[n] = int(round(x)) if v.int else float(f"{x:.6g}")
+            else:
+                conf[n] = v[rng.randrange(len(v))]
+        out.append(conf)
+    return out
+
+
+def data_fingerprint(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Resolve the data a trainer job reads (a CSV path made absolute, or synthetic games) and
+    its sha256, recorded in the job spec."""
+    from evo.trainers.data import SYNTHETIC, load, sha256_file
+
+    data = str(params.get("data", SYNTHETIC))
+    if data == SYNTHETIC:
+        ds = load(SYNTHETIC, rows=int(params.get("rows", 5000)),
+                  data_seed=int(params.get("data_seed", 2024)))
+        return params, {ds.source: ds.sha256}
+    path = Path(data).expanduser().absolute()
+    if not path.is_file():
+        raise BadInput(f"$.params.data: no such file {str(path)!r} (give a CSV path, or `games`)")
+    return {**params, "data": str(path)}, {str(path): sha256_file(path)}
+
+
+def job_specs(spec: SweepSpec) -> list[JobSpec]:
+    from evo.trainers.registry import resolve_trainer
+
+    res = Resources(cpus=spec.resources.cpus, mem_gb=spec.resources.mem_gb,
+                    gpus=spec.resources.gpus, vram_gb=spec.resources.vram_gb)
+    out = []
+    prints: dict[str, tuple[dict, dict]] = {}
+    for conf in configurations(spec):
+        params = {**spec.params, **conf}
+        trainer = params.pop("trainer", None) or spec.trainer
+        common = dict(resources=res, priority=spec.priority, max_attempts=spec.max_attempts,
+                      seed=spec.seed, tags=dict(spec.tags))
+        if spec.command is not None:
+            values = {**params, "seed": spec.seed}
+            argv = [_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), a) for a in spec.command]
+            out.append(JobSpec(command=argv, params=params, model_type=spec.model_type,
+                               name=_label(spec.name, conf), **common))
+            continue
+        data: dict[str, str] = {}
+        if trainer is not None:
+            key = repr((params.get("data"), params.get("rows"), params.get("data_seed")))
+            if key not in prints:
+                prints[key] = data_fingerprint(params)
+            resolved, data = prints[key]
+            params["data"] = resolved.get("data", params.get("data", "games"))
+        out.append(JobSpec(
+            callable=resolve_trainer(trainer) if trainer else spec.callable, trainer=trainer,
+            params=params, model_type=spec.model_type or trainer, data=data,
+            name=_label(trainer or spec.name, conf), **common))
+    return out
+
+
+def _label(head: str, conf: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in conf.items() if k != "trainer"]
+    return f"{head} {' '.join(parts)}".strip()[:120]
+
+
+def record(spec: SweepSpec, path: Path) -> dict[str, Any]:
+    """The sweep as recorded in SweepSubmitted."""
+    out = msgspec.to_builtins(spec)
+    out["file"] = str(path)
+    return out

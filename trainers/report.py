@@ -1,0 +1,220 @@
+"""`evo report SWEEP --out DIR`: the deliverables of a comparison, from the projections alone.
+
+Everything comes from what the jobs reported (JobCompleted metrics and artifacts, Progress per
+season), so a report can be made on any machine that has the log, long after the nodes are
+gone. Written:
+
+- ``experiments/<job>.json`` and ``experiments/<job>.csv``: one experiment, overall and per season
+- ``comparison.csv``: one row per experiment, parameters and metrics
+- ``comparison.tex``: the same as a booktabs table, the best value of each metric in bold
+- ``roc.pdf`` and ``calibration.pdf``: curves of the top experiments (at most 12)
+- ``utilization.csv`` and ``utilization.tex``: per node, busy fraction, jobs, GPU use
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from evo.errors import EvoError
+
+METRICS = ("auc", "brier", "logloss", "roi")
+LOWER = {"brier", "logloss"}
+MAX_CURVES = 12
+
+
+def _q(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _json(v):  # noqa: ANN001, ANN202 - JSON columns come back as text
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _label(row: dict, varying: list[str]) -> str:
+    parts = [row["model_type"] or row["job_id"]]
+    parts += [f"{k}={row['params'].get(k)}" for k in varying if k != "trainer"]
+    return " ".join(str(p) for p in parts)
+
+
+def latex_escape(s: str) -> str:
+    out = str(s)
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"),
+                 ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"),
+                 ("^", r"\textasciicircum{}")):
+        out = out.replace(a, b)
+    return out
+
+
+def latex_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]],
+                caption: str, label: str, align: str) -> str:
+    lines = [r"\begin{table}[ht]", r"\centering", f"\\caption{{{latex_escape(caption)}}}",
+             f"\\label{{{label}}}", f"\\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for i, row in enumerate(rows):
+        cells = [f"\\textbf{{{latex_escape(c)}}}" if (i, j) in bold else latex_escape(c)
+                 for j, c in enumerate(row)]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
+    rows = sql(f"SELECT job_id, model_type, state, node, params, metrics, artifacts, "
+               f"started_at, finished_at FROM jobs WHERE sweep_id = {_q(sweep)} "
+               f"ORDER BY submitted_seq").to_pylist()
+    if not rows:
+        raise EvoError(f"no sweep {sweep!r} in the projections (see `evo sql \"SELECT * FROM sweeps\"`)")
+    done = [r for r in rows if r["state"] == "completed"]
+    if not done:
+        raise EvoError(f"sweep {sweep}: no completed experiment to report on")
+    for r in done:
+        for k in ("params", "metrics", "artifacts"):
+            r[k] = _json(r[k]) or {}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiments").mkdir(exist_ok=True)
+    written: list[Path] = []
+    keys = sorted({k for r in done for k in r["params"]})
+    varying = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in done}) > 1]
+    metrics = [m for m in METRICS if any(m in r["metrics"] for r in done)]
+
+    # per experiment
+    for r in done:
+        per_season = _json(r["artifacts"].get("per_season", "[]")) or []
+        doc = {"job_id": r["job_id"], "sweep_id": sweep, "model_type": r["model_type"],
+               "node": r["node"], "params": r["params"], "metrics": r["metrics"],
+               "duration_s": (r["finished_at"] or 0) - (r["started_at"] or 0),
+               "data_sha256": r["artifacts"].get("data_sha256"), "per_season": per_season}
+        pj = out / "experiments" / f"{r['job_id']}.json"
+        pj.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        pc = out / "experiments" / f"{r['job_id']}.csv"
+        with open(pc, "w", newline="") as f:
+            cols = ["season", *metrics, "bets", "n"]
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(cols)
+            for s in per_season:
+                w.writerow([s.get(c) for c in cols])
+            w.writerow(["overall", *(r["metrics"].get(c) for c in metrics),
+                        r["metrics"].get("bets"), r["metrics"].get("n_test")])
+        written += [pj, pc]
+
+    # comparison, best first by the first metric
+    first = metrics[0] if metrics else None
+    if first:
+        done.sort(key=lambda r: (r["metrics"].get(first, float("nan")) * (1 if first in LOWER else -1),
+                                 r["job_id"]))
+    comp = out / "comparison.csv"
+    with open(comp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["job_id", "model_type", *varying, *metrics, "node"])
+        for r in done:
+            w.writerow([r["job_id"], r["model_type"], *(r["params"].get(k) for k in varying),
+                        *(r["metrics"].get(m) for m in metrics), r["node"]])
+    written.append(comp)
+
+    shown = done[:40]  # a dissertation table, not the whole grid
+    header = ["Model", *[k for k in varying if k != "trainer"],
+              *[{"auc": "AUC", "brier": "Brier", "logloss": "Log loss", "roi": "ROI"}[m]
+                for m in metrics]]
+    table_rows, bold = [], set()
+    offset = 1 + len([k for k in varying if k != "trainer"])
+    for i, r in enumerate(shown):
+        cells = [r["model_type"] or "", *[str(r["params"].get(k)) for k in varying if k != "trainer"]]
+        for m in metrics:
+            v = r["metrics"].get(m)
+            cells.append("" if v is None else (f"{100 * v:.1f}\\%" if m == "roi" else f"{v:.4f}"))
+        table_rows.append([c.replace("\\%", "%") for c in cells])
+    for j, m in enumerate(metrics):
+        vals = [r["metrics"].get(m) for r in shown]
+        present = [v for v in vals if v is not None]
+        if present:
+            best = min(present) if m in LOWER else max(present)
+            for i, v in enumerate(vals):
+                if v == best:
+                    bold.add((i, offset + j))
+    tex = out / "comparison.tex"
+    tex.write_text(latex_table(header, table_rows, bold,
+                               f"Walk-forward comparison, sweep {sweep}"
+                               + (f" (top {len(shown)} of {len(done)})" if len(done) > len(shown) else ""),
+                               f"tab:{sweep}", "l" * offset + "r" * len(metrics)))
+    written.append(tex)
+    written += _plots(done[:MAX_CURVES], varying, out)
+    written += _utilization(sweep, sql, out)
+    return written
+
+
+def _plots(rows: list[dict], varying: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    for r in rows:
+        roc = _json(r["artifacts"].get("roc", "{}")) or {}
+        if roc.get("fpr"):
+            auc = r["metrics"].get("auc")
+            ax.plot(roc["fpr"], roc["tpr"], lw=1.2,
+                    label=f"{_label(r, varying)}" + (f" (AUC {auc:.3f})" if auc is not None else ""))
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.set_title("ROC, walk-forward test seasons")
+    ax.legend(fontsize=6, loc="lower right")
+    p = out / "roc.pdf"
+    fig.tight_layout()
+    fig.savefig(p, metadata={"CreationDate": None})
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    for r in rows:
+        cal = _json(r["artifacts"].get("calibration_bins", "{}")) or {}
+        if cal.get("mean_p"):
+            brier = r["metrics"].get("brier")
+            ax.plot(cal["mean_p"], cal["freq"], marker="o", ms=3, lw=1.0,
+                    label=f"{_label(r, varying)}" + (f" (Brier {brier:.4f})" if brier is not None else ""))
+    ax.set_xlabel("Forecast probability")
+    ax.set_ylabel("Observed frequency")
+    ax.set_title("Calibration, walk-forward test seasons")
+    ax.legend(fontsize=6, loc="upper left")
+    p = out / "calibration.pdf"
+    fig.tight_layout()
+    fig.savefig(p, metadata={"CreationDate": None})
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def _utilization(sweep: str, sql: Callable, out: Path) -> list[Path]:
+    rows = sql(
+        "SELECT u.node, u.slots, u.busy_fraction, u.idle_slot_s, u.jobs_completed, "
+        "u.mean_cpu, u.mean_gpu_util, u.mean_vram_used_gb, s.n AS sweep_jobs "
+        "FROM utilization_summary u LEFT JOIN (SELECT node, count(*) AS n FROM jobs "
+        f"WHERE sweep_id = {_q(sweep)} AND state = 'completed' GROUP BY node) s USING (node) "
+        "ORDER BY u.node").to_pylist()
+    p = out / "utilization.csv"
+    cols = ["node", "slots", "busy_fraction", "idle_slot_s", "jobs_completed", "sweep_jobs",
+            "mean_cpu", "mean_gpu_util", "mean_vram_used_gb"]
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r.get(c) for c in cols])
+    fmt = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    t = out / "utilization.tex"
+    t.write_text(latex_table(
+        ["Node", "Slots", "Busy", "Jobs (sweep)", "Mean CPU %", "Mean GPU %"],
+        [[r["node"], str(r["slots"]), fmt(r["busy_fraction"]), str(r["sweep_jobs"] or 0),
+          fmt(r["mean_cpu"], 1), fmt(r["mean_gpu_util"], 1)] for r in rows], set(),
+        f"Utilization per node, sweep {sweep}", f"tab:{sweep}-util", "lrrrrr"))
+    return [p, t]
