@@ -22,7 +22,7 @@ import subprocess
 
 from evo.broker.protocol import LeaseGrant
 
-from .pool import Worker, WorkerPool
+from .pool import THREAD_VARS, Worker, WorkerPool
 from .progress import parse_line
 
 
@@ -69,11 +69,13 @@ class Run:
         self.proc: subprocess.Popen | None = None
         self.pool = pool
         self.rc: int | None = None
+        threads = max(1, int(spec.resources.cpus))  # native thread pools get the job's CPUs
         if self.worker is not None:
             self.worker.send({"callable": spec.callable, "params": spec.params, "seed": spec.seed,
-                              "cwd": str(workdir), "env": env})
+                              "cwd": str(workdir), "env": env, "threads": threads})
         else:
-            env = {**os.environ, **env, "PYTHONUNBUFFERED": "1",
+            env = {**{v: str(threads) for v in THREAD_VARS}, **os.environ, **env,
+                   "PYTHONUNBUFFERED": "1",
                    "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in grant.devices)}
             if spec.command is not None:
                 argv = list(spec.command)

@@ -20,6 +20,10 @@ import msgspec
 from .worker import _LEN, write_frame
 
 STREAMS = ("stdout", "stderr", "reports")
+# Native thread pools (OpenMP, BLAS) size themselves to the machine's cores unless told, so
+# two one-CPU jobs on a 2-core node would each run 2 threads and slow each other down.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
 
@@ -38,6 +42,8 @@ class Worker:
         self.ends = [0, 0, 0]  # where the last task's output ended, per stream
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)),
                    PYTHONUNBUFFERED="1")
+        for var in THREAD_VARS:  # one thread per task unless it asked for more CPUs
+            env.setdefault(var, "1")
         with open(folder / "worker.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "evo.nodes.worker", str(self.paths["stdout"]),

@@ -17,6 +17,7 @@ starts, because CUDA reads it once per process: the node keeps workers per devic
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import random
@@ -96,6 +97,17 @@ def _report_size(path: str | None) -> int:
         return 0
 
 
+def _thread_limit(threads: int):  # noqa: ANN202 - a context manager
+    """The worker starts with one thread per native pool; a task given more CPUs gets as many."""
+    if threads == 1:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads)
+
+
 def run_task(task: dict, out_fd: int, err_fd: int) -> dict:
     """Run one task with fds 1/2 on the worker's output files; never raises."""
     saved_cwd = os.getcwd()
@@ -113,7 +125,8 @@ def run_task(task: dict, out_fd: int, err_fd: int) -> dict:
         os.environ.update(task["env"])
         os.chdir(task["cwd"])
         seed_everything(task.get("seed"))
-        result = resolve(task["callable"])(**(task.get("params") or {}))
+        with _thread_limit(int(task.get("threads") or 1)):
+            result = resolve(task["callable"])(**(task.get("params") or {}))
         reply["metrics"], reply["artifacts"] = split_result(result)
         reply["ok"] = True
     except SystemExit as exc:  # a job may sys.exit(); 0 or None is success

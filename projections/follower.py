@@ -29,6 +29,7 @@ from .schema import VERSION
 from .store import Projection, SqlError, as_of
 
 log = logging.getLogger("evo.projections")
+APPLY_EVERY_MS = 1000
 
 
 def open_projection(home: Path, upto: int | None = None) -> Projection:
@@ -101,7 +102,10 @@ class Follower(threading.Thread):
         try:
             proj = open_projection(self.home, self.start_seq)
             while not self._halt.is_set():
-                if sock.poll(50):
+                # Batches are applied when a query comes (so answers are fresh) and otherwise
+                # at most once per APPLY_EVERY_MS: bigger batches cost DuckDB far less per
+                # event, and on a small machine the CPU belongs to the training jobs.
+                if sock.poll(APPLY_EVERY_MS):
                     ident, body = sock.recv_multipart()
                     self._drain(proj)
                     sock.send_multipart([ident, p.reply_encoder.encode(self._answer(proj, body))])

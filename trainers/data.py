@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,24 @@ def sha256_file(path: Path) -> str:
 
 def load(data: str = SYNTHETIC, *, rows: int = 5000, data_seed: int = 2024,
          target: str = TARGET, odds: tuple[str, str] = ODDS) -> Dataset:
-    """``games`` (synthetic, made in memory) or a CSV path; fingerprinted either way."""
+    """``games`` (synthetic, made in memory) or a CSV path; fingerprinted either way.
+
+    A warm worker runs many trials on the same data, so the last few datasets are kept in
+    memory: a file is read again when its size or modification time changed. Callers never
+    modify the arrays."""
+    key: tuple = (data, rows, data_seed, target, tuple(odds))
+    if data != SYNTHETIC:
+        try:
+            st = Path(data).stat()
+            key += (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+    return _load(key)
+
+
+@lru_cache(maxsize=4)
+def _load(key: tuple) -> Dataset:
+    data, rows, data_seed, target, odds = key[:5]
     if data == SYNTHETIC:
         cols = games(rows=rows, seed=data_seed)
         raw = to_csv(cols)
