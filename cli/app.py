@@ -191,10 +191,21 @@ def submit(
         target = callable_
     if bool(command) == bool(target):
         raise BadInput("give a command after `--`, or --trainer NAME, or --callable module:function")
+    params = _kv(param, "--param", True)
+    data: dict[str, str] = {}
+    if trainer:
+        # Checked here (exit 2 before anything is queued); the data path is made absolute,
+        # since the job runs elsewhere, and fingerprinted for the record.
+        from evo.cli.sweeps import data_fingerprint
+        from evo.trainers.experiment import parse_params
+
+        parse_params(trainer, params)
+        params, data = data_fingerprint(params)
+        model_type = model_type or trainer
     spec = make_spec(command or None, callable=target, trainer=trainer, cpus=cpus, mem_gb=mem_gb,
                      gpus=gpus, vram_gb=vram_gb, model_type=model_type, priority=priority,
                      after=list(after or []), max_attempts=max_attempts, key=key,
-                     tags=_kv(tag, "--tag", False), params=_kv(param, "--param", True),
+                     tags=_kv(tag, "--tag", False), params=params, data=data,
                      seed=seed, name=name, isolate=isolate)
     with _client(broker) as c:
         reply = c.submit_reply(spec)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -29,7 +30,7 @@ from .schema import VERSION
 from .store import Projection, SqlError, as_of
 
 log = logging.getLogger("evo.projections")
-APPLY_EVERY_MS = 1000
+APPLY_EVERY_S = 5.0
 
 
 def open_projection(home: Path, upto: int | None = None) -> Projection:
@@ -101,16 +102,19 @@ class Follower(threading.Thread):
         proj = None
         try:
             proj = open_projection(self.home, self.start_seq)
+            next_apply = time.monotonic() + APPLY_EVERY_S
             while not self._halt.is_set():
                 # Batches are applied when a query comes (so answers are fresh) and otherwise
-                # at most once per APPLY_EVERY_MS: bigger batches cost DuckDB far less per
-                # event, and on a small machine the CPU belongs to the training jobs.
-                if sock.poll(APPLY_EVERY_MS):
+                # at most every APPLY_EVERY_S: bigger batches cost DuckDB far less per event,
+                # and on a small machine the CPU belongs to the training jobs.
+                if sock.poll(100):
                     ident, body = sock.recv_multipart()
                     self._drain(proj)
                     sock.send_multipart([ident, p.reply_encoder.encode(self._answer(proj, body))])
-                else:
+                elif time.monotonic() >= next_apply:
                     self._drain(proj)
+                    next_apply = time.monotonic() + APPLY_EVERY_S
+            self._drain(proj)  # what was committed before the stop is in the file
         except Exception as exc:  # noqa: BLE001 - the broker keeps serving without projections
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("projection follower stopped")

@@ -213,3 +213,9 @@ def test_a_bad_spec_submits_nothing_and_exits_2(cluster, tmp_path):
     assert str(f) in r.stderr
     with Client(b.address) as c:
         assert not list(c.read_all(1))
+    r = run_evo("submit", "--trainer", "XGBoost", "--param", "max_depth=deep", home=home)
+    assert r.returncode == 2 and "XGBoost params: Expected `int`, got `str` - at `$.max_depth`" in r.stderr
+    r = run_evo("submit", "--trainer", "GLM", "--param", "data=nope.csv", home=home)
+    assert r.returncode == 2 and "nope.csv" in r.stderr and "no such file" in r.stderr
+    with Client(b.address) as c:
+        assert not list(c.read_all(1))
