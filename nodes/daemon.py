@@ -39,7 +39,7 @@ from evo.cli.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
 
 from .environment import fingerprint
-from .executor import Run
+from .executor import LOOK_EVERY_S, Run
 from .pool import WorkerPool
 from .probe import probe, sample
 
@@ -198,7 +198,10 @@ class NodeDaemon:
         # Wait for the broker or a worker; commands (plain processes) are polled.
         timeout = max(0.0, self._next_hb - time.monotonic())
         if self.runs:
-            timeout = min(timeout, self.poll_s)
+            # A warm task's end wakes us through its pipe; only plain processes are polled.
+            # Progress files are looked at every LOOK_EVERY_S either way.
+            polled = any(r.fd is None for r in self.runs.values())
+            timeout = min(timeout, self.poll_s if polled else LOOK_EVERY_S)
         if poller is None:
             poller = zmq.Poller()
         poller.register(self.client.sock, zmq.POLLIN)
