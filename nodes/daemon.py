@@ -47,6 +47,7 @@ log = logging.getLogger("evo.node")
 
 OUTPUT_CHUNK = 256 << 10
 SHORT_TRIAL_S = 0.5
+MEDIUM_TRIAL_S = 5.0
 EPS = 1e-9
 FINAL = ("completed", "failed", "cancelled")
 
@@ -221,7 +222,12 @@ class NodeDaemon:
         """How many leases to queue here beyond the free slots: only while trials are short."""
         if self.lease_ahead <= 0 or len(self.durations) < 4 or self._stop.is_set():
             return 0
-        return self.lease_ahead if sum(self.durations) / len(self.durations) < SHORT_TRIAL_S else 0
+        mean = sum(self.durations) / len(self.durations)
+        if mean < SHORT_TRIAL_S:
+            return self.lease_ahead
+        # Trials of a few seconds: one queued per slot hides the round trip between trials,
+        # while holding back at most one trial's worth of work from other nodes.
+        return min(self.lease_ahead, self.slots) if mean < MEDIUM_TRIAL_S else 0
 
     def _on_leases(self, reply: p.Reply) -> None:
         self._ready_req = None
