@@ -8,7 +8,8 @@ moment. Requests are pipelined: reports, output chunks, heartbeats and one outst
 each reply is matched to its request by number. A burst of reports therefore shares one group
 commit at the broker instead of paying one fsync each.
 
-While recent trials are short (under SHORT_TRIAL_S on average), the node also leases ahead:
+While recent trials are short (under SHORT_TRIAL_S on average), the node also leases ahead
+(and by one per slot while they take under MEDIUM_TRIAL_S):
 it asks for up to ``lease_ahead`` more jobs than it has free slots and queues them locally,
 starting each the moment a slot frees, so back-to-back short trials never wait for the broker.
 The node is the final judge of its own concurrency: it starts a queued job only when its slots,
