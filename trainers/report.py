@@ -151,48 +151,42 @@ def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
 
 
 def _plots(rows: list[dict], varying: list[str], out: Path) -> list[Path]:
+    return [
+        _curves(rows, varying, out / "roc.pdf", "roc", ("fpr", "tpr"), ("auc", "AUC", ".3f"),
+                ("False positive rate", "True positive rate"),
+                "ROC, walk-forward test seasons", "lower right", marker=None),
+        _curves(rows, varying, out / "calibration.pdf", "calibration_bins", ("mean_p", "freq"),
+                ("brier", "Brier", ".4f"), ("Forecast probability", "Observed frequency"),
+                "Calibration, walk-forward test seasons", "upper left", marker="o"),
+    ]
+
+
+def _curves(rows: list[dict], varying: list[str], path: Path, artifact: str,
+            xy: tuple[str, str], metric: tuple[str, str, str], labels: tuple[str, str],
+            title: str, legend: str, marker: str | None) -> Path:
+    """One PDF page: a curve per experiment from one of its artifacts, and the diagonal."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    key, name, fmt = metric
     for r in rows:
-        roc = _json(r["artifacts"].get("roc", "{}")) or {}
-        if roc.get("fpr"):
-            auc = r["metrics"].get("auc")
-            ax.plot(roc["fpr"], roc["tpr"], lw=1.2,
-                    label=f"{_label(r, varying)}" + (f" (AUC {auc:.3f})" if auc is not None else ""))
-    ax.set_xlabel("False positive rate")
-    ax.set_ylabel("True positive rate")
-    ax.set_title("ROC, walk-forward test seasons")
-    ax.legend(fontsize=6, loc="lower right")
-    p = out / "roc.pdf"
+        curve = _json(r["artifacts"].get(artifact, "{}")) or {}
+        if curve.get(xy[0]):
+            v = r["metrics"].get(key)
+            ax.plot(curve[xy[0]], curve[xy[1]], lw=1.2, marker=marker, ms=3,
+                    label=_label(r, varying) + (f" ({name} {v:{fmt}})" if v is not None else ""))
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    ax.legend(fontsize=6, loc=legend)
     fig.tight_layout()
-    fig.savefig(p, metadata={"CreationDate": None})
+    fig.savefig(path, metadata={"CreationDate": None})
     plt.close(fig)
-    paths.append(p)
-
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    for r in rows:
-        cal = _json(r["artifacts"].get("calibration_bins", "{}")) or {}
-        if cal.get("mean_p"):
-            brier = r["metrics"].get("brier")
-            ax.plot(cal["mean_p"], cal["freq"], marker="o", ms=3, lw=1.0,
-                    label=f"{_label(r, varying)}" + (f" (Brier {brier:.4f})" if brier is not None else ""))
-    ax.set_xlabel("Forecast probability")
-    ax.set_ylabel("Observed frequency")
-    ax.set_title("Calibration, walk-forward test seasons")
-    ax.legend(fontsize=6, loc="upper left")
-    p = out / "calibration.pdf"
-    fig.tight_layout()
-    fig.savefig(p, metadata={"CreationDate": None})
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    return path
 
 
 def _utilization(sweep: str, sql: Callable, out: Path) -> list[Path]:
