@@ -217,6 +217,9 @@ class QueueIndex:
         g = self.groups[key]
         while g and g[0][2] not in state.queue:
             self.known.discard(g.popleft()[2])
+        if not g:  # a drained sweep: forget it, or every later call would visit it again
+            del self.groups[key]
+            return
         for _, _, job_id in g:
             if job_id in state.queue:
                 yield state.jobs[job_id]

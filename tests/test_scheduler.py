@@ -138,6 +138,18 @@ def test_fair_share_counts_running_jobs():
     assert a
 
 
+def test_drained_sweeps_leave_the_order_index():
+    # Otherwise every Ready would visit every sweep ever submitted.
+    w = World()
+    w.node("n", [], cpus=100, mem=100, slots=100)
+    for s in range(5):
+        jobs = [w.job(sweep=f"s{s}") for _ in range(3)]
+        assert sorted(w.lease(w.decide("n"))) == sorted(jobs)
+    assert list(w.state.order_index.groups) == ["s4"]  # only the latest, until the next call
+    late = w.job(sweep="s0")  # a sweep that comes back is ordered again
+    assert w.lease(w.decide("n")) == [late]
+
+
 def test_dependencies_wait_for_completion():
     w = World()
     w.node("n", [], slots=4)
