@@ -1,17 +1,20 @@
-"""The projection tables and the SQL that derives them from ``events``.
+"""The projection tables and the SQL that folds a batch of events into them.
 
-``events`` holds every event flattened (the payload as JSON). Every other table is a function
-of ``events`` alone, recomputed for the jobs, nodes and sweeps a batch touched (or appended,
-for the append-only ones), so applying a log in batches of any size gives the same tables as
-one replay from nothing. Parameters ``$lo`` and ``$hi``: the batch is ``lo < seq <= hi``.
+A batch is parsed once (STAGE: one ``json_transform`` per event into a temporary ``_b`` with
+typed columns). ``events`` takes the batch as it is; the append-only tables (metrics,
+utilization) take their rows from it; the keyed tables (jobs, attempts, nodes, sweeps,
+final_metrics) are folded: each touched row is computed from its old value and the batch's
+aggregates, then replaces the old row. Every merge is associative (first value, last value,
+count, max), so applying a log in batches of any size gives the same tables as one replay from
+nothing, and a batch costs what is in it, not what came before it.
 """
 
 from __future__ import annotations
 
-VERSION = 1
+VERSION = 2  # 2: final_metrics became a table; derived tables folded incrementally
 
-TABLES = ("events", "jobs", "attempts", "metrics", "nodes", "utilization", "gpu_utilization",
-          "sweeps")
+TABLES = ("events", "jobs", "attempts", "metrics", "final_metrics", "nodes", "utilization",
+          "gpu_utilization", "sweeps")
 
 # Primary keys: the digest orders every table by these.
 KEYS = {
@@ -19,6 +22,7 @@ KEYS = {
     "jobs": "job_id",
     "attempts": "job_id, attempt, lease_epoch",
     "metrics": "seq, name",
+    "final_metrics": "job_id, metric",
     "nodes": "node",
     "utilization": "seq",
     "gpu_utilization": "seq, gpu",
@@ -43,6 +47,9 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE TABLE IF NOT EXISTS metrics (
     seq BIGINT, job_id VARCHAR, lease_epoch BIGINT, kind VARCHAR, step BIGINT, epoch BIGINT,
     name VARCHAR, value DOUBLE, time DOUBLE);
+CREATE TABLE IF NOT EXISTS final_metrics (
+    job_id VARCHAR, sweep_id VARCHAR, model_type VARCHAR, metric VARCHAR, value DOUBLE,
+    lower_is_better BOOLEAN);
 CREATE TABLE IF NOT EXISTS nodes (
     node VARCHAR, hostname VARCHAR, labels JSON, cpus DOUBLE, mem_gb DOUBLE, gpus INTEGER,
     vram_gb DOUBLE, slots INTEGER, state VARCHAR, joined_at DOUBLE, last_event_at DOUBLE,
@@ -66,19 +73,13 @@ VIEWS = f"""
 CREATE OR REPLACE VIEW queue AS
     SELECT job_id, sweep_id, model_type, name, priority, attempts, submitted_at, params
     FROM jobs WHERE state = 'queued' ORDER BY priority DESC, submitted_seq;
-CREATE OR REPLACE VIEW final_metrics AS
-    SELECT j.job_id, j.sweep_id, j.model_type, j.params, m.key AS metric,
-           CAST(m.value AS DOUBLE) AS value,
-           (m.key IN {LOWER_IS_BETTER!r} OR m.key LIKE '%loss' OR m.key LIKE '%error')
-               AS lower_is_better
-    FROM jobs j, json_each(j.metrics) m
-    WHERE j.state = 'completed' AND json_type(m.value) IN ('DOUBLE', 'BIGINT', 'UBIGINT');
 CREATE OR REPLACE VIEW leaderboard AS
-    SELECT sweep_id, metric, rank() OVER (
-               PARTITION BY sweep_id, metric
-               ORDER BY CASE WHEN lower_is_better THEN value ELSE -value END, job_id) AS rank,
-           job_id, model_type, value, lower_is_better, params
-    FROM final_metrics;
+    SELECT f.sweep_id, f.metric, rank() OVER (
+               PARTITION BY f.sweep_id, f.metric
+               ORDER BY CASE WHEN f.lower_is_better THEN f.value ELSE -f.value END, f.job_id)
+               AS rank,
+           f.job_id, f.model_type, f.value, f.lower_is_better, j.params
+    FROM final_metrics f JOIN jobs j USING (job_id);
 CREATE OR REPLACE VIEW utilization_summary AS
     WITH busy AS (
         SELECT node, count(*) FILTER (WHERE outcome = 'completed') AS jobs_completed,
@@ -105,162 +106,252 @@ CREATE OR REPLACE VIEW utilization_summary AS
          LEFT JOIN cpu c USING (node);
 """
 
+
 _LIFECYCLE = ("'JobSubmitted', 'JobLeased', 'JobStarted', 'JobCompleted', 'JobFailed', "
               "'RetryScheduled', 'JobCancelled', 'LeaseExpired'")
+_ENDED = "('completed', 'failed', 'expired')"
 
-# Each step: (table it fills, SQL). Run in order inside one transaction per batch.
+# Every field that some table needs, parsed once. Fields of different events share a name only
+# where they share a meaning (gpus: NodeJoined's GpuInfo and UtilizationSampled's GpuSample).
+_SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
+ "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
+ "spec": {"sweep_id": "VARCHAR", "model_type": "VARCHAR", "name": "VARCHAR",
+          "priority": "INTEGER", "trainer": "VARCHAR", "callable": "VARCHAR", "seed": "BIGINT",
+          "params": "JSON", "command": "JSON", "tags": "JSON"},
+ "metrics": "MAP(VARCHAR, DOUBLE)", "duration_s": "DOUBLE", "error": "VARCHAR",
+ "exit_code": "INTEGER", "final": "BOOLEAN", "pid": "INTEGER", "ahead": "BOOLEAN",
+ "fallback": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "cpu": "DOUBLE", "mem": "DOUBLE",
+ "running": "INTEGER", "gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
+ "vram_total_gb": "DOUBLE", "vram_gb": "DOUBLE"}], "hostname": "VARCHAR", "cpus": "DOUBLE",
+ "mem_gb": "DOUBLE", "slots": "INTEGER", "best_job": "VARCHAR", "name": "VARCHAR",
+ "artifacts": "JSON", "devices": "JSON", "env": "JSON", "labels": "JSON"}"""
+
+_HEAD = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
+ "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
+ "spec": {"sweep_id": "VARCHAR"}}"""
+
+# From ``_batch`` (one column, ``payload``: each event's JSON, in seq order). The events go
+# straight into ``events``; the fields the other tables need are parsed into the temporary
+# ``_b``, with the whole JSON kept only for the few events whose sub-documents are stored as
+# they are (a job's spec, a sweep's spec, final metrics).
+INSERT_EVENTS = f"""
+INSERT INTO events
+SELECT s.seq, s.time, s.type, s.job_id, s.node,
+    coalesce(s.sweep_id, CASE WHEN s.type = 'JobSubmitted' THEN s.spec.sweep_id END),
+    s.attempt, CASE WHEN s.type = 'JobLeased' THEN s.seq ELSE s.lease_epoch END, p
+FROM (SELECT payload AS p, json_transform(payload, '{_HEAD}') AS s FROM _batch);
+"""
+
+_FIELDS = ("spec", "metrics", "duration_s", "error", "exit_code", "final", "pid", "ahead",
+           "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "hostname", "cpus",
+           "mem_gb", "slots", "best_job", "name", "artifacts", "devices", "env", "labels")
+
+# One row per event, one column per field (so a step reads only the columns it names); ``doc``
+# keeps the JSON of the events whose sub-documents are stored whole.
+STAGE = f"""
+CREATE OR REPLACE TEMP TABLE _b AS
+SELECT s.seq, s.time, s.type, s.job_id, s.node,
+    coalesce(s.sweep_id, CASE WHEN s.type = 'JobSubmitted' THEN s.spec.sweep_id END) AS sweep_id,
+    s.attempt, CASE WHEN s.type = 'JobLeased' THEN s.seq ELSE s.lease_epoch END AS lease_epoch,
+    {", ".join(f"s.{f} AS {f}" for f in _FIELDS)},
+    CASE WHEN s.type IN ('JobSubmitted', 'SweepSubmitted', 'JobCompleted')
+         THEN CAST(payload AS JSON) END AS doc
+FROM (SELECT payload, json_transform(payload, '{_SHAPE}') AS s FROM _batch);
+"""
+
+# (what, SQL), in order, after INSERT_EVENTS and STAGE, in the batch's transaction.
 DERIVE = [
-    ("jobs", """
-DELETE FROM jobs WHERE job_id IN (
-    SELECT DISTINCT job_id FROM events WHERE seq > $lo AND seq <= $hi AND job_id IS NOT NULL);
-"""),
     ("jobs", f"""
-INSERT INTO jobs
-WITH touched AS (
-    SELECT DISTINCT job_id FROM events WHERE seq > $lo AND seq <= $hi AND job_id IS NOT NULL),
-ev AS (SELECT e.* FROM events e JOIN touched t USING (job_id) WHERE e.seq <= $hi),
-agg AS (
+CREATE OR REPLACE TEMP TABLE _jobs AS
+WITH a AS (  -- per job: counts and times, and the seqs of the events whose fields it keeps
     SELECT job_id,
-        any_value(payload) FILTER (WHERE type = 'JobSubmitted') AS sub,
-        min(seq) FILTER (WHERE type = 'JobSubmitted') AS submitted_seq,
-        min(time) FILTER (WHERE type = 'JobSubmitted') AS submitted_at,
-        arg_max(type, seq) FILTER (WHERE type IN ({_LIFECYCLE})) AS last_type,
-        arg_max(payload ->> '$.final', seq) FILTER (WHERE type = 'JobFailed') AS last_final,
-        arg_max(node, seq) FILTER (WHERE type = 'JobLeased') AS node,
-        count(*) FILTER (WHERE type = 'JobLeased') AS attempts,
+        min(seq) FILTER (WHERE type = 'JobSubmitted') AS sub_seq,
+        max(seq) FILTER (WHERE type = 'JobCompleted') AS done_seq,
+        max(seq) FILTER (WHERE type = 'JobFailed') AS fail_seq,
+        max(seq) FILTER (WHERE type = 'JobLeased') AS lease_seq,
+        arg_max(type, seq) AS last_type,
+        count(*) FILTER (WHERE type = 'JobLeased') AS leases,
         max(time) FILTER (WHERE type = 'JobStarted') AS started_at,
         max(time) FILTER (WHERE type IN ('JobCompleted', 'JobCancelled')
-                          OR (type = 'JobFailed' AND payload ->> '$.final' = 'true'))
-            AS finished_at,
-        arg_max(payload -> '$.metrics', seq) FILTER (WHERE type = 'JobCompleted') AS metrics,
-        arg_max(payload -> '$.artifacts', seq) FILTER (WHERE type = 'JobCompleted') AS artifacts,
-        arg_max(CAST(payload ->> '$.duration_s' AS DOUBLE), seq)
-            FILTER (WHERE type = 'JobCompleted') AS duration_s,
-        arg_max(payload ->> '$.error', seq) FILTER (WHERE type = 'JobFailed') AS error
-    FROM ev GROUP BY job_id)
-SELECT job_id, sub ->> '$.spec.sweep_id', sub ->> '$.spec.model_type', sub ->> '$.spec.name',
-    CASE last_type
+                          OR (type = 'JobFailed' AND final)) AS finished_at
+    FROM _b WHERE job_id IS NOT NULL AND type IN ({_LIFECYCLE}) GROUP BY job_id),
+n AS (
+    SELECT a.*, s.doc -> '$.spec' AS spec_json, s.spec AS sp, s.time AS submitted_at,
+        a.sub_seq AS submitted_seq, l.node, f.final AS last_final, f.error,
+        c.doc -> '$.metrics' AS metrics, c.metrics AS final_metrics, c.artifacts, c.duration_s
+    FROM a LEFT JOIN _b s ON s.seq = a.sub_seq LEFT JOIN _b c ON c.seq = a.done_seq
+        LEFT JOIN _b f ON f.seq = a.fail_seq LEFT JOIN _b l ON l.seq = a.lease_seq)
+SELECT n.job_id,
+    CASE WHEN o.job_id IS NULL THEN n.sp.sweep_id ELSE o.sweep_id END AS sweep_id,
+    CASE WHEN o.job_id IS NULL THEN n.sp.model_type ELSE o.model_type END AS model_type,
+    CASE WHEN o.job_id IS NULL THEN n.sp.name ELSE o.name END AS name,
+    CASE n.last_type
         WHEN 'JobLeased' THEN 'leased' WHEN 'JobStarted' THEN 'running'
         WHEN 'JobCompleted' THEN 'completed' WHEN 'JobCancelled' THEN 'cancelled'
-        WHEN 'JobFailed' THEN CASE WHEN last_final = 'true' THEN 'failed' ELSE 'queued' END
-        ELSE 'queued' END,
-    node, attempts, coalesce(CAST(sub ->> '$.spec.priority' AS INTEGER), 0),
-    coalesce(sub -> '$.spec.params', '{{}}'), metrics, artifacts, error, submitted_seq,
-    submitted_at, started_at, finished_at, duration_s, sub ->> '$.spec.trainer',
-    sub ->> '$.spec.callable', sub -> '$.spec.command', CAST(sub ->> '$.spec.seed' AS BIGINT),
-    coalesce(sub -> '$.spec.tags', '{{}}'), sub -> '$.spec'
-FROM agg WHERE sub IS NOT NULL;
+        WHEN 'JobFailed' THEN CASE WHEN n.last_final THEN 'failed' ELSE 'queued' END
+        ELSE 'queued' END AS state,
+    coalesce(n.node, o.node) AS node,
+    CAST(coalesce(o.attempts, 0) + n.leases AS INTEGER) AS attempts,
+    CASE WHEN o.job_id IS NULL THEN coalesce(n.sp.priority, 0) ELSE o.priority END AS priority,
+    CASE WHEN o.job_id IS NULL THEN coalesce(n.sp.params, '{{}}') ELSE o.params END AS params,
+    coalesce(n.metrics, o.metrics) AS metrics,
+    coalesce(n.artifacts, o.artifacts) AS artifacts,
+    coalesce(n.error, o.error) AS error,
+    coalesce(o.submitted_seq, n.submitted_seq) AS submitted_seq,
+    coalesce(o.submitted_at, n.submitted_at) AS submitted_at,
+    greatest(o.started_at, n.started_at) AS started_at,
+    greatest(o.finished_at, n.finished_at) AS finished_at,
+    coalesce(n.duration_s, o.duration_s) AS duration_s,
+    CASE WHEN o.job_id IS NULL THEN n.sp.trainer ELSE o.trainer END AS trainer,
+    CASE WHEN o.job_id IS NULL THEN n.sp.callable ELSE o.callable END AS callable,
+    CASE WHEN o.job_id IS NULL THEN n.sp.command ELSE o.command END AS command,
+    CASE WHEN o.job_id IS NULL THEN n.sp.seed ELSE o.seed END AS seed,
+    CASE WHEN o.job_id IS NULL THEN coalesce(n.sp.tags, '{{}}') ELSE o.tags END AS tags,
+    CASE WHEN o.job_id IS NULL THEN n.spec_json ELSE o.spec END AS spec,
+    n.final_metrics
+FROM n LEFT JOIN jobs o USING (job_id)
+WHERE o.job_id IS NOT NULL OR n.spec_json IS NOT NULL;
+DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM _jobs);
+INSERT INTO jobs SELECT * EXCLUDE (final_metrics) FROM _jobs;
 """),
-    ("attempts", """
-DELETE FROM attempts WHERE job_id IN (
-    SELECT DISTINCT job_id FROM events WHERE seq > $lo AND seq <= $hi AND job_id IS NOT NULL);
+    # A completed job's metrics come from its JobCompleted; a job in _jobs that is completed
+    # without one in this batch cannot be (completed is terminal), so its rows stay.
+    ("final_metrics", f"""
+DELETE FROM final_metrics WHERE job_id IN (
+    SELECT job_id FROM _jobs WHERE final_metrics IS NOT NULL OR state <> 'completed');
+INSERT INTO final_metrics
+SELECT job_id, sweep_id, model_type, m.key, m.value,
+    (m.key IN {LOWER_IS_BETTER!r} OR m.key LIKE '%loss' OR m.key LIKE '%error')
+FROM (SELECT job_id, sweep_id, model_type, unnest(map_entries(final_metrics)) AS m
+      FROM _jobs WHERE state = 'completed' AND final_metrics IS NOT NULL)
+WHERE m.value IS NOT NULL;
 """),
-    ("attempts", """
-INSERT INTO attempts
-WITH touched AS (
-    SELECT DISTINCT job_id FROM events WHERE seq > $lo AND seq <= $hi AND job_id IS NOT NULL),
-ev AS (SELECT e.* FROM events e JOIN touched t USING (job_id) WHERE e.seq <= $hi),
-leases AS (SELECT job_id, seq AS lease_epoch, attempt, node, time AS leased_at, payload
-           FROM ev WHERE type = 'JobLeased'),
+    ("attempts", f"""
+CREATE OR REPLACE TEMP TABLE _att AS
+WITH leases AS (
+    SELECT job_id, attempt, lease_epoch, node, devices, coalesce(ahead, false) AS ahead,
+        coalesce(fallback, '') AS fallback, time AS leased_at
+    FROM _b WHERE type = 'JobLeased'),
 ends AS (
-    SELECT lease_epoch, job_id,
-        arg_min(type, seq) AS end_type, min(time) AS ended_at,
-        arg_min(payload ->> '$.error', seq) AS error,
-        arg_min(CAST(payload ->> '$.exit_code' AS INTEGER), seq) AS exit_code
-    FROM ev WHERE type IN ('JobCompleted', 'JobFailed', 'LeaseExpired') AND lease_epoch > 0
-    GROUP BY lease_epoch, job_id),
-cancels AS (  -- a cancel names no lease: it ends the lease current at that moment
-    SELECT l.lease_epoch, min(c.time) AS ended_at
-    FROM leases l JOIN ev c ON c.job_id = l.job_id AND c.type = 'JobCancelled'
-        AND c.seq > l.lease_epoch
-    GROUP BY l.lease_epoch),
+    SELECT lease_epoch, arg_min(type, seq) AS end_type, min(time) AS ended_at,
+        arg_min(error, seq) AS error, arg_min(exit_code, seq) AS exit_code
+    FROM _b WHERE type IN ('JobCompleted', 'JobFailed', 'LeaseExpired') AND lease_epoch > 0
+    GROUP BY lease_epoch),
 starts AS (
-    SELECT lease_epoch, min(time) AS started_at, arg_min(pid_, seq) AS pid,
-           arg_min(env_, seq) AS env
-    FROM (SELECT lease_epoch, time, seq, CAST(payload ->> '$.pid' AS INTEGER) AS pid_,
-                 payload -> '$.env' AS env_ FROM ev WHERE type = 'JobStarted')
-    GROUP BY lease_epoch)
-SELECT l.job_id, l.attempt, l.lease_epoch, l.node, l.payload -> '$.devices',
-    coalesce(CAST(l.payload ->> '$.ahead' AS BOOLEAN), false),
-    coalesce(l.payload ->> '$.fallback', ''), l.leased_at, s.started_at,
-    coalesce(e.ended_at, c.ended_at),
-    CASE e.end_type WHEN 'JobCompleted' THEN 'completed' WHEN 'JobFailed' THEN 'failed'
-        WHEN 'LeaseExpired' THEN 'expired'
-        ELSE CASE WHEN c.ended_at IS NOT NULL THEN 'cancelled' ELSE 'open' END END,
-    e.error, e.exit_code, s.pid, s.env
-FROM leases l LEFT JOIN ends e USING (lease_epoch) LEFT JOIN starts s USING (lease_epoch)
-    LEFT JOIN cancels c USING (lease_epoch);
+    SELECT lease_epoch, min(time) AS started_at, arg_min(pid, seq) AS pid,
+        arg_min(env, seq) AS env
+    FROM _b WHERE type = 'JobStarted' GROUP BY lease_epoch),
+cancels AS (SELECT job_id, seq, time FROM _b WHERE type = 'JobCancelled'),
+keys AS (
+    SELECT lease_epoch FROM leases UNION SELECT lease_epoch FROM ends
+    UNION SELECT lease_epoch FROM starts
+    UNION SELECT a.lease_epoch FROM attempts a WHERE a.job_id IN (SELECT job_id FROM cancels)),
+base AS (  -- the old row, or the lease that opens it
+    SELECT k.lease_epoch, coalesce(o.job_id, l.job_id) AS job_id,
+        o.* EXCLUDE (lease_epoch, job_id), l.attempt AS l_attempt, l.node AS l_node,
+        l.devices AS l_devices, l.ahead AS l_ahead, l.fallback AS l_fallback,
+        l.leased_at AS l_leased_at, o.job_id IS NOT NULL AS has_old
+    FROM keys k LEFT JOIN attempts o USING (lease_epoch) LEFT JOIN leases l USING (lease_epoch)
+    WHERE o.job_id IS NOT NULL OR l.job_id IS NOT NULL),
+cx AS (  -- a cancel names no lease: it ends the lease current at that moment
+    SELECT b.lease_epoch, min(c.time) AS ended_at
+    FROM base b JOIN cancels c ON c.job_id = b.job_id AND c.seq > b.lease_epoch
+    GROUP BY b.lease_epoch)
+SELECT b.job_id,
+    CASE WHEN b.has_old THEN b.attempt ELSE b.l_attempt END AS attempt,
+    b.lease_epoch,
+    CASE WHEN b.has_old THEN b.node ELSE b.l_node END AS node,
+    CASE WHEN b.has_old THEN b.devices ELSE b.l_devices END AS devices,
+    CASE WHEN b.has_old THEN b.ahead ELSE b.l_ahead END AS ahead,
+    CASE WHEN b.has_old THEN b.fallback ELSE b.l_fallback END AS fallback,
+    CASE WHEN b.has_old THEN b.leased_at ELSE b.l_leased_at END AS leased_at,
+    coalesce(b.started_at, s.started_at) AS started_at,
+    CASE WHEN b.outcome IN {_ENDED} THEN b.ended_at
+         WHEN e.end_type IS NOT NULL THEN e.ended_at
+         WHEN b.outcome = 'cancelled' THEN b.ended_at
+         ELSE c.ended_at END AS ended_at,
+    CASE WHEN b.outcome IN {_ENDED} THEN b.outcome
+         WHEN e.end_type IS NOT NULL THEN
+             CASE e.end_type WHEN 'JobCompleted' THEN 'completed' WHEN 'JobFailed' THEN 'failed'
+                 ELSE 'expired' END
+         WHEN b.outcome = 'cancelled' OR c.ended_at IS NOT NULL THEN 'cancelled'
+         ELSE 'open' END AS outcome,
+    CASE WHEN b.outcome IN {_ENDED} THEN coalesce(b.error, e.error) ELSE e.error END AS error,
+    CASE WHEN b.outcome IN {_ENDED} THEN coalesce(b.exit_code, e.exit_code) ELSE e.exit_code END
+        AS exit_code,
+    coalesce(b.pid, s.pid) AS pid,
+    coalesce(b.env, s.env) AS env
+FROM base b LEFT JOIN ends e USING (lease_epoch) LEFT JOIN starts s USING (lease_epoch)
+    LEFT JOIN cx c USING (lease_epoch);
+DELETE FROM attempts WHERE lease_epoch IN (SELECT lease_epoch FROM _att);
+INSERT INTO attempts SELECT * FROM _att;
 """),
     ("metrics", """
 INSERT INTO metrics
-SELECT e.seq, e.job_id, e.lease_epoch,
-    CASE e.type WHEN 'JobCompleted' THEN 'final' WHEN 'Checkpointed' THEN 'checkpoint'
+SELECT seq, job_id, lease_epoch,
+    CASE type WHEN 'JobCompleted' THEN 'final' WHEN 'Checkpointed' THEN 'checkpoint'
         ELSE 'progress' END,
-    CAST(e.payload ->> '$.step' AS BIGINT), CAST(e.payload ->> '$.epoch' AS BIGINT),
-    m.key, CAST(m.value AS DOUBLE), e.time
-FROM events e, json_each(e.payload -> '$.metrics') m
-WHERE e.seq > $lo AND e.seq <= $hi AND e.type IN ('Progress', 'Checkpointed', 'JobCompleted');
+    step, epoch, m.key, m.value, time
+FROM (SELECT seq, job_id, lease_epoch, type, step, epoch, time,
+             unnest(map_entries(metrics)) AS m
+      FROM _b WHERE type IN ('Progress', 'Checkpointed', 'JobCompleted'));
 """),
     ("utilization", """
 INSERT INTO utilization
-SELECT seq, time, node, CAST(payload ->> '$.cpu' AS DOUBLE), CAST(payload ->> '$.mem' AS DOUBLE),
-    CAST(payload ->> '$.running' AS INTEGER)
-FROM events WHERE seq > $lo AND seq <= $hi AND type = 'UtilizationSampled';
+SELECT seq, time, node, cpu, mem, running FROM _b WHERE type = 'UtilizationSampled';
 """),
     ("gpu_utilization", """
 INSERT INTO gpu_utilization
-SELECT e.seq, e.time, e.node, CAST(g.value ->> '$.index' AS INTEGER),
-    CAST(g.value ->> '$.util' AS DOUBLE), CAST(g.value ->> '$.vram_used_gb' AS DOUBLE),
-    CAST(g.value ->> '$.vram_total_gb' AS DOUBLE)
-FROM events e, json_each(e.payload -> '$.gpus') g
-WHERE e.seq > $lo AND e.seq <= $hi AND e.type = 'UtilizationSampled';
+SELECT seq, time, node, g.index, g.util, g.vram_used_gb, g.vram_total_gb
+FROM (SELECT seq, time, node, unnest(gpus) AS g FROM _b WHERE type = 'UtilizationSampled');
 """),
     ("nodes", """
-DELETE FROM nodes WHERE node IN (
-    SELECT DISTINCT node FROM events WHERE seq > $lo AND seq <= $hi AND node IS NOT NULL
-    AND type IN ('NodeJoined', 'NodeLost', 'NodeLeft', 'UtilizationSampled', 'JobLeased'));
-"""),
-    ("nodes", """
-INSERT INTO nodes
-WITH touched AS (
-    SELECT DISTINCT node FROM events WHERE seq > $lo AND seq <= $hi AND node IS NOT NULL
-    AND type IN ('NodeJoined', 'NodeLost', 'NodeLeft', 'UtilizationSampled', 'JobLeased')),
-ev AS (SELECT e.* FROM events e JOIN touched t USING (node) WHERE e.seq <= $hi
-       AND e.type IN ('NodeJoined', 'NodeLost', 'NodeLeft', 'UtilizationSampled', 'JobLeased')),
-agg AS (
-    SELECT node, arg_max(payload, seq) FILTER (WHERE type = 'NodeJoined') AS j,
+CREATE OR REPLACE TEMP TABLE _nodes AS
+WITH n AS (
+    SELECT node,
+        arg_max(seq, seq) FILTER (WHERE type = 'NodeJoined') AS join_seq,
         arg_max(type, seq) FILTER (WHERE type IN ('NodeJoined', 'NodeLost', 'NodeLeft')) AS last,
         min(time) FILTER (WHERE type = 'NodeJoined') AS joined_at, max(time) AS last_event_at,
         count(*) FILTER (WHERE type = 'NodeJoined') AS joins
-    FROM ev GROUP BY node)
-SELECT node, j ->> '$.hostname', coalesce(j -> '$.labels', '[]'), CAST(j ->> '$.cpus' AS DOUBLE),
-    CAST(j ->> '$.mem_gb' AS DOUBLE), CAST(json_array_length(j -> '$.gpus') AS INTEGER),
-    (SELECT sum(CAST(g.value ->> '$.vram_gb' AS DOUBLE)) FROM json_each(j -> '$.gpus') g),
-    CAST(j ->> '$.slots' AS INTEGER),
-    CASE last WHEN 'NodeJoined' THEN 'alive' WHEN 'NodeLost' THEN 'lost' ELSE 'left' END,
-    joined_at, last_event_at, joins
-FROM agg WHERE j IS NOT NULL;
+    FROM _b WHERE node IS NOT NULL
+      AND type IN ('NodeJoined', 'NodeLost', 'NodeLeft', 'UtilizationSampled', 'JobLeased')
+    GROUP BY node),
+j AS (  -- the node's latest NodeJoined in this batch
+    SELECT n.node, b.hostname, coalesce(b.labels, '[]') AS labels, b.cpus, b.mem_gb,
+        CAST(len(b.gpus) AS INTEGER) AS gpus,
+        list_sum(list_transform(b.gpus, lambda g: g.vram_gb)) AS vram_gb, b.slots
+    FROM n JOIN _b b ON b.seq = n.join_seq)
+SELECT n.node,
+    CASE WHEN j.node IS NULL THEN o.hostname ELSE j.hostname END AS hostname,
+    CASE WHEN j.node IS NULL THEN o.labels ELSE j.labels END AS labels,
+    CASE WHEN j.node IS NULL THEN o.cpus ELSE j.cpus END AS cpus,
+    CASE WHEN j.node IS NULL THEN o.mem_gb ELSE j.mem_gb END AS mem_gb,
+    CASE WHEN j.node IS NULL THEN o.gpus ELSE j.gpus END AS gpus,
+    CASE WHEN j.node IS NULL THEN o.vram_gb ELSE j.vram_gb END AS vram_gb,
+    CASE WHEN j.node IS NULL THEN o.slots ELSE j.slots END AS slots,
+    CASE coalesce(n.last, '') WHEN '' THEN o.state WHEN 'NodeJoined' THEN 'alive'
+        WHEN 'NodeLost' THEN 'lost' ELSE 'left' END AS state,
+    coalesce(o.joined_at, n.joined_at) AS joined_at,
+    greatest(o.last_event_at, n.last_event_at) AS last_event_at,
+    CAST(coalesce(o.joins, 0) + n.joins AS INTEGER) AS joins
+FROM n LEFT JOIN j USING (node) LEFT JOIN nodes o USING (node)
+WHERE o.node IS NOT NULL OR j.node IS NOT NULL;
+DELETE FROM nodes WHERE node IN (SELECT node FROM _nodes);
+INSERT INTO nodes SELECT * FROM _nodes;
 """),
     ("sweeps", """
-DELETE FROM sweeps WHERE sweep_id IN (
-    SELECT sweep_id FROM events WHERE seq > $lo AND seq <= $hi AND sweep_id IS NOT NULL
-    UNION SELECT j.sweep_id FROM jobs j JOIN (SELECT DISTINCT job_id FROM events
-        WHERE seq > $lo AND seq <= $hi) t USING (job_id) WHERE j.sweep_id IS NOT NULL);
-"""),
-    ("sweeps", """
-INSERT INTO sweeps
+CREATE OR REPLACE TEMP TABLE _sweeps AS
 WITH touched AS (
-    SELECT sweep_id FROM events WHERE seq > $lo AND seq <= $hi AND sweep_id IS NOT NULL
-    UNION SELECT j.sweep_id FROM jobs j JOIN (SELECT DISTINCT job_id FROM events
-        WHERE seq > $lo AND seq <= $hi) t USING (job_id) WHERE j.sweep_id IS NOT NULL),
-sw AS (
-    SELECT e.sweep_id, arg_max(e.payload, e.seq) FILTER (WHERE e.type = 'SweepSubmitted') AS s,
-        min(e.time) FILTER (WHERE e.type = 'SweepSubmitted') AS submitted_at,
-        max(e.time) FILTER (WHERE e.type = 'SweepCompleted') AS finished_at,
-        arg_max(e.payload ->> '$.best_job', e.seq) FILTER (WHERE e.type = 'SweepCompleted')
-            AS best_job
-    FROM events e JOIN touched t USING (sweep_id)
-    WHERE e.seq <= $hi AND e.type IN ('SweepSubmitted', 'SweepCompleted') GROUP BY e.sweep_id),
+    SELECT sweep_id FROM _b WHERE sweep_id IS NOT NULL
+    UNION SELECT sweep_id FROM _jobs WHERE sweep_id IS NOT NULL),
+n AS (
+    SELECT sweep_id,
+        arg_max(name, seq) FILTER (WHERE type = 'SweepSubmitted') AS name,
+        arg_max(doc -> '$.spec', seq) FILTER (WHERE type = 'SweepSubmitted') AS spec,
+        min(time) FILTER (WHERE type = 'SweepSubmitted') AS submitted_at,
+        max(time) FILTER (WHERE type = 'SweepCompleted') AS finished_at,
+        arg_max(best_job, seq) FILTER (WHERE type = 'SweepCompleted') AS best_job
+    FROM _b WHERE type IN ('SweepSubmitted', 'SweepCompleted') GROUP BY sweep_id),
 js AS (
     SELECT j.sweep_id, count(*) AS jobs,
         count(*) FILTER (WHERE state = 'queued') AS queued,
@@ -269,14 +360,27 @@ js AS (
         count(*) FILTER (WHERE state = 'failed') AS failed,
         count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
         min(submitted_at) AS first_submitted_at
-    FROM jobs j JOIN touched t USING (sweep_id) GROUP BY j.sweep_id)
-SELECT t.sweep_id, sw.s ->> '$.name',
-    CASE WHEN sw.finished_at IS NOT NULL THEN 'completed'
+    FROM jobs j WHERE j.sweep_id IN (SELECT sweep_id FROM touched) GROUP BY j.sweep_id),
+m AS (  -- the SweepSubmitted fields: the latest submit's, its first time (o.spec: one was seen)
+    SELECT t.sweep_id,
+        CASE WHEN n.spec IS NOT NULL THEN n.name ELSE o.name END AS name,
+        CASE WHEN n.spec IS NOT NULL THEN n.spec ELSE o.spec END AS spec,
+        CASE WHEN o.spec IS NOT NULL THEN o.submitted_at ELSE n.submitted_at END AS submitted_at,
+        greatest(o.finished_at, n.finished_at) AS finished_at,
+        coalesce(n.best_job, o.best_job) AS best_job
+    FROM touched t LEFT JOIN n USING (sweep_id) LEFT JOIN sweeps o USING (sweep_id))
+SELECT m.sweep_id, m.name,
+    CASE WHEN m.finished_at IS NOT NULL THEN 'completed'
          WHEN coalesce(js.queued, 0) + coalesce(js.running, 0) = 0 AND js.jobs > 0 THEN 'finished'
-         ELSE 'running' END,
-    coalesce(js.jobs, 0), coalesce(js.queued, 0), coalesce(js.running, 0),
-    coalesce(js.completed, 0), coalesce(js.failed, 0), coalesce(js.cancelled, 0), sw.best_job,
-    coalesce(sw.submitted_at, js.first_submitted_at), sw.finished_at, sw.s -> '$.spec'
-FROM touched t LEFT JOIN sw USING (sweep_id) LEFT JOIN js USING (sweep_id);
+         ELSE 'running' END AS state,
+    CAST(coalesce(js.jobs, 0) AS INTEGER), CAST(coalesce(js.queued, 0) AS INTEGER),
+    CAST(coalesce(js.running, 0) AS INTEGER), CAST(coalesce(js.completed, 0) AS INTEGER),
+    CAST(coalesce(js.failed, 0) AS INTEGER), CAST(coalesce(js.cancelled, 0) AS INTEGER),
+    m.best_job, coalesce(m.submitted_at, js.first_submitted_at), m.finished_at, m.spec
+FROM m LEFT JOIN js USING (sweep_id);
+DELETE FROM sweeps WHERE sweep_id IN (SELECT sweep_id FROM _sweeps);
+INSERT INTO sweeps SELECT * FROM _sweeps;
 """),
 ]
+
+DROP_STAGED = "DROP TABLE _b; DROP TABLE _jobs; DROP TABLE _att; DROP TABLE _nodes; DROP TABLE _sweeps;"

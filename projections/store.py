@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
+import queue
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pyarrow as pa
 from evo.errors import BadInput, EvoError
 from evo.events.codec import decode_batch, decode_seq, pack_batch
 
-from .schema import DDL, DERIVE, KEYS, TABLES, VERSION, VIEWS
+from .schema import DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, TABLES, VERSION, VIEWS
 
 _json = msgspec.json.Encoder()
 
@@ -32,41 +35,48 @@ class SqlError(BadInput):
     """A query DuckDB refused, or one that would write."""
 
 
-def to_arrow(raws: Sequence[bytes]) -> pa.Table:
-    """Encoded events (the log's bytes) as one Arrow column of JSON, built from two buffers.
+def _prepare(raws: Sequence[bytes], lo: int) -> pa.Table | None:
+    """The events of ``raws`` after seq ``lo`` as Arrow, checked to follow on from ``lo``."""
+    if raws and decode_seq(raws[0]) <= lo:  # a resend overlapping what is applied
+        raws = [r for r in raws if decode_seq(r) > lo]
+    if not raws:
+        return None
+    first = decode_seq(raws[0])
+    if first != lo + 1:
+        raise EvoError(f"events from seq {first} do not follow on from seq {lo}: a gap")
+    return to_arrow(raws, first)
 
-    The typed decode checks every record against the schema; the JSON lines are joined into one
-    data buffer with an offsets buffer, so no Python object is made per row for Arrow. DuckDB
-    then flattens the columns it needs (see INSERT_EVENTS) in C++.
+
+def to_arrow(raws: Sequence[bytes], first: int) -> pa.Table:
+    """Encoded events (the log's bytes), seqs ``first, first + 1, ...``, as one Arrow column
+    of JSON lines, built from two buffers.
+
+    The typed decode checks every record against the schema; msgspec writes the batch as JSON
+    lines in one call, and the offsets come from the newlines (JSON escapes a newline inside a
+    string, so each one ends an event); they are then dropped from the buffer. No Python
+    object is made per row for Arrow.
     """
     enabled = gc.isenabled()
     gc.disable()  # a million short-lived structs would set off full collections for nothing
     try:
         events = decode_batch(pack_batch(raws))
-        enc = _json.encode
-        lines = [enc(e) for e in events]
+        seqs = np.fromiter([e.seq for e in events], dtype=np.int64, count=len(events))
+        buf = _json.encode_lines(events)
+        del events
     finally:
         if enabled:
             gc.enable()
-    lens = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
-    offsets = np.zeros(len(lines) + 1, dtype=np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    payload = pa.StringArray.from_buffers(len(lines), pa.py_buffer(offsets),
-                                          pa.py_buffer(b"".join(lines)))
+    bad = np.flatnonzero(seqs != np.arange(first, first + len(seqs)))
+    if bad.size:
+        i = int(bad[0])
+        raise EvoError(f"event {i} of a batch from seq {first} has seq {seqs[i]}, "
+                       f"not {first + i}: the batch has a gap or is out of order")
+    ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
+    offsets = np.zeros(len(ends) + 1, dtype=np.int32)
+    offsets[1:] = ends - np.arange(len(ends))  # the ends once the newlines are gone
+    payload = pa.StringArray.from_buffers(len(ends), pa.py_buffer(offsets),
+                                          pa.py_buffer(buf.replace(b"\n", b"")))
     return pa.Table.from_arrays([payload], names=["payload"])
-
-
-INSERT_EVENTS = """
-INSERT INTO events
-SELECT s.seq, s.time, s.type, s.job_id, s.node,
-    coalesce(s.sweep_id, CASE WHEN s.type = 'JobSubmitted' THEN s.spec.sweep_id END),
-    s.attempt, CASE WHEN s.type = 'JobLeased' THEN s.seq ELSE s.lease_epoch END, p
-FROM (SELECT p, json_transform(p, '{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR",
-        "job_id": "VARCHAR", "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER",
-        "lease_epoch": "BIGINT", "spec": {"sweep_id": "VARCHAR"}}') AS s
-      FROM (SELECT CAST(payload AS JSON) AS p FROM _batch))
-ORDER BY s.seq
-"""
 
 
 class Projection:
@@ -95,24 +105,61 @@ class Projection:
         The events must follow on without a gap; a gap raises, naming it.
         """
         lo = self.last_seq
-        raws = [r for r in raws if decode_seq(r) > lo]
-        if not raws:
+        batch = _prepare(raws, lo)
+        if batch is None:
             return lo
-        first, hi = decode_seq(raws[0]), decode_seq(raws[-1])
-        if first != lo + 1 or hi - first + 1 != len(raws):
-            raise EvoError(f"events {first}..{hi} do not follow on from seq {lo} without a gap")
-        _commit(self.con, to_arrow(raws), INSERT_EVENTS, lo, hi)
-        return hi
+        _commit(self.con, batch, lo + batch.num_rows)
+        return lo + batch.num_rows
 
     def catch_up(self, raws: Iterable[bytes], batch: int = 100_000) -> int:
-        buf: list[bytes] = []
-        for raw in raws:
-            buf.append(raw)
-            if len(buf) >= batch:
-                self.apply(buf)
-                buf = []
-        if buf:
-            self.apply(buf)
+        """Apply a long run of events in batches of ``batch``; returns the new last seq.
+
+        A thread turns the next batch into Arrow while DuckDB folds this one (DuckDB releases
+        the GIL), and checkpoints wait for the end: a bulk load writes each table once instead
+        of rewriting its last row groups at every 16 MB of log.
+        """
+        chunks: queue.Queue[tuple[list[bytes], pa.Table | None] | BaseException | None] = \
+            queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            lo, buf = self.last_seq, []
+            try:
+                for raw in itertools.chain(raws, [None]):
+                    if raw is not None:
+                        buf.append(raw)
+                        if len(buf) < batch:
+                            continue
+                    if stop.is_set():
+                        return
+                    table = _prepare(buf, lo) if buf else None
+                    if table is not None:
+                        lo += table.num_rows
+                        chunks.put((buf, table))
+                    buf = []
+                chunks.put(None)
+            except BaseException as exc:  # handed to the folding thread, which raises it
+                chunks.put(exc)
+
+        producer = threading.Thread(target=produce, name="evo-projection-arrow", daemon=True)
+        threshold = self.con.execute("SELECT current_setting('checkpoint_threshold')").fetchall()
+        self.con.execute("SET checkpoint_threshold = '1GB'")
+        producer.start()
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                lo = self.last_seq
+                _commit(self.con, item[1], lo + item[1].num_rows)
+            self.con.execute("CHECKPOINT")
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    chunks.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self.con.execute(f"SET checkpoint_threshold = '{threshold[0][0]}'")
         return self.last_seq
 
     # --- reading ------------------------------------------------------------------------------
@@ -164,25 +211,28 @@ def replay(raws: Iterable[bytes], path: str | Path = ":memory:", to_seq: int | N
 def as_of(live: Projection, seq: int) -> Projection:
     """The projection as it was at ``seq``, derived from the live ``events`` table."""
     proj = Projection(":memory:")
-    table = live.con.sql("SELECT * FROM events WHERE seq <= $seq ORDER BY seq",
-                         params={"seq": seq}).to_arrow_table()
-    if table.num_rows:
-        hi = int(table.column("seq")[-1].as_py())
-        _commit(proj.con, table, "INSERT INTO events SELECT * FROM _batch", 0, hi)
+    rows = live.con.execute("SELECT max(seq) FROM events WHERE seq <= ?", [seq]).fetchall()
+    hi = rows[0][0]
+    if hi is not None:
+        table = live.con.sql("SELECT CAST(payload AS VARCHAR) AS payload FROM events "
+                             "WHERE seq <= $seq ORDER BY seq", params={"seq": seq}).to_arrow_table()
+        _commit(proj.con, table, hi)
     return proj
 
 
-def _commit(con: duckdb.DuckDBPyConnection, batch: pa.Table, insert: str, lo: int,
-            hi: int) -> None:
-    """Insert a batch of events, derive what it touched, record ``hi``: one transaction."""
+def _commit(con: duckdb.DuckDBPyConnection, batch: pa.Table, hi: int) -> None:
+    """Stage a batch of events, insert it, fold it into the tables, record ``hi``: one
+    transaction."""
     con.begin()
     try:
         con.register("_batch", batch)
-        con.execute(insert)
+        con.execute(INSERT_EVENTS)
+        con.execute(STAGE)
         con.unregister("_batch")
         for _, sql in DERIVE:
-            con.execute(sql, {"lo": lo, "hi": hi})
+            con.execute(sql)
         con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [hi])
+        con.execute(DROP_STAGED)
         con.commit()
     except BaseException:
         con.rollback()
