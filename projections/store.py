@@ -111,7 +111,7 @@ class Projection:
         _commit(self.con, batch, lo + batch.num_rows)
         return lo + batch.num_rows
 
-    def catch_up(self, raws: Iterable[bytes], batch: int = 100_000) -> int:
+    def catch_up(self, raws: Iterable[bytes], batch: int = 250_000) -> int:
         """Apply a long run of events in batches of ``batch``; returns the new last seq.
 
         A thread turns the next batch into Arrow while DuckDB folds this one (DuckDB releases
