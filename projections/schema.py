@@ -126,28 +126,19 @@ _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VA
  "mem_gb": "DOUBLE", "slots": "INTEGER", "best_job": "VARCHAR", "name": "VARCHAR",
  "artifacts": "JSON", "devices": "JSON", "env": "JSON", "labels": "JSON"}"""
 
-_HEAD = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
- "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
- "spec": {"sweep_id": "VARCHAR"}}"""
-
-# From ``_batch`` (one column, ``payload``: each event's JSON, in seq order). The events go
-# straight into ``events``; the fields the other tables need are parsed into the temporary
-# ``_b``, with the whole JSON kept only for the few events whose sub-documents are stored as
-# they are (a job's spec, a sweep's spec, final metrics).
-INSERT_EVENTS = f"""
+# From ``_batch`` (one column, ``payload``: each event's JSON, in seq order): one row per event
+# in the temporary ``_b``, one column per field that some table needs (so a step reads only the
+# columns it names), the JSON kept whole in ``payload`` for ``events`` and in ``doc`` for the few
+# events whose sub-documents are stored as they are (a job's spec, a sweep's spec, metrics).
+INSERT_EVENTS = """
 INSERT INTO events
-SELECT s.seq, s.time, s.type, s.job_id, s.node,
-    coalesce(s.sweep_id, CASE WHEN s.type = 'JobSubmitted' THEN s.spec.sweep_id END),
-    s.attempt, CASE WHEN s.type = 'JobLeased' THEN s.seq ELSE s.lease_epoch END, p
-FROM (SELECT payload AS p, json_transform(payload, '{_HEAD}') AS s FROM _batch);
+SELECT seq, time, type, job_id, node, sweep_id, attempt, lease_epoch, payload FROM _b;
 """
 
 _FIELDS = ("spec", "metrics", "duration_s", "error", "exit_code", "final", "pid", "ahead",
            "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "hostname", "cpus",
            "mem_gb", "slots", "best_job", "name", "artifacts", "devices", "env", "labels")
 
-# One row per event, one column per field (so a step reads only the columns it names); ``doc``
-# keeps the JSON of the events whose sub-documents are stored whole.
 STAGE = f"""
 CREATE OR REPLACE TEMP TABLE _b AS
 SELECT s.seq, s.time, s.type, s.job_id, s.node,
@@ -155,11 +146,11 @@ SELECT s.seq, s.time, s.type, s.job_id, s.node,
     s.attempt, CASE WHEN s.type = 'JobLeased' THEN s.seq ELSE s.lease_epoch END AS lease_epoch,
     {", ".join(f"s.{f} AS {f}" for f in _FIELDS)},
     CASE WHEN s.type IN ('JobSubmitted', 'SweepSubmitted', 'JobCompleted')
-         THEN CAST(payload AS JSON) END AS doc
+         THEN CAST(payload AS JSON) END AS doc, payload
 FROM (SELECT payload, json_transform(payload, '{_SHAPE}') AS s FROM _batch);
 """
 
-# (what, SQL), in order, after INSERT_EVENTS and STAGE, in the batch's transaction.
+# (what, SQL), in order, after STAGE and INSERT_EVENTS, in the batch's transaction.
 DERIVE = [
     ("jobs", f"""
 CREATE OR REPLACE TEMP TABLE _jobs AS
@@ -177,14 +168,17 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
     FROM _b WHERE job_id IS NOT NULL AND type IN ({_LIFECYCLE}) GROUP BY job_id),
 n AS (
     SELECT a.*, s.doc -> '$.spec' AS spec_json, s.spec AS sp, s.time AS submitted_at,
-        a.sub_seq AS submitted_seq, l.node, f.final AS last_final, f.error,
-        c.doc -> '$.metrics' AS metrics, c.metrics AS final_metrics, c.artifacts, c.duration_s
+        l.node, f.final AS last_final, f.error, c.doc -> '$.metrics' AS metrics,
+        c.metrics AS final_metrics, c.artifacts, c.duration_s
     FROM a LEFT JOIN _b s ON s.seq = a.sub_seq LEFT JOIN _b c ON c.seq = a.done_seq
-        LEFT JOIN _b f ON f.seq = a.fail_seq LEFT JOIN _b l ON l.seq = a.lease_seq)
-SELECT n.job_id,
+        LEFT JOIN _b f ON f.seq = a.fail_seq LEFT JOIN _b l ON l.seq = a.lease_seq),
+o AS (  -- the old rows: only the columns that change after the submit
+    SELECT job_id, sweep_id, model_type, node, attempts, metrics, artifacts, error, started_at,
+        finished_at, duration_s
+    FROM jobs WHERE job_id IN (SELECT job_id FROM a))
+SELECT n.job_id, o.job_id IS NOT NULL AS has_old,
     CASE WHEN o.job_id IS NULL THEN n.sp.sweep_id ELSE o.sweep_id END AS sweep_id,
     CASE WHEN o.job_id IS NULL THEN n.sp.model_type ELSE o.model_type END AS model_type,
-    CASE WHEN o.job_id IS NULL THEN n.sp.name ELSE o.name END AS name,
     CASE n.last_type
         WHEN 'JobLeased' THEN 'leased' WHEN 'JobStarted' THEN 'running'
         WHEN 'JobCompleted' THEN 'completed' WHEN 'JobCancelled' THEN 'cancelled'
@@ -192,27 +186,25 @@ SELECT n.job_id,
         ELSE 'queued' END AS state,
     coalesce(n.node, o.node) AS node,
     CAST(coalesce(o.attempts, 0) + n.leases AS INTEGER) AS attempts,
-    CASE WHEN o.job_id IS NULL THEN coalesce(n.sp.priority, 0) ELSE o.priority END AS priority,
-    CASE WHEN o.job_id IS NULL THEN coalesce(n.sp.params, '{{}}') ELSE o.params END AS params,
     coalesce(n.metrics, o.metrics) AS metrics,
     coalesce(n.artifacts, o.artifacts) AS artifacts,
     coalesce(n.error, o.error) AS error,
-    coalesce(o.submitted_seq, n.submitted_seq) AS submitted_seq,
-    coalesce(o.submitted_at, n.submitted_at) AS submitted_at,
     greatest(o.started_at, n.started_at) AS started_at,
     greatest(o.finished_at, n.finished_at) AS finished_at,
     coalesce(n.duration_s, o.duration_s) AS duration_s,
-    CASE WHEN o.job_id IS NULL THEN n.sp.trainer ELSE o.trainer END AS trainer,
-    CASE WHEN o.job_id IS NULL THEN n.sp.callable ELSE o.callable END AS callable,
-    CASE WHEN o.job_id IS NULL THEN n.sp.command ELSE o.command END AS command,
-    CASE WHEN o.job_id IS NULL THEN n.sp.seed ELSE o.seed END AS seed,
-    CASE WHEN o.job_id IS NULL THEN coalesce(n.sp.tags, '{{}}') ELSE o.tags END AS tags,
-    CASE WHEN o.job_id IS NULL THEN n.spec_json ELSE o.spec END AS spec,
-    n.final_metrics
-FROM n LEFT JOIN jobs o USING (job_id)
+    n.sp, n.spec_json, n.sub_seq, n.submitted_at, n.final_metrics
+FROM n LEFT JOIN o USING (job_id)
 WHERE o.job_id IS NOT NULL OR n.spec_json IS NOT NULL;
-DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM _jobs);
-INSERT INTO jobs SELECT * EXCLUDE (final_metrics) FROM _jobs;
+UPDATE jobs SET state = u.state, node = u.node, attempts = u.attempts, metrics = u.metrics,
+    artifacts = u.artifacts, error = u.error, started_at = u.started_at,
+    finished_at = u.finished_at, duration_s = u.duration_s
+FROM _jobs u WHERE u.has_old AND jobs.job_id = u.job_id;
+INSERT INTO jobs
+SELECT job_id, sweep_id, model_type, sp.name, state, node, attempts, coalesce(sp.priority, 0),
+    coalesce(sp.params, '{{}}'), metrics, artifacts, error, sub_seq, submitted_at, started_at,
+    finished_at, duration_s, sp.trainer, sp.callable, sp.command, sp.seed,
+    coalesce(sp.tags, '{{}}'), spec_json
+FROM _jobs WHERE NOT has_old;
 """),
     # A completed job's metrics come from its JobCompleted; a job in _jobs that is completed
     # without one in this batch cannot be (completed is terminal), so its rows stay.

@@ -226,9 +226,9 @@ def _commit(con: duckdb.DuckDBPyConnection, batch: pa.Table, hi: int) -> None:
     con.begin()
     try:
         con.register("_batch", batch)
-        con.execute(INSERT_EVENTS)
         con.execute(STAGE)
         con.unregister("_batch")
+        con.execute(INSERT_EVENTS)
         for _, sql in DERIVE:
             con.execute(sql)
         con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [hi])
