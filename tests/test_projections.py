@@ -58,6 +58,26 @@ def test_incremental_apply_equals_full_replay_and_replay_is_stable(history):
         assert row == (job.state, job.attempt, job.node), job_id
 
 
+def test_final_metrics_table_is_every_completed_jobs_metrics(history):
+    # Kept by the apply from each JobCompleted; must equal expanding jobs.metrics, whatever
+    # the batches were.
+    _, raws = history
+    inc = Projection()
+    for i in range(0, len(raws), 333):
+        inc.apply(raws[i:i + 333])
+    expanded = inc.con.execute("""
+        SELECT j.job_id, m.key, CAST(m.value AS DOUBLE) FROM jobs j, json_each(j.metrics) m
+        WHERE j.state = 'completed' ORDER BY 1, 2""").fetchall()
+    table = inc.con.execute(
+        "SELECT job_id, metric, value FROM final_metrics ORDER BY 1, 2").fetchall()
+    assert len(table) > 100 and table == expanded
+    best = inc.con.execute("SELECT sweep_id, job_id, value FROM leaderboard "
+                           "WHERE metric = 'auc' AND rank = 1 ORDER BY 1 LIMIT 1").fetchall()[0]
+    top = inc.con.execute("SELECT max(value) FROM final_metrics WHERE metric = 'auc' "
+                          "AND sweep_id = ?", [best[0]]).fetchall()[0][0]
+    assert best[2] == top
+
+
 def test_as_of_answers_from_the_state_at_that_seq(history):
     events, raws = history
     live = replay(raws)
@@ -73,8 +93,21 @@ def test_a_gap_is_refused_and_nothing_is_applied(history):
     p.apply(raws[:10])
     with pytest.raises(Exception, match="do not follow on from seq 10"):
         p.apply(raws[11:20])
+    with pytest.raises(Exception, match="event 1 of a batch from seq 11 has seq 13"):
+        p.apply([raws[10], raws[12], raws[11]])  # the right count, out of order
     assert p.last_seq == 10
     assert p.con.execute("SELECT count(*) FROM events").fetchall()[0][0] == 10
+
+
+def test_catch_up_stops_at_a_gap_keeping_the_batches_before_it(history):
+    _, raws = history
+    p = Projection()
+    holed = raws[:100] + raws[101:300]  # seq 101 missing
+    with pytest.raises(Exception, match="from seq 102 do not follow on from seq 100"):
+        p.catch_up(holed, batch=50)
+    assert p.last_seq == 100  # two whole batches; the one with the hole is not applied
+    assert p.con.execute("SELECT count(*), max(seq) FROM events").fetchall()[0] == (100, 100)
+    assert p.catch_up(raws[100:300], batch=50) == 300  # and it carries on from there
 
 
 def test_sql_is_read_only():
