@@ -29,6 +29,7 @@ from .schema import DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, TABLES
 _json = msgspec.json.Encoder()
 
 READ_ONLY = {"SELECT", "EXPLAIN"}
+LARGE_BATCH_BYTES = 2**31  # past 2 GiB of JSON in a batch (huge env dicts), 64-bit offsets
 
 
 class SqlError(BadInput):
@@ -72,10 +73,12 @@ def to_arrow(raws: Sequence[bytes], first: int) -> pa.Table:
         raise EvoError(f"event {i} of a batch from seq {first} has seq {seqs[i]}, "
                        f"not {first + i}: the batch has a gap or is out of order")
     ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
-    offsets = np.zeros(len(ends) + 1, dtype=np.int32)
+    large = len(buf) >= LARGE_BATCH_BYTES
+    offsets = np.zeros(len(ends) + 1, dtype=np.int64 if large else np.int32)
     offsets[1:] = ends - np.arange(len(ends))  # the ends once the newlines are gone
-    payload = pa.StringArray.from_buffers(len(ends), pa.py_buffer(offsets),
-                                          pa.py_buffer(buf.replace(b"\n", b"")))
+    kind = pa.LargeStringArray if large else pa.StringArray
+    payload = kind.from_buffers(len(ends), pa.py_buffer(offsets),
+                                pa.py_buffer(buf.replace(b"\n", b"")))
     return pa.Table.from_arrays([payload], names=["payload"])
 
 
@@ -118,8 +121,7 @@ class Projection:
         the GIL), and checkpoints wait for the end: a bulk load writes each table once instead
         of rewriting its last row groups at every 16 MB of log.
         """
-        chunks: queue.Queue[tuple[list[bytes], pa.Table | None] | BaseException | None] = \
-            queue.Queue(maxsize=2)
+        chunks: queue.Queue[pa.Table | BaseException | None] = queue.Queue(maxsize=2)
         stop = threading.Event()
 
         def produce() -> None:
@@ -135,7 +137,7 @@ class Projection:
                     table = _prepare(buf, lo) if buf else None
                     if table is not None:
                         lo += table.num_rows
-                        chunks.put((buf, table))
+                        chunks.put(table)
                     buf = []
                 chunks.put(None)
             except BaseException as exc:  # handed to the folding thread, which raises it
@@ -149,8 +151,7 @@ class Projection:
             while (item := chunks.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                lo = self.last_seq
-                _commit(self.con, item[1], lo + item[1].num_rows)
+                _commit(self.con, item, self.last_seq + item.num_rows)
             self.con.execute("CHECKPOINT")
         finally:
             stop.set()

@@ -78,6 +78,15 @@ def test_final_metrics_table_is_every_completed_jobs_metrics(history):
     assert best[2] == top
 
 
+def test_a_batch_past_2_gib_of_json_goes_in_with_64_bit_offsets(history, monkeypatch):
+    import evo.projections.store as store
+    _, raws = history
+    want = replay(raws[:1500]).digest()
+    monkeypatch.setattr(store, "LARGE_BATCH_BYTES", 0)
+    assert store.to_arrow(raws[:10], 1).schema.field("payload").type == "large_string"
+    assert replay(raws[:1500], batch=500).digest() == want
+
+
 def test_as_of_answers_from_the_state_at_that_seq(history):
     events, raws = history
     live = replay(raws)
