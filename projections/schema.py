@@ -127,19 +127,14 @@ _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VA
  "mem_gb": "DOUBLE", "slots": "INTEGER", "best_job": "VARCHAR", "name": "VARCHAR",
  "artifacts": "JSON", "devices": "JSON", "env": "JSON", "labels": "JSON"}"""
 
-# From ``_batch`` (one column, ``payload``: each event's JSON, in seq order): one row per event
-# in the temporary ``_b``, one column per field that some table needs (so a step reads only the
-# columns it names), the JSON kept whole in ``payload`` for ``events`` and in ``doc`` for the few
-# events whose sub-documents are stored as they are (a job's spec, a sweep's spec, metrics).
-INSERT_EVENTS = """
-INSERT INTO events
-SELECT seq, time, type, job_id, node, sweep_id, attempt, lease_epoch, payload FROM _b;
-"""
-
 _FIELDS = ("spec", "metrics", "duration_s", "error", "exit_code", "final", "pid", "ahead",
            "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "hostname", "cpus",
            "mem_gb", "slots", "best_job", "name", "artifacts", "devices", "env", "labels")
 
+# From ``_batch`` (one column, ``payload``: each event's JSON, in seq order): one row per event
+# in the temporary ``_b``, one column per field that some table needs (so a step reads only the
+# columns it names), the JSON kept whole in ``payload`` for ``events`` and in ``doc`` for the few
+# events whose sub-documents are stored as they are (a job's spec, a sweep's spec, metrics).
 STAGE = f"""
 CREATE OR REPLACE TEMP TABLE _b AS
 SELECT s.seq, s.time, s.type, s.job_id, s.node,
@@ -149,6 +144,11 @@ SELECT s.seq, s.time, s.type, s.job_id, s.node,
     CASE WHEN s.type IN ('JobSubmitted', 'SweepSubmitted', 'JobCompleted')
          THEN CAST(payload AS JSON) END AS doc, payload
 FROM (SELECT payload, json_transform(payload, '{_SHAPE}') AS s FROM _batch);
+"""
+
+INSERT_EVENTS = """
+INSERT INTO events
+SELECT seq, time, type, job_id, node, sweep_id, attempt, lease_epoch, payload FROM _b;
 """
 
 # (what, SQL), in order, after STAGE and INSERT_EVENTS, in the batch's transaction.
