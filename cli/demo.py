@@ -45,16 +45,18 @@ def daemon(*args: str) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_broker(proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
+def wait_broker(proc: subprocess.Popen, home: Path = HOME, log: str = "broker.log",
+                timeout_s: float = 30) -> None:
+    """Until the broker ``proc`` has written its ``broker.json``; exits naming its log if not."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if json.loads((HOME / "broker.json").read_text()).get("pid") == proc.pid:
+            if json.loads((home / "broker.json").read_text()).get("pid") == proc.pid:
                 return
         except (FileNotFoundError, json.JSONDecodeError):
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"broker exited: {(HOME / 'broker.log').read_text()}")
+            raise SystemExit(f"broker exited: {(home / log).read_text()}")
         time.sleep(0.05)
     raise SystemExit("broker did not start")
 

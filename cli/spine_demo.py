@@ -11,7 +11,6 @@ EVO_HOME (the first demo; `make demo` now runs the model comparison).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from evo.cli.demo import wait_broker
 
 HOME = Path(os.environ.get("EVO_DEMO_HOME", ".evo-spine-demo")).absolute()
 
@@ -40,17 +41,8 @@ def start_broker() -> subprocess.Popen:
     log = open(HOME / "broker.out", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "evo.cli.app", "--home", str(HOME), "broker"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if json.loads((HOME / "broker.json").read_text()).get("pid") == proc.pid:
-                return proc
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"broker exited: {(HOME / 'broker.out').read_text()}")
-        time.sleep(0.05)
-    raise SystemExit("broker did not start")
+    wait_broker(proc, HOME, "broker.out", timeout_s=20)
+    return proc
 
 
 def step(title: str) -> None:
