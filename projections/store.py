@@ -73,6 +73,8 @@ def to_arrow(raws: Sequence[bytes], first: int) -> pa.Table:
         raise EvoError(f"event {i} of a batch from seq {first} has seq {seqs[i]}, "
                        f"not {first + i}: the batch has a gap or is out of order")
     ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
+    if len(ends) != len(seqs):  # cannot happen with msgspec's escaping; never store a torn row
+        raise EvoError(f"{len(seqs)} events gave {len(ends)} JSON lines from seq {first}")
     large = len(buf) >= LARGE_BATCH_BYTES
     offsets = np.zeros(len(ends) + 1, dtype=np.int64 if large else np.int32)
     offsets[1:] = ends - np.arange(len(ends))  # the ends once the newlines are gone
