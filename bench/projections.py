@@ -14,7 +14,7 @@ bench/out). Then:
     --batch, with a checkpoint at the end (rows/s): what storing the log costs with no
     parsing and no derived tables.
 
-    python bench/projections.py [--events 1000000] [--batch 250000]
+    python bench/projections.py [--events 1000000] [--batch 245760]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from evo.events.codec import encode  # noqa: E402
 from evo.projections.history import generate  # noqa: E402
-from evo.projections.store import Projection, replay  # noqa: E402
+from evo.projections.store import CATCH_UP_BATCH, Projection, replay  # noqa: E402
 
 
 def history(n: int) -> list[bytes]:
@@ -60,7 +60,7 @@ def timed(fn, n: int = 20) -> float:  # noqa: ANN001
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=1_000_000)
-    ap.add_argument("--batch", type=int, default=250_000)
+    ap.add_argument("--batch", type=int, default=CATCH_UP_BATCH)
     ap.add_argument("--live", type=int, default=100_000)
     ap.add_argument("--live-batch", type=int, default=1_000)
     a = ap.parse_args()

@@ -37,13 +37,11 @@ def open_projection(home: Path, upto: int | None = None) -> Projection:
     """``EVO_HOME/evo.duckdb`` caught up from the log (rebuilt if it cannot be trusted)."""
     path = home / "evo.duckdb"
     proj = Projection(path)
-    version = (proj.con.execute("SELECT value FROM meta WHERE key = 'version'").fetchall()
-               or [None])[0]
     with SegmentLog(home / "log", readonly=True) as lg:
         head = lg.last_seq if upto is None else min(upto, lg.last_seq)
-        if (version and version[0] != VERSION) or proj.last_seq > head:
+        if proj.version != VERSION or proj.last_seq > head:
             log.warning("rebuilding %s (schema version %s, last seq %d, log head %d)", path,
-                        version[0] if version else None, proj.last_seq, head)
+                        proj.version, proj.last_seq, head)
             proj.close()
             for f in (path, Path(str(path) + ".wal")):
                 f.unlink(missing_ok=True)

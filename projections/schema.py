@@ -11,8 +11,9 @@ nothing, and a batch costs what is in it, not what came before it.
 
 from __future__ import annotations
 
-VERSION = 2  # 2: final_metrics became a table; derived tables folded incrementally
+VERSION = 3  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics
 
+# What the digest covers (final_metrics is a view, but it is what leaderboards are made of).
 TABLES = ("events", "jobs", "attempts", "metrics", "final_metrics", "nodes", "utilization",
           "gpu_utilization", "sweeps")
 
@@ -37,10 +38,12 @@ CREATE TABLE IF NOT EXISTS events (
     payload JSON USING COMPRESSION zstd);  -- half the time and a third of the size of FSST
 CREATE TABLE IF NOT EXISTS jobs (
     job_id VARCHAR, sweep_id VARCHAR, model_type VARCHAR, name VARCHAR, state VARCHAR,
-    node VARCHAR, attempts INTEGER, priority INTEGER, params JSON, metrics JSON,
+    node VARCHAR, attempts INTEGER, priority INTEGER,
+    params JSON USING COMPRESSION zstd, metrics JSON USING COMPRESSION zstd,
     artifacts JSON, error VARCHAR, submitted_seq BIGINT, submitted_at DOUBLE,
     started_at DOUBLE, finished_at DOUBLE, duration_s DOUBLE, trainer VARCHAR,
-    callable VARCHAR, command JSON, seed BIGINT, tags JSON, spec JSON);
+    callable VARCHAR, command JSON, seed BIGINT, tags JSON,
+    spec JSON USING COMPRESSION zstd);  -- long documents: zstd checkpoints faster than FSST
 CREATE TABLE IF NOT EXISTS attempts (
     job_id VARCHAR, attempt INTEGER, lease_epoch BIGINT, node VARCHAR, devices JSON,
     ahead BOOLEAN, fallback VARCHAR, leased_at DOUBLE, started_at DOUBLE, ended_at DOUBLE,
@@ -48,9 +51,6 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE TABLE IF NOT EXISTS metrics (
     seq BIGINT, job_id VARCHAR, lease_epoch BIGINT, kind VARCHAR, step BIGINT, epoch BIGINT,
     name VARCHAR, value DOUBLE, time DOUBLE);
-CREATE TABLE IF NOT EXISTS final_metrics (
-    job_id VARCHAR, sweep_id VARCHAR, model_type VARCHAR, metric VARCHAR, value DOUBLE,
-    lower_is_better BOOLEAN);
 CREATE TABLE IF NOT EXISTS nodes (
     node VARCHAR, hostname VARCHAR, labels JSON, cpus DOUBLE, mem_gb DOUBLE, gpus INTEGER,
     vram_gb DOUBLE, slots INTEGER, state VARCHAR, joined_at DOUBLE, last_event_at DOUBLE,
@@ -71,6 +71,12 @@ LOWER_IS_BETTER = ("brier", "logloss", "log_loss", "loss", "rmse", "mse", "mae",
                    "duration_s", "ece")
 
 VIEWS = f"""
+CREATE OR REPLACE VIEW final_metrics AS  -- a completed job's metrics, from its JobCompleted
+    SELECT m.job_id, j.sweep_id, j.model_type, m.name AS metric, m.value,
+        (m.name IN {LOWER_IS_BETTER!r} OR m.name LIKE '%loss' OR m.name LIKE '%error')
+            AS lower_is_better
+    FROM metrics m JOIN jobs j USING (job_id)
+    WHERE m.kind = 'final' AND j.state = 'completed' AND m.value IS NOT NULL;
 CREATE OR REPLACE VIEW queue AS
     SELECT job_id, sweep_id, model_type, name, priority, attempts, submitted_at, params
     FROM jobs WHERE state = 'queued' ORDER BY priority DESC, submitted_seq;
@@ -170,11 +176,11 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
 n AS (
     SELECT a.*, s.doc -> '$.spec' AS spec_json, s.spec AS sp, s.time AS submitted_at,
         l.node, f.final AS last_final, f.error, c.doc -> '$.metrics' AS metrics,
-        c.metrics AS final_metrics, c.artifacts, c.duration_s
+        c.artifacts, c.duration_s
     FROM a
     LEFT JOIN (SELECT seq, doc, spec, time FROM _b WHERE type = 'JobSubmitted') s
         ON s.seq = a.sub_seq
-    LEFT JOIN (SELECT seq, doc, metrics, artifacts, duration_s FROM _b
+    LEFT JOIN (SELECT seq, doc, artifacts, duration_s FROM _b
                WHERE type = 'JobCompleted') c ON c.seq = a.done_seq
     LEFT JOIN (SELECT seq, final, error FROM _b WHERE type = 'JobFailed') f
         ON f.seq = a.fail_seq
@@ -199,7 +205,7 @@ SELECT n.job_id, o.job_id IS NOT NULL AS has_old,
     greatest(o.started_at, n.started_at) AS started_at,
     greatest(o.finished_at, n.finished_at) AS finished_at,
     coalesce(n.duration_s, o.duration_s) AS duration_s,
-    n.sp, n.spec_json, n.sub_seq, n.submitted_at, n.final_metrics
+    n.sp, n.spec_json, n.sub_seq, n.submitted_at
 FROM n LEFT JOIN o USING (job_id)
 WHERE o.job_id IS NOT NULL OR n.spec_json IS NOT NULL;
 UPDATE jobs SET state = u.state, node = u.node, attempts = u.attempts, metrics = u.metrics,
@@ -212,18 +218,6 @@ SELECT job_id, sweep_id, model_type, sp.name, state, node, attempts, coalesce(sp
     finished_at, duration_s, sp.trainer, sp.callable, sp.command, sp.seed,
     coalesce(sp.tags, '{{}}'), spec_json
 FROM _jobs WHERE NOT has_old;
-"""),
-    # A completed job's metrics come from its JobCompleted; a job in _jobs that is completed
-    # without one in this batch cannot be (completed is terminal), so its rows stay.
-    ("final_metrics", f"""
-DELETE FROM final_metrics WHERE job_id IN (
-    SELECT job_id FROM _jobs WHERE final_metrics IS NOT NULL OR state <> 'completed');
-INSERT INTO final_metrics
-SELECT job_id, sweep_id, model_type, m.key, m.value,
-    (m.key IN {LOWER_IS_BETTER!r} OR m.key LIKE '%loss' OR m.key LIKE '%error')
-FROM (SELECT job_id, sweep_id, model_type, unnest(map_entries(final_metrics)) AS m
-      FROM _jobs WHERE state = 'completed' AND final_metrics IS NOT NULL)
-WHERE m.value IS NOT NULL;
 """),
     ("attempts", f"""
 CREATE OR REPLACE TEMP TABLE _att AS

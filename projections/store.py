@@ -22,13 +22,17 @@ import numpy as np
 import pyarrow as pa
 
 from evo.errors import BadInput, EvoError
-from evo.events.codec import decode_batch, decode_seq, pack_batch
+from evo.events.codec import decode_many, decode_seq
 
 from .schema import DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, TABLES, VERSION, VIEWS
 
 _json = msgspec.json.Encoder()
 
 READ_ONLY = {"SELECT", "EXPLAIN"}
+# Catch-up batches: two of DuckDB's row groups (122,880 rows), so that each batch's events go to
+# disk as whole row groups and the checkpoint has none to merge (1M events: 4.3 s against 4.8 s
+# in batches of 250,000).
+CATCH_UP_BATCH = 2 * 122_880
 LARGE_BATCH_BYTES = 2**31  # past 2 GiB of JSON in a batch (huge env dicts), 64-bit offsets
 
 
@@ -60,7 +64,7 @@ def to_arrow(raws: Sequence[bytes], first: int) -> pa.Table:
     enabled = gc.isenabled()
     gc.disable()  # a million short-lived structs would set off full collections for nothing
     try:
-        events = decode_batch(pack_batch(raws))
+        events = decode_many(raws, first=first)
         seqs = np.fromiter([e.seq for e in events], dtype=np.int64, count=len(events))
         buf = _json.encode_lines(events)
         del events
@@ -91,7 +95,14 @@ class Projection:
             self.con = duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as exc:
             raise EvoError(f"cannot open the projection {self.path}: {exc}") from exc
-        if not read_only:
+        # The schema version of an existing file; a file of another version is left as it is
+        # (its tables may not take this version's DDL), for the caller to rebuild.
+        self.version: int | None = VERSION
+        if self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta' "
+                            "AND schema_name = 'main'").fetchall()[0][0]:
+            rows = self.con.execute("SELECT value FROM meta WHERE key = 'version'").fetchall()
+            self.version = int(rows[0][0]) if rows else None
+        if not read_only and self.version == VERSION:
             self.con.execute(DDL)
             self.con.execute(VIEWS)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('version', ?)",
@@ -116,7 +127,7 @@ class Projection:
         _commit(self.con, batch, lo + batch.num_rows)
         return lo + batch.num_rows
 
-    def catch_up(self, raws: Iterable[bytes], batch: int = 250_000) -> int:
+    def catch_up(self, raws: Iterable[bytes], batch: int = CATCH_UP_BATCH) -> int:
         """Apply a long run of events in batches of ``batch``; returns the new last seq.
 
         A thread turns the next batch into Arrow while DuckDB folds this one (DuckDB releases
@@ -202,7 +213,7 @@ class Projection:
 
 
 def replay(raws: Iterable[bytes], path: str | Path = ":memory:", to_seq: int | None = None,
-           batch: int = 250_000) -> Projection:
+           batch: int = CATCH_UP_BATCH) -> Projection:
     """A projection rebuilt from nothing (up to ``to_seq``)."""
     proj = Projection(path)
     if to_seq is not None:

@@ -16,7 +16,9 @@ from evo.broker.state import fold
 from evo.cli.client import Client
 from evo.events.codec import encode
 from evo.events.log import SegmentLog
+from evo.projections.follower import open_projection
 from evo.projections.history import generate
+from evo.projections.schema import VERSION
 from evo.projections.store import Projection, SqlError, as_of, replay
 from tests.conftest import ROOT, run_evo
 
@@ -58,9 +60,9 @@ def test_incremental_apply_equals_full_replay_and_replay_is_stable(history):
         assert row == (job.state, job.attempt, job.node), job_id
 
 
-def test_final_metrics_table_is_every_completed_jobs_metrics(history):
-    # Kept by the apply from each JobCompleted; must equal expanding jobs.metrics, whatever
-    # the batches were.
+def test_final_metrics_are_every_completed_jobs_metrics(history):
+    # Read from the metrics rows of each JobCompleted; must equal expanding jobs.metrics,
+    # whatever the batches were.
     _, raws = history
     inc = Projection()
     for i in range(0, len(raws), 333):
@@ -76,6 +78,23 @@ def test_final_metrics_table_is_every_completed_jobs_metrics(history):
     top = inc.con.execute("SELECT max(value) FROM final_metrics WHERE metric = 'auc' "
                           "AND sweep_id = ?", [best[0]]).fetchall()[0][0]
     assert best[2] == top
+
+
+def test_a_file_of_an_older_schema_version_is_rebuilt_from_the_log(history, tmp_path):
+    events, raws = history
+    with SegmentLog(tmp_path / "log") as lg:
+        lg.append(events[:2000])
+    old = Projection(tmp_path / "evo.duckdb")  # as version 2 left it: final_metrics a table
+    old.con.execute("DROP VIEW leaderboard; DROP VIEW final_metrics; "
+                    "CREATE TABLE final_metrics (job_id VARCHAR, metric VARCHAR, value DOUBLE)")
+    old.con.execute("UPDATE meta SET value = 2 WHERE key = 'version'")
+    old.close()
+    proj = open_projection(tmp_path)
+    try:
+        assert proj.version == VERSION and proj.last_seq == 2000
+        assert proj.digest() == replay(raws[:2000]).digest()
+    finally:
+        proj.close()
 
 
 def test_a_batch_past_2_gib_of_json_goes_in_with_64_bit_offsets(history, monkeypatch):
@@ -104,6 +123,11 @@ def test_a_gap_is_refused_and_nothing_is_applied(history):
         p.apply(raws[11:20])
     with pytest.raises(Exception, match="event 1 of a batch from seq 11 has seq 13"):
         p.apply([raws[10], raws[12], raws[11]])  # the right count, out of order
+    assert p.last_seq == 10
+    assert p.con.execute("SELECT count(*) FROM events").fetchall()[0][0] == 10
+    garbled = raws[12][:-3] + b"\xc1\xc1\xc1"  # 0xc1 is never used in msgpack
+    with pytest.raises(Exception, match=r"event 2 of a batch from seq 11 \(seq 13\?\): undecod"):
+        p.apply([raws[10], raws[11], garbled, raws[13]])
     assert p.last_seq == 10
     assert p.con.execute("SELECT count(*) FROM events").fetchall()[0][0] == 10
 
