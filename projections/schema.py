@@ -1,9 +1,9 @@
 """The projection tables and the SQL that folds a batch of events into them.
 
-A batch is parsed once (STAGE: one ``json_transform`` per event into a temporary ``_b`` with
-typed columns). ``events`` takes the batch as it is; the append-only tables (metrics,
-utilization) take their rows from it; the keyed tables (jobs, attempts, nodes, sweeps,
-final_metrics) are folded: each touched row is computed from its old value and the batch's
+A batch is parsed once (STAGE: one ``json_transform`` per event into ``_b``, typed columns
+beside the JSON). ``events`` takes the batch as it is; the append-only tables (metrics,
+utilization) take their rows from it; the keyed tables (jobs, attempts, nodes, sweeps) are
+folded: each touched row is computed from its old value and the batch's
 aggregates, then replaces the old row. Every merge is associative (first value, last value,
 count, max), so applying a log in batches of any size gives the same tables as one replay from
 nothing, and a batch costs what is in it, not what came before it.
@@ -137,19 +137,16 @@ _FIELDS = ("spec", "metrics", "duration_s", "error", "exit_code", "final", "pid"
            "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "hostname", "cpus",
            "mem_gb", "slots", "best_job", "name", "artifacts", "devices", "env", "labels")
 
-# From ``_batch`` (one column, ``payload``: each event's JSON, in seq order): one row per event
-# in the temporary ``_b``, one column per field that some table needs (so a step reads only the
-# columns it names), the JSON kept whole in ``payload`` for ``events`` and in ``doc`` for the few
-# events whose sub-documents are stored as they are (a job's spec, a sweep's spec, metrics).
+# From ``_batch`` (one column, ``payload``: each event's JSON, in seq order): one row per event,
+# one column per field that some table needs, in the batch's order. It runs on a connection of
+# its own, in the thread that builds the next batch while this one is folded; the batch's
+# ``payload`` column is then added to its result (no copy), and the fold reads both as ``_b``.
 STAGE = f"""
-CREATE OR REPLACE TEMP TABLE _b AS
 SELECT s.seq, s.time, s.type, s.job_id, s.node,
     coalesce(s.sweep_id, CASE WHEN s.type = 'JobSubmitted' THEN s.spec.sweep_id END) AS sweep_id,
     s.attempt, CASE WHEN s.type = 'JobLeased' THEN s.seq ELSE s.lease_epoch END AS lease_epoch,
-    {", ".join(f"s.{f} AS {f}" for f in _FIELDS)},
-    CASE WHEN s.type IN ('JobSubmitted', 'SweepSubmitted', 'JobCompleted')
-         THEN CAST(payload AS JSON) END AS doc, payload
-FROM (SELECT payload, json_transform(payload, '{_SHAPE}') AS s FROM _batch);
+    {", ".join(f"s.{f} AS {f}" for f in _FIELDS)}
+FROM (SELECT json_transform(payload, '{_SHAPE}') AS s FROM _batch)
 """
 
 INSERT_EVENTS = """
@@ -174,13 +171,13 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
                           OR (type = 'JobFailed' AND final)) AS finished_at
     FROM _b WHERE job_id IS NOT NULL AND type IN ({_LIFECYCLE}) GROUP BY job_id),
 n AS (
-    SELECT a.*, s.doc -> '$.spec' AS spec_json, s.spec AS sp, s.time AS submitted_at,
-        l.node, f.final AS last_final, f.error, c.doc -> '$.metrics' AS metrics,
+    SELECT a.*, s.payload -> '$.spec' AS spec_json, s.spec AS sp, s.time AS submitted_at,
+        l.node, f.final AS last_final, f.error, c.payload -> '$.metrics' AS metrics,
         c.artifacts, c.duration_s
     FROM a
-    LEFT JOIN (SELECT seq, doc, spec, time FROM _b WHERE type = 'JobSubmitted') s
+    LEFT JOIN (SELECT seq, payload, spec, time FROM _b WHERE type = 'JobSubmitted') s
         ON s.seq = a.sub_seq
-    LEFT JOIN (SELECT seq, doc, artifacts, duration_s FROM _b
+    LEFT JOIN (SELECT seq, payload, artifacts, duration_s FROM _b
                WHERE type = 'JobCompleted') c ON c.seq = a.done_seq
     LEFT JOIN (SELECT seq, final, error FROM _b WHERE type = 'JobFailed') f
         ON f.seq = a.fail_seq
@@ -340,7 +337,7 @@ WITH touched AS (
 n AS (
     SELECT sweep_id,
         arg_max(name, seq) FILTER (WHERE type = 'SweepSubmitted') AS name,
-        arg_max(doc -> '$.spec', seq) FILTER (WHERE type = 'SweepSubmitted') AS spec,
+        arg_max(payload -> '$.spec', seq) FILTER (WHERE type = 'SweepSubmitted') AS spec,
         min(time) FILTER (WHERE type = 'SweepSubmitted') AS submitted_at,
         max(time) FILTER (WHERE type = 'SweepCompleted') AS finished_at,
         arg_max(best_job, seq) FILTER (WHERE type = 'SweepCompleted') AS best_job
@@ -376,4 +373,4 @@ INSERT INTO sweeps SELECT * FROM _sweeps;
 """),
 ]
 
-DROP_STAGED = "DROP TABLE _b; DROP TABLE _jobs; DROP TABLE _att; DROP TABLE _nodes; DROP TABLE _sweeps;"
+DROP_STAGED = "DROP TABLE _jobs; DROP TABLE _att; DROP TABLE _nodes; DROP TABLE _sweeps;"

@@ -33,6 +33,7 @@ READ_ONLY = {"SELECT", "EXPLAIN"}
 # disk as whole row groups and the checkpoint has none to merge (1M events: 4.3 s against 4.8 s
 # in batches of 250,000).
 CATCH_UP_BATCH = 2 * 122_880
+DECODE_STEP = 8192  # events decoded per call (a few ms of holding the GIL)
 LARGE_BATCH_BYTES = 2**31  # past 2 GiB of JSON in a batch (huge env dicts), 64-bit offsets
 
 
@@ -40,8 +41,8 @@ class SqlError(BadInput):
     """A query DuckDB refused, or one that would write."""
 
 
-def _prepare(raws: Sequence[bytes], lo: int) -> pa.Table | None:
-    """The events of ``raws`` after seq ``lo`` as Arrow, checked to follow on from ``lo``."""
+def _prepare(cur: duckdb.DuckDBPyConnection, raws: Sequence[bytes], lo: int) -> pa.Table | None:
+    """The events of ``raws`` after seq ``lo``, staged, checked to follow on from ``lo``."""
     if raws and decode_seq(raws[0]) <= lo:  # a resend overlapping what is applied
         raws = [r for r in raws if decode_seq(r) > lo]
     if not raws:
@@ -49,36 +50,50 @@ def _prepare(raws: Sequence[bytes], lo: int) -> pa.Table | None:
     first = decode_seq(raws[0])
     if first != lo + 1:
         raise EvoError(f"events from seq {first} do not follow on from seq {lo}: a gap")
-    return to_arrow(raws, first)
+    return stage(cur, to_arrow(raws, first), first)
 
 
-def to_arrow(raws: Sequence[bytes], first: int) -> pa.Table:
-    """Encoded events (the log's bytes), seqs ``first, first + 1, ...``, as one Arrow column
-    of JSON lines, built from two buffers.
+def stage(cur: duckdb.DuckDBPyConnection, batch: pa.Table, first: int) -> pa.Table:
+    """``_b`` for a batch of JSON lines whose seqs must be ``first, first + 1, ...``: the typed
+    columns (STAGE, run on ``cur``, a connection of its own) beside the batch's payload."""
+    cur.register("_batch", batch)
+    try:
+        typed = cur.sql(STAGE).to_arrow_table()
+    finally:
+        cur.unregister("_batch")
+    seqs = typed.column("seq").to_numpy()
+    bad = np.flatnonzero(seqs != np.arange(first, first + len(seqs)))
+    if bad.size:  # also what would catch a result that was not in the batch's order
+        i = int(bad[0])
+        raise EvoError(f"event {i} of a batch from seq {first} has seq {seqs[i]}, "
+                       f"not {first + i}: the batch has a gap or is out of order")
+    return typed.append_column("payload", batch.column("payload"))
 
-    The typed decode checks every record against the schema; msgspec writes the batch as JSON
-    lines in one call, and the offsets come from the newlines (JSON escapes a newline inside a
-    string, so each one ends an event); they are then dropped from the buffer. No Python
-    object is made per row for Arrow.
+
+def to_arrow(raws: Sequence[bytes], first: int = 0) -> pa.Table:
+    """Encoded events (the log's bytes) as one Arrow column of JSON lines, built from two
+    buffers; ``first`` (the first one's seq) is for naming an undecodable one.
+
+    The typed decode checks every record against the schema; msgspec writes the events as JSON
+    lines, and the offsets come from the newlines (JSON escapes a newline inside a string, so
+    each one ends an event); they are then dropped from the buffer. No Python object is made
+    per row for Arrow. It goes in steps of DECODE_STEP events: each step's structs are freed
+    while still in cache, and the thread folding the previous batch (which needs the GIL
+    between its statements) never waits long for it.
     """
     enabled = gc.isenabled()
     gc.disable()  # a million short-lived structs would set off full collections for nothing
     try:
-        events = decode_many(raws, first=first)
-        seqs = np.fromiter([e.seq for e in events], dtype=np.int64, count=len(events))
-        buf = _json.encode_lines(events)
-        del events
+        parts = [_json.encode_lines(decode_many(raws[i:i + DECODE_STEP], first=first + i))
+                 for i in range(0, len(raws), DECODE_STEP)]
     finally:
         if enabled:
             gc.enable()
-    bad = np.flatnonzero(seqs != np.arange(first, first + len(seqs)))
-    if bad.size:
-        i = int(bad[0])
-        raise EvoError(f"event {i} of a batch from seq {first} has seq {seqs[i]}, "
-                       f"not {first + i}: the batch has a gap or is out of order")
+    buf = parts[0] if len(parts) == 1 else b"".join(parts)
+    del parts
     ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
-    if len(ends) != len(seqs):  # cannot happen with msgspec's escaping; never store a torn row
-        raise EvoError(f"{len(seqs)} events gave {len(ends)} JSON lines from seq {first}")
+    if len(ends) != len(raws):  # cannot happen with msgspec's escaping; never store a torn row
+        raise EvoError(f"{len(raws)} events gave {len(ends)} JSON lines from seq {first}")
     large = len(buf) >= LARGE_BATCH_BYTES
     offsets = np.zeros(len(ends) + 1, dtype=np.int64 if large else np.int32)
     offsets[1:] = ends - np.arange(len(ends))  # the ends once the newlines are gone
@@ -95,6 +110,7 @@ class Projection:
             self.con = duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as exc:
             raise EvoError(f"cannot open the projection {self.path}: {exc}") from exc
+        self._stager = duckdb.connect()  # STAGE runs here, beside the fold (see catch_up)
         # The schema version of an existing file; a file of another version is left as it is
         # (its tables may not take this version's DDL), for the caller to rebuild.
         self.version: int | None = VERSION
@@ -121,7 +137,11 @@ class Projection:
         The events must follow on without a gap; a gap raises, naming it.
         """
         lo = self.last_seq
-        batch = _prepare(raws, lo)
+        cur = self._stager.cursor()
+        try:
+            batch = _prepare(cur, raws, lo)
+        finally:
+            cur.close()
         if batch is None:
             return lo
         _commit(self.con, batch, lo + batch.num_rows)
@@ -138,7 +158,7 @@ class Projection:
         stop = threading.Event()
 
         def produce() -> None:
-            lo, buf = self.last_seq, []
+            lo, buf, cur = self.last_seq, [], self._stager.cursor()
             try:
                 for raw in itertools.chain(raws, [None]):
                     if raw is not None:
@@ -147,7 +167,7 @@ class Projection:
                             continue
                     if stop.is_set():
                         return
-                    table = _prepare(buf, lo) if buf else None
+                    table = _prepare(cur, buf, lo) if buf else None
                     if table is not None:
                         lo += table.num_rows
                         chunks.put(table)
@@ -155,6 +175,8 @@ class Projection:
                 chunks.put(None)
             except BaseException as exc:  # handed to the folding thread, which raises it
                 chunks.put(exc)
+            finally:
+                cur.close()
 
         producer = threading.Thread(target=produce, name="evo-projection-arrow", daemon=True)
         threshold = self.con.execute("SELECT current_setting('checkpoint_threshold')").fetchall()
@@ -210,6 +232,7 @@ class Projection:
 
     def close(self) -> None:
         self.con.close()
+        self._stager.close()
 
 
 def replay(raws: Iterable[bytes], path: str | Path = ":memory:", to_seq: int | None = None,
@@ -230,7 +253,7 @@ def as_of(live: Projection, seq: int) -> Projection:
     if hi is not None:
         table = live.con.sql("SELECT CAST(payload AS VARCHAR) AS payload FROM events "
                              "WHERE seq <= $seq ORDER BY seq", params={"seq": seq}).to_arrow_table()
-        _commit(proj.con, table, hi)
+        _commit(proj.con, stage(proj._stager, table, 1), hi)
     return proj
 
 
@@ -239,9 +262,7 @@ def _commit(con: duckdb.DuckDBPyConnection, batch: pa.Table, hi: int) -> None:
     transaction."""
     con.begin()
     try:
-        con.register("_batch", batch)
-        con.execute(STAGE)
-        con.unregister("_batch")
+        con.register("_b", batch)
         con.execute(INSERT_EVENTS)
         for _, sql in DERIVE:
             con.execute(sql)
@@ -251,3 +272,5 @@ def _commit(con: duckdb.DuckDBPyConnection, batch: pa.Table, hi: int) -> None:
     except BaseException:
         con.rollback()
         raise
+    finally:
+        con.unregister("_b")
