@@ -137,16 +137,18 @@ _FIELDS = ("spec", "metrics", "duration_s", "error", "exit_code", "final", "pid"
            "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "hostname", "cpus",
            "mem_gb", "slots", "best_job", "name", "artifacts", "devices", "env", "labels")
 
+# The in-memory database (attached to the projection's) where batches are staged.
+STAGE_DB = "_stage"
+
 # From ``_batch`` (one column, ``payload``: each event's JSON, in seq order): one row per event,
-# one column per field that some table needs, in the batch's order. It runs on a connection of
-# its own, in the thread that builds the next batch while this one is folded; the batch's
-# ``payload`` column is then added to its result (no copy), and the fold reads both as ``_b``.
+# one column per field that some table needs, and the payload, in the batch's order. It runs in
+# the thread that builds the next batch while this one is folded; the fold reads it as ``_b``.
 STAGE = f"""
 SELECT s.seq, s.time, s.type, s.job_id, s.node,
     coalesce(s.sweep_id, CASE WHEN s.type = 'JobSubmitted' THEN s.spec.sweep_id END) AS sweep_id,
     s.attempt, CASE WHEN s.type = 'JobLeased' THEN s.seq ELSE s.lease_epoch END AS lease_epoch,
-    {", ".join(f"s.{f} AS {f}" for f in _FIELDS)}
-FROM (SELECT json_transform(payload, '{_SHAPE}') AS s FROM _batch)
+    {", ".join(f"s.{f} AS {f}" for f in _FIELDS)}, payload
+FROM (SELECT json_transform(payload, '{_SHAPE}') AS s, payload FROM _batch)
 """
 
 INSERT_EVENTS = """

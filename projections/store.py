@@ -15,6 +15,7 @@ import queue
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import msgspec
@@ -24,7 +25,8 @@ import pyarrow as pa
 from evo.errors import BadInput, EvoError
 from evo.events.codec import decode_many, decode_seq
 
-from .schema import DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, TABLES, VERSION, VIEWS
+from .schema import (DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, STAGE_DB, TABLES,
+                     VERSION, VIEWS)
 
 _json = msgspec.json.Encoder()
 
@@ -41,7 +43,7 @@ class SqlError(BadInput):
     """A query DuckDB refused, or one that would write."""
 
 
-def _prepare(cur: duckdb.DuckDBPyConnection, raws: Sequence[bytes], lo: int) -> pa.Table | None:
+def _prepare(cur: duckdb.DuckDBPyConnection, raws: Sequence[bytes], lo: int) -> Staged | None:
     """The events of ``raws`` after seq ``lo``, staged, checked to follow on from ``lo``."""
     if raws and decode_seq(raws[0]) <= lo:  # a resend overlapping what is applied
         raws = [r for r in raws if decode_seq(r) > lo]
@@ -53,21 +55,34 @@ def _prepare(cur: duckdb.DuckDBPyConnection, raws: Sequence[bytes], lo: int) -> 
     return stage(cur, to_arrow(raws, first), first)
 
 
-def stage(cur: duckdb.DuckDBPyConnection, batch: pa.Table, first: int) -> pa.Table:
-    """``_b`` for a batch of JSON lines whose seqs must be ``first, first + 1, ...``: the typed
-    columns (STAGE, run on ``cur``, a connection of its own) beside the batch's payload."""
+class Staged(NamedTuple):
+    table: str  # in the in-memory database STAGE_DB
+    first: int
+    n: int
+
+
+_names = itertools.count(1)
+
+
+def stage(cur: duckdb.DuckDBPyConnection, batch: pa.Table, first: int) -> Staged:
+    """``_b`` for a batch of JSON lines whose seqs must be ``first, first + 1, ...``: its typed
+    columns (STAGE) and payload, as a table of the projection's in-memory STAGE_DB, made on
+    ``cur`` (a cursor of the projection's, so that it can run beside the fold)."""
+    name = f"{STAGE_DB}._b{next(_names)}"
     cur.register("_batch", batch)
     try:
-        typed = cur.sql(STAGE).to_arrow_table()
+        cur.execute(f"CREATE TABLE {name} AS {STAGE}")
     finally:
         cur.unregister("_batch")
-    seqs = typed.column("seq").to_numpy()
-    bad = np.flatnonzero(seqs != np.arange(first, first + len(seqs)))
-    if bad.size:  # also what would catch a result that was not in the batch's order
-        i = int(bad[0])
-        raise EvoError(f"event {i} of a batch from seq {first} has seq {seqs[i]}, "
+    # rowid is the insertion order, which is the batch's order
+    bad = cur.execute(f"SELECT rowid, seq FROM {name} WHERE seq <> rowid + ? ORDER BY rowid "
+                      "LIMIT 1", [first]).fetchall()
+    if bad:
+        cur.execute(f"DROP TABLE {name}")
+        i, seq = bad[0]
+        raise EvoError(f"event {i} of a batch from seq {first} has seq {seq}, "
                        f"not {first + i}: the batch has a gap or is out of order")
-    return typed.append_column("payload", batch.column("payload"))
+    return Staged(name, first, batch.num_rows)
 
 
 def to_arrow(raws: Sequence[bytes], first: int = 0) -> pa.Table:
@@ -113,7 +128,6 @@ class Projection:
             self.con = duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as exc:
             raise EvoError(f"cannot open the projection {self.path}: {exc}") from exc
-        self._stager = duckdb.connect()  # STAGE runs here, beside the fold (see catch_up)
         # The schema version of an existing file; a file of another version is left as it is
         # (its tables may not take this version's DDL), for the caller to rebuild.
         self.version: int | None = VERSION
@@ -121,6 +135,8 @@ class Projection:
                             "AND schema_name = 'main'").fetchall()[0][0]:
             rows = self.con.execute("SELECT value FROM meta WHERE key = 'version'").fetchall()
             self.version = int(rows[0][0]) if rows else None
+        if not read_only:  # staged batches: in memory, shared by this connection's cursors
+            self.con.execute(f"ATTACH ':memory:' AS {STAGE_DB}")
         if not read_only and self.version == VERSION:
             self.con.execute(DDL)
             self.con.execute(VIEWS)
@@ -140,15 +156,11 @@ class Projection:
         The events must follow on without a gap; a gap raises, naming it.
         """
         lo = self.last_seq
-        cur = self._stager.cursor()
-        try:
-            batch = _prepare(cur, raws, lo)
-        finally:
-            cur.close()
+        batch = _prepare(self.con, raws, lo)
         if batch is None:
             return lo
-        _commit(self.con, batch, lo + batch.num_rows)
-        return lo + batch.num_rows
+        _commit(self.con, batch)
+        return lo + batch.n
 
     def catch_up(self, raws: Iterable[bytes], batch: int = CATCH_UP_BATCH) -> int:
         """Apply a long run of events in batches of ``batch``; returns the new last seq.
@@ -157,11 +169,11 @@ class Projection:
         the GIL), and checkpoints wait for the end: a bulk load writes each table once instead
         of rewriting its last row groups at every 16 MB of log.
         """
-        chunks: queue.Queue[pa.Table | BaseException | None] = queue.Queue(maxsize=2)
+        chunks: queue.Queue[Staged | BaseException | None] = queue.Queue(maxsize=2)
         stop = threading.Event()
 
         def produce() -> None:
-            lo, buf, cur = self.last_seq, [], self._stager.cursor()
+            lo, buf, cur = self.last_seq, [], self.con.cursor()
             try:
                 for raw in itertools.chain(raws, [None]):
                     if raw is not None:
@@ -172,7 +184,7 @@ class Projection:
                         return
                     table = _prepare(cur, buf, lo) if buf else None
                     if table is not None:
-                        lo += table.num_rows
+                        lo += table.n
                         chunks.put(table)
                     buf = []
                 chunks.put(None)
@@ -189,15 +201,17 @@ class Projection:
             while (item := chunks.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                _commit(self.con, item, self.last_seq + item.num_rows)
+                _commit(self.con, item)
             self.con.execute("CHECKPOINT")
         finally:
             stop.set()
             while producer.is_alive():  # unblock a producer waiting on a full queue
                 try:
-                    chunks.get(timeout=0.05)
+                    item = chunks.get(timeout=0.05)
                 except queue.Empty:
-                    pass
+                    continue
+                if isinstance(item, Staged):
+                    self.con.execute(f"DROP TABLE {item.table}")
             self.con.execute(f"SET checkpoint_threshold = '{threshold[0][0]}'")
         return self.last_seq
 
@@ -235,7 +249,6 @@ class Projection:
 
     def close(self) -> None:
         self.con.close()
-        self._stager.close()
 
 
 def replay(raws: Iterable[bytes], path: str | Path = ":memory:", to_seq: int | None = None,
@@ -256,24 +269,26 @@ def as_of(live: Projection, seq: int) -> Projection:
     if hi is not None:
         table = live.con.sql("SELECT CAST(payload AS VARCHAR) AS payload FROM events "
                              "WHERE seq <= $seq ORDER BY seq", params={"seq": seq}).to_arrow_table()
-        _commit(proj.con, stage(proj._stager, table, 1), hi)
+        _commit(proj.con, stage(proj.con, table, 1))
     return proj
 
 
-def _commit(con: duckdb.DuckDBPyConnection, batch: pa.Table, hi: int) -> None:
-    """Stage a batch of events, insert it, fold it into the tables, record ``hi``: one
-    transaction."""
-    con.begin()
+def _commit(con: duckdb.DuckDBPyConnection, batch: Staged) -> None:
+    """Insert a staged batch of events, fold it into the tables and record its last seq: one
+    transaction. The staged table is dropped after it (a transaction writes to one database)."""
     try:
-        con.register("_b", batch)
-        con.execute(INSERT_EVENTS)
-        for _, sql in DERIVE:
-            con.execute(sql)
-        con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [hi])
-        con.execute(DROP_STAGED)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
+        con.execute(f"CREATE OR REPLACE TEMP VIEW _b AS SELECT * FROM {batch.table}")
+        con.begin()
+        try:
+            con.execute(INSERT_EVENTS)
+            for _, sql in DERIVE:
+                con.execute(sql)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'",
+                        [batch.first + batch.n - 1])
+            con.execute(DROP_STAGED)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
     finally:
-        con.unregister("_b")
+        con.execute(f"DROP TABLE IF EXISTS {batch.table}")
