@@ -31,10 +31,12 @@ from .schema import (DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, STAGE
 _json = msgspec.json.Encoder()
 
 READ_ONLY = {"SELECT", "EXPLAIN"}
-# Catch-up batches: whole row groups of DuckDB's (122,880 rows), so that each batch's events go
-# to disk as whole row groups and the checkpoint has none to merge (1M events: 4.3 s in batches
-# of two, 4.8 s in batches of 250,000); three did a little better than two or four.
-CATCH_UP_BATCH = 3 * 122_880
+# Catch-up batches: whole row groups of DuckDB's, so that each batch's events go to disk as
+# whole row groups and the checkpoint has none to merge (1M events: 4.3 s in batches of two,
+# 4.8 s in batches of 250,000); three did a little better than two or four. The first batch
+# is one row group, so that the fold starts sooner (4.0 s against 4.15 s).
+ROW_GROUP = 122_880
+CATCH_UP_BATCH = 3 * ROW_GROUP
 DECODE_STEP = 8192  # events decoded per call (a few ms of holding the GIL)
 LARGE_BATCH_BYTES = 2**31  # past 2 GiB of JSON in a batch (huge env dicts), 64-bit offsets
 
@@ -174,12 +176,14 @@ class Projection:
 
         def produce() -> None:
             lo, buf, cur = self.last_seq, [], self.con.cursor()
+            size = min(batch, ROW_GROUP)  # a small first batch: the fold starts sooner
             try:
                 for raw in itertools.chain(raws, [None]):
                     if raw is not None:
                         buf.append(raw)
-                        if len(buf) < batch:
+                        if len(buf) < size:
                             continue
+                    size = batch
                     if stop.is_set():
                         return
                     table = _prepare(cur, buf, lo) if buf else None
