@@ -37,7 +37,7 @@ READ_ONLY = {"SELECT", "EXPLAIN"}
 # is one row group, so that the fold starts sooner (4.0 s against 4.15 s).
 ROW_GROUP = 122_880
 CATCH_UP_BATCH = 3 * ROW_GROUP
-DECODE_STEP = 8192  # events decoded per call (a few ms of holding the GIL)
+DECODE_STEP = 2048  # events decoded per call (a few ms of holding the GIL)
 LARGE_BATCH_BYTES = 2**31  # past 2 GiB of JSON in a batch (huge env dicts), 64-bit offsets
 
 
@@ -106,17 +106,21 @@ def to_arrow(raws: Sequence[bytes], first: int = 0) -> pa.Table:
     finally:
         if enabled:
             gc.enable()
-    buf = parts[0] if len(parts) == 1 else b"".join(parts)
+    lengths = []
+    for i, part in enumerate(parts):  # in cache: the line lengths, the bytes without newlines
+        ends = np.flatnonzero(np.frombuffer(part, dtype=np.uint8) == 10)
+        lengths.append(np.diff(ends, prepend=-1) - 1)
+        parts[i] = part.replace(b"\n", b"")
+    n = sum(map(len, lengths))
+    if n != len(raws):  # cannot happen with msgspec's escaping; never store a torn row
+        raise EvoError(f"{len(raws)} events gave {n} JSON lines from seq {first}")
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
     del parts
-    ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
-    if len(ends) != len(raws):  # cannot happen with msgspec's escaping; never store a torn row
-        raise EvoError(f"{len(raws)} events gave {len(ends)} JSON lines from seq {first}")
-    large = len(buf) >= LARGE_BATCH_BYTES
-    offsets = np.zeros(len(ends) + 1, dtype=np.int64 if large else np.int32)
-    offsets[1:] = ends - np.arange(len(ends))  # the ends once the newlines are gone
+    large = len(data) >= LARGE_BATCH_BYTES
+    offsets = np.zeros(n + 1, dtype=np.int64 if large else np.int32)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
     kind = pa.LargeStringArray if large else pa.StringArray
-    payload = kind.from_buffers(len(ends), pa.py_buffer(offsets),
-                                pa.py_buffer(buf.replace(b"\n", b"")))
+    payload = kind.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
     # Typed as JSON (Arrow's extension type), so that DuckDB stores it without parsing it again
     # to check it: msgspec wrote it.
     payload = pa.ExtensionArray.from_storage(pa.json_(payload.type), payload)
