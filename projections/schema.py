@@ -184,35 +184,28 @@ n AS (
     LEFT JOIN (SELECT seq, final, error FROM _b WHERE type = 'JobFailed') f
         ON f.seq = a.fail_seq
     LEFT JOIN (SELECT seq, node FROM _b WHERE type = 'JobLeased') l ON l.seq = a.lease_seq),
-o AS (  -- the old rows: only the columns that change after the submit
-    SELECT job_id, sweep_id, model_type, node, attempts, metrics, artifacts, error, started_at,
-        finished_at, duration_s
-    FROM jobs WHERE job_id IN (SELECT job_id FROM a))
+o AS (  -- the old rows, narrow: the UPDATE reads what it merges from the row it updates
+    SELECT job_id, sweep_id FROM jobs WHERE job_id IN (SELECT job_id FROM a))
 SELECT n.job_id, o.job_id IS NOT NULL AS has_old,
     CASE WHEN o.job_id IS NULL THEN n.sp.sweep_id ELSE o.sweep_id END AS sweep_id,
-    CASE WHEN o.job_id IS NULL THEN n.sp.model_type ELSE o.model_type END AS model_type,
     CASE n.last_type
         WHEN 'JobLeased' THEN 'leased' WHEN 'JobStarted' THEN 'running'
         WHEN 'JobCompleted' THEN 'completed' WHEN 'JobCancelled' THEN 'cancelled'
         WHEN 'JobFailed' THEN CASE WHEN n.last_final THEN 'failed' ELSE 'queued' END
         ELSE 'queued' END AS state,
-    coalesce(n.node, o.node) AS node,
-    CAST(coalesce(o.attempts, 0) + n.leases AS INTEGER) AS attempts,
-    coalesce(n.metrics, o.metrics) AS metrics,
-    coalesce(n.artifacts, o.artifacts) AS artifacts,
-    coalesce(n.error, o.error) AS error,
-    greatest(o.started_at, n.started_at) AS started_at,
-    greatest(o.finished_at, n.finished_at) AS finished_at,
-    coalesce(n.duration_s, o.duration_s) AS duration_s,
-    n.sp, n.spec_json, n.sub_seq, n.submitted_at
+    n.node, CAST(n.leases AS INTEGER) AS leases, n.metrics, n.artifacts, n.error, n.started_at,
+    n.finished_at, n.duration_s, n.sp, n.spec_json, n.sub_seq, n.submitted_at
 FROM n LEFT JOIN o USING (job_id)
 WHERE o.job_id IS NOT NULL OR n.spec_json IS NOT NULL;
-UPDATE jobs SET state = u.state, node = u.node, attempts = u.attempts, metrics = u.metrics,
-    artifacts = u.artifacts, error = u.error, started_at = u.started_at,
-    finished_at = u.finished_at, duration_s = u.duration_s
+UPDATE jobs SET state = u.state, node = coalesce(u.node, jobs.node),
+    attempts = jobs.attempts + u.leases, metrics = coalesce(u.metrics, jobs.metrics),
+    artifacts = coalesce(u.artifacts, jobs.artifacts), error = coalesce(u.error, jobs.error),
+    started_at = greatest(jobs.started_at, u.started_at),
+    finished_at = greatest(jobs.finished_at, u.finished_at),
+    duration_s = coalesce(u.duration_s, jobs.duration_s)
 FROM _jobs u WHERE u.has_old AND jobs.job_id = u.job_id;
 INSERT INTO jobs
-SELECT job_id, sweep_id, model_type, sp.name, state, node, attempts, coalesce(sp.priority, 0),
+SELECT job_id, sweep_id, sp.model_type, sp.name, state, node, leases, coalesce(sp.priority, 0),
     coalesce(sp.params, '{{}}'), metrics, artifacts, error, sub_seq, submitted_at, started_at,
     finished_at, duration_s, sp.trainer, sp.callable, sp.command, sp.seed,
     coalesce(sp.tags, '{{}}'), spec_json
