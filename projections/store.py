@@ -12,6 +12,7 @@ import gc
 import hashlib
 import itertools
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -204,6 +205,10 @@ class Projection:
         producer = threading.Thread(target=produce, name="evo-projection-arrow", daemon=True)
         threshold = self.con.execute("SELECT current_setting('checkpoint_threshold')").fetchall()
         self.con.execute("SET checkpoint_threshold = '1GB'")
+        # The fold takes the GIL back between its statements: while the producer runs Python,
+        # each take would wait up to the switch interval (5 ms), a dozen times a batch.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
         producer.start()
         try:
             while (item := chunks.get()) is not None:
@@ -220,6 +225,7 @@ class Projection:
                     continue
                 if isinstance(item, Staged):
                     self.con.execute(f"DROP TABLE {item.table}")
+            sys.setswitchinterval(interval)
             self.con.execute(f"SET checkpoint_threshold = '{threshold[0][0]}'")
         return self.last_seq
 
