@@ -32,6 +32,9 @@ KEYS = {
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT);
+-- The last seq whose rows the append-only tables (APPENDED) hold; ahead of meta.last_seq only
+-- between the two commits of a catch-up batch (see store.py), and trimmed back on open.
+CREATE TABLE IF NOT EXISTS appended (last_seq BIGINT);
 CREATE TABLE IF NOT EXISTS events (
     seq BIGINT, time DOUBLE, type VARCHAR, job_id VARCHAR, node VARCHAR,
     sweep_id VARCHAR, attempt INTEGER, lease_epoch BIGINT,
@@ -369,3 +372,9 @@ INSERT INTO sweeps SELECT * FROM _sweeps;
 ]
 
 DROP_STAGED = "DROP TABLE _jobs; DROP TABLE _att; DROP TABLE _nodes; DROP TABLE _sweeps;"
+
+# The tables a batch only appends to, each row carrying its event's seq: ``events`` (by
+# INSERT_EVENTS) and these steps of DERIVE. In a catch-up they are written by a transaction of
+# their own, beside the fold of the keyed tables, and committed first; rows past meta.last_seq
+# (a crash between the two commits) are deleted on open.
+APPENDED = ("events", "metrics", "utilization", "gpu_utilization")

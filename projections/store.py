@@ -14,6 +14,7 @@ import itertools
 import queue
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -26,8 +27,8 @@ import pyarrow as pa
 from evo.errors import BadInput, EvoError
 from evo.events.codec import decode_many, decode_seq
 
-from .schema import (DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, STAGE_DB, TABLES,
-                     VERSION, VIEWS)
+from .schema import (APPENDED, DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, STAGE_DB,
+                     TABLES, VERSION, VIEWS)
 
 _json = msgspec.json.Encoder()
 
@@ -149,11 +150,30 @@ class Projection:
             self.con.execute(VIEWS)
             self.con.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('version', ?)",
                              [VERSION])
+            self.con.execute("INSERT INTO appended SELECT value FROM meta WHERE key = 'last_seq' "
+                             "AND NOT EXISTS (SELECT 1 FROM appended)")
+            self._trim()
 
     @property
     def last_seq(self) -> int:
         rows = self.con.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchall()
         return int(rows[0][0]) if rows else 0
+
+    def _trim(self) -> None:
+        """Delete the append-only tables' rows past ``last_seq``: a catch-up that stopped
+        between its two commits (they are applied again with the fold)."""
+        lo = self.last_seq
+        if self.con.execute("SELECT last_seq FROM appended").fetchall()[0][0] <= lo:
+            return
+        self.con.begin()
+        try:
+            for table in APPENDED:
+                self.con.execute(f"DELETE FROM {table} WHERE seq > ?", [lo])
+            self.con.execute("UPDATE appended SET last_seq = ?", [lo])
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
 
     # --- applying -----------------------------------------------------------------------------
 
@@ -172,9 +192,10 @@ class Projection:
     def catch_up(self, raws: Iterable[bytes], batch: int = CATCH_UP_BATCH) -> int:
         """Apply a long run of events in batches of ``batch``; returns the new last seq.
 
-        A thread turns the next batch into Arrow while DuckDB folds this one (DuckDB releases
-        the GIL), and checkpoints wait for the end: a bulk load writes each table once instead
-        of rewriting its last row groups at every 16 MB of log.
+        A thread decodes and stages the next batch while DuckDB folds this one (DuckDB
+        releases the GIL), and checkpoints wait for the end: a bulk load writes each table once
+        instead of rewriting its last row groups at every 16 MB of log. Each batch is two
+        transactions run side by side (see _commit_split).
         """
         chunks: queue.Queue[Staged | BaseException | None] = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -210,13 +231,21 @@ class Projection:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0005)
         producer.start()
+        appender = self.con.cursor()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="evo-projection-append")
         try:
             while (item := chunks.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                _commit(self.con, item)
+                try:
+                    _commit_split(self.con, appender, pool, item)
+                except BaseException:
+                    self._trim()
+                    raise
             self.con.execute("CHECKPOINT")
         finally:
+            pool.shutdown()
+            appender.close()
             stop.set()
             while producer.is_alive():  # unblock a producer waiting on a full queue
                 try:
@@ -299,10 +328,56 @@ def _commit(con: duckdb.DuckDBPyConnection, batch: Staged) -> None:
                 con.execute(sql)
             con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'",
                         [batch.first + batch.n - 1])
+            con.execute("UPDATE appended SET last_seq = ?", [batch.first + batch.n - 1])
             con.execute(DROP_STAGED)
             con.commit()
         except BaseException:
             con.rollback()
             raise
     finally:
+        con.execute(f"DROP TABLE IF EXISTS {batch.table}")
+
+
+def _commit_split(con: duckdb.DuckDBPyConnection, appender: duckdb.DuckDBPyConnection,
+                  pool: ThreadPoolExecutor, batch: Staged) -> None:
+    """What _commit does, as two transactions run side by side, on two cursors of the same
+    database: the append-only tables (APPENDED, and ``appended.last_seq``) on ``appender``, in
+    ``pool``'s thread; the keyed tables and ``meta.last_seq`` here. The append commits first,
+    and the fold only after it, so the keyed tables are never ahead; if the fold does not
+    commit, the rows past ``meta.last_seq`` are deleted (Projection._trim, also run on open).
+    A catch-up uses the CPU the single fold left idle (3.5 s against 3.7 s per million)."""
+    hi = batch.first + batch.n - 1
+    view = f"CREATE OR REPLACE TEMP VIEW _b AS SELECT * FROM {batch.table}"
+
+    def append() -> None:
+        appender.execute(view)
+        appender.begin()
+        try:
+            appender.execute(INSERT_EVENTS)
+            for name, sql in DERIVE:
+                if name in APPENDED:
+                    appender.execute(sql)
+            appender.execute("UPDATE appended SET last_seq = ?", [hi])
+            appender.commit()
+        except BaseException:
+            appender.rollback()
+            raise
+
+    appended = pool.submit(append)
+    try:
+        con.execute(view)
+        con.begin()
+        try:
+            for name, sql in DERIVE:
+                if name not in APPENDED:
+                    con.execute(sql)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [hi])
+            con.execute(DROP_STAGED)
+            appended.result()
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    finally:
+        wait([appended])
         con.execute(f"DROP TABLE IF EXISTS {batch.table}")

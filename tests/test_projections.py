@@ -203,6 +203,72 @@ def test_kill_9_of_the_applier_mid_apply_loses_and_doubles_nothing(history, tmp_
     assert p.digest() == replay(raws).digest()
 
 
+CATCHER = """
+import os, pickle, sys, time
+import evo.projections.store as store
+raws = pickle.load(open(sys.argv[1], "rb"))
+p = store.Projection(sys.argv[2])
+if sys.argv[3] == "die-between-commits":  # the fold's last statement waits, then exits
+    def die():
+        time.sleep(1.0)  # the append transaction (50 ms here) has committed by then
+        os._exit(9)
+    p.con.create_function("die", die, [], "INTEGER", side_effects=True)
+    store.DROP_STAGED = "SELECT die()"
+print("start", p.last_seq, flush=True)
+p.catch_up(raws, batch=int(sys.argv[4]))
+print("done", flush=True)
+"""
+
+
+def _catcher(data, db, mode, batch, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", CATCHER, str(data), str(db), mode, str(batch)],
+                            stdout=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_a_catch_up_killed_between_its_two_commits_is_trimmed_on_open(history, tmp_path):
+    import pickle
+
+    _, raws = history
+    data, db = tmp_path / "raws.pkl", tmp_path / "p.duckdb"
+    data.write_bytes(pickle.dumps(raws))
+    p = Projection(db)
+    p.catch_up(raws[:1000])
+    p.close()
+    proc = _catcher(data, db, "die-between-commits", 2000)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 9 and "done" not in out
+    peek = Projection(db, read_only=True)  # as the crash left it: events ahead of the fold
+    assert peek.last_seq == 1000
+    assert peek.con.execute("SELECT max(seq) FROM events").fetchall()[0][0] == 2000
+    peek.close()
+    p = Projection(db)
+    assert p.con.execute("SELECT max(seq) FROM events").fetchall()[0][0] == 1000
+    p.catch_up(raws)
+    assert p.digest() == replay(raws).digest()
+
+
+def test_kill_9_of_a_catch_up_loses_and_doubles_nothing(history, tmp_path):
+    import pickle
+
+    _, raws = history
+    data, db = tmp_path / "raws.pkl", tmp_path / "p.duckdb"
+    data.write_bytes(pickle.dumps(raws))
+    rng = random.Random(5)
+    for _ in range(8):
+        proc = _catcher(data, db, "run", 300)
+        proc.stdout.readline()  # opened: now kill it at a random moment
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+    proc = _catcher(data, db, "run", 300)
+    out, _ = proc.communicate(timeout=120)
+    assert "done" in out
+    p = Projection(db)
+    assert p.digest() == replay(raws).digest()
+
+
 def test_sql_leaderboard_replay_through_a_broker(pbroker, tmp_path):
     home = tmp_path / "home"
     b = pbroker(home)
