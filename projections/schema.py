@@ -121,8 +121,9 @@ _LIFECYCLE = ("'JobSubmitted', 'JobLeased', 'JobStarted', 'JobCompleted', 'JobFa
               "'RetryScheduled', 'JobCancelled', 'LeaseExpired'")
 _ENDED = "('completed', 'failed', 'expired')"
 
-# Every field that some table needs, parsed once. Fields of different events share a name only
-# where they share a meaning (gpus: NodeJoined's GpuInfo and UtilizationSampled's GpuSample).
+# Every field that some table needs, parsed once, but those of the rare events (a node joining,
+# a sweep's name and best job), which their folds read from the payload: every field here is a
+# column of every staged row, and the columns cost even where they are NULL.
 _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
  "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
  "spec": {"sweep_id": "VARCHAR", "model_type": "VARCHAR", "name": "VARCHAR",
@@ -132,13 +133,15 @@ _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VA
  "exit_code": "INTEGER", "final": "BOOLEAN", "pid": "INTEGER", "ahead": "BOOLEAN",
  "fallback": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "cpu": "DOUBLE", "mem": "DOUBLE",
  "running": "INTEGER", "gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
- "vram_total_gb": "DOUBLE", "vram_gb": "DOUBLE"}], "hostname": "VARCHAR", "cpus": "DOUBLE",
- "mem_gb": "DOUBLE", "slots": "INTEGER", "best_job": "VARCHAR", "name": "VARCHAR",
- "artifacts": "JSON", "devices": "JSON", "env": "JSON", "labels": "JSON"}"""
+ "vram_total_gb": "DOUBLE"}], "artifacts": "JSON", "devices": "JSON", "env": "JSON"}"""
 
 _FIELDS = ("spec", "metrics", "duration_s", "error", "exit_code", "final", "pid", "ahead",
-           "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "hostname", "cpus",
-           "mem_gb", "slots", "best_job", "name", "artifacts", "devices", "env", "labels")
+           "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "artifacts", "devices",
+           "env")
+
+# A NodeJoined's fields (GpuInfo's vram_gb is read here only).
+_JOINED = """{"hostname": "VARCHAR", "cpus": "DOUBLE", "mem_gb": "DOUBLE", "slots": "INTEGER",
+ "labels": "JSON", "gpus": [{"vram_gb": "DOUBLE"}]}"""
 
 # The in-memory database (attached to the projection's) where batches are staged.
 STAGE_DB = "_stage"
@@ -293,7 +296,7 @@ INSERT INTO gpu_utilization
 SELECT seq, time, node, g.index, g.util, g.vram_used_gb, g.vram_total_gb
 FROM (SELECT seq, time, node, unnest(gpus) AS g FROM _b WHERE type = 'UtilizationSampled');
 """),
-    ("nodes", """
+    ("nodes", f"""
 CREATE OR REPLACE TEMP TABLE _nodes AS
 WITH n AS (
     SELECT node,
@@ -305,10 +308,11 @@ WITH n AS (
       AND type IN ('NodeJoined', 'NodeLost', 'NodeLeft', 'UtilizationSampled', 'JobLeased')
     GROUP BY node),
 j AS (  -- the node's latest NodeJoined in this batch
-    SELECT n.node, b.hostname, coalesce(b.labels, '[]') AS labels, b.cpus, b.mem_gb,
+    SELECT node, b.hostname, coalesce(b.labels, '[]') AS labels, b.cpus, b.mem_gb,
         CAST(len(b.gpus) AS INTEGER) AS gpus,
         list_sum(list_transform(b.gpus, lambda g: g.vram_gb)) AS vram_gb, b.slots
-    FROM n JOIN _b b ON b.seq = n.join_seq)
+    FROM (SELECT n.node, json_transform(b.payload, '{_JOINED}') AS b
+          FROM n JOIN _b b ON b.seq = n.join_seq))
 SELECT n.node,
     CASE WHEN j.node IS NULL THEN o.hostname ELSE j.hostname END AS hostname,
     CASE WHEN j.node IS NULL THEN o.labels ELSE j.labels END AS labels,
@@ -334,11 +338,12 @@ WITH touched AS (
     UNION SELECT sweep_id FROM _jobs WHERE sweep_id IS NOT NULL),
 n AS (
     SELECT sweep_id,
-        arg_max(name, seq) FILTER (WHERE type = 'SweepSubmitted') AS name,
+        arg_max(payload ->> '$.name', seq) FILTER (WHERE type = 'SweepSubmitted') AS name,
         arg_max(payload -> '$.spec', seq) FILTER (WHERE type = 'SweepSubmitted') AS spec,
         min(time) FILTER (WHERE type = 'SweepSubmitted') AS submitted_at,
         max(time) FILTER (WHERE type = 'SweepCompleted') AS finished_at,
-        arg_max(best_job, seq) FILTER (WHERE type = 'SweepCompleted') AS best_job
+        arg_max(payload ->> '$.best_job', seq) FILTER (WHERE type = 'SweepCompleted')
+            AS best_job
     FROM _b WHERE type IN ('SweepSubmitted', 'SweepCompleted') GROUP BY sweep_id),
 js AS (
     SELECT j.sweep_id, count(*) AS jobs,
