@@ -126,18 +126,20 @@ _ENDED = "('completed', 'failed', 'expired')"
 # column of every staged row, and the columns cost even where they are NULL.
 _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
  "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
- "spec": {"sweep_id": "VARCHAR", "model_type": "VARCHAR", "name": "VARCHAR",
-          "priority": "INTEGER", "trainer": "VARCHAR", "callable": "VARCHAR", "seed": "BIGINT",
-          "params": "JSON", "command": "JSON", "tags": "JSON"},
- "metrics": "MAP(VARCHAR, DOUBLE)", "duration_s": "DOUBLE", "error": "VARCHAR",
+ "spec": {"sweep_id": "VARCHAR"}, "metrics": "MAP(VARCHAR, DOUBLE)", "duration_s": "DOUBLE", "error": "VARCHAR",
  "exit_code": "INTEGER", "final": "BOOLEAN", "pid": "INTEGER", "ahead": "BOOLEAN",
  "fallback": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "cpu": "DOUBLE", "mem": "DOUBLE",
  "running": "INTEGER", "gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
  "vram_total_gb": "DOUBLE"}], "artifacts": "JSON", "devices": "JSON", "env": "JSON"}"""
 
-_FIELDS = ("spec", "metrics", "duration_s", "error", "exit_code", "final", "pid", "ahead",
+_FIELDS = ("metrics", "duration_s", "error", "exit_code", "final", "pid", "ahead",
            "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "artifacts", "devices",
            "env")
+
+# A JobSubmitted's spec, read by the jobs fold for the jobs it inserts.
+_SPEC = """{"spec": {"sweep_id": "VARCHAR", "model_type": "VARCHAR", "name": "VARCHAR",
+ "priority": "INTEGER", "trainer": "VARCHAR", "callable": "VARCHAR", "seed": "BIGINT",
+ "params": "JSON", "command": "JSON", "tags": "JSON"}}"""
 
 # A NodeJoined's fields (GpuInfo's vram_gb is read here only).
 _JOINED = """{"hostname": "VARCHAR", "cpus": "DOUBLE", "mem_gb": "DOUBLE", "slots": "INTEGER",
@@ -179,11 +181,12 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
                           OR (type = 'JobFailed' AND final)) AS finished_at
     FROM _b WHERE job_id IS NOT NULL AND type IN ({_LIFECYCLE}) GROUP BY job_id),
 n AS (
-    SELECT a.*, s.payload -> '$.spec' AS spec_json, s.spec AS sp, s.time AS submitted_at,
+    SELECT a.*, s.payload -> '$.spec' AS spec_json,
+        json_transform(s.payload, '{_SPEC}').spec AS sp, s.time AS submitted_at,
         l.node, f.final AS last_final, f.error, c.payload -> '$.metrics' AS metrics,
         c.artifacts, c.duration_s
     FROM a
-    LEFT JOIN (SELECT seq, payload, spec, time FROM _b WHERE type = 'JobSubmitted') s
+    LEFT JOIN (SELECT seq, payload, time FROM _b WHERE type = 'JobSubmitted') s
         ON s.seq = a.sub_seq
     LEFT JOIN (SELECT seq, payload, artifacts, duration_s FROM _b
                WHERE type = 'JobCompleted') c ON c.seq = a.done_seq
