@@ -126,15 +126,19 @@ _ENDED = "('completed', 'failed', 'expired')"
 # column of every staged row, and the columns cost even where they are NULL.
 _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
  "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
- "spec": {"sweep_id": "VARCHAR"}, "metrics": "MAP(VARCHAR, DOUBLE)", "duration_s": "DOUBLE", "error": "VARCHAR",
+ "spec": {"sweep_id": "VARCHAR"}, "duration_s": "DOUBLE", "error": "VARCHAR",
  "exit_code": "INTEGER", "final": "BOOLEAN", "pid": "INTEGER", "ahead": "BOOLEAN",
- "fallback": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "cpu": "DOUBLE", "mem": "DOUBLE",
- "running": "INTEGER", "gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
- "vram_total_gb": "DOUBLE"}], "artifacts": "JSON", "devices": "JSON", "env": "JSON"}"""
+ "fallback": "VARCHAR", "cpu": "DOUBLE", "mem": "DOUBLE", "running": "INTEGER",
+ "artifacts": "JSON", "devices": "JSON", "env": "JSON"}"""
 
-_FIELDS = ("metrics", "duration_s", "error", "exit_code", "final", "pid", "ahead",
-           "fallback", "step", "epoch", "cpu", "mem", "running", "gpus", "artifacts", "devices",
-           "env")
+_FIELDS = ("duration_s", "error", "exit_code", "final", "pid", "ahead",
+           "fallback", "cpu", "mem", "running", "artifacts", "devices", "env")
+
+# What the metrics rows are made of (Progress, Checkpointed, JobCompleted), and a sample's GPUs:
+# read by the appending transaction, as a list or map column on every staged row cost more.
+_REPORTED = """{"step": "BIGINT", "epoch": "BIGINT", "metrics": "MAP(VARCHAR, DOUBLE)"}"""
+_SAMPLED = """{"gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
+ "vram_total_gb": "DOUBLE"}]}"""
 
 # A JobSubmitted's spec, read by the jobs fold for the jobs it inserts.
 _SPEC = """{"spec": {"sweep_id": "VARCHAR", "model_type": "VARCHAR", "name": "VARCHAR",
@@ -280,24 +284,25 @@ FROM base b LEFT JOIN ends e USING (lease_epoch) LEFT JOIN starts s USING (lease
 DELETE FROM attempts WHERE lease_epoch IN (SELECT lease_epoch FROM _att);
 INSERT INTO attempts SELECT * FROM _att;
 """),
-    ("metrics", """
+    ("metrics", f"""
 INSERT INTO metrics
 SELECT seq, job_id, lease_epoch,
     CASE type WHEN 'JobCompleted' THEN 'final' WHEN 'Checkpointed' THEN 'checkpoint'
         ELSE 'progress' END,
-    step, epoch, m.key, m.value, time
-FROM (SELECT seq, job_id, lease_epoch, type, step, epoch, time,
-             unnest(map_entries(metrics)) AS m
-      FROM _b WHERE type IN ('Progress', 'Checkpointed', 'JobCompleted'));
+    r.step, r.epoch, m.key, m.value, time
+FROM (SELECT seq, job_id, lease_epoch, type, time, r, unnest(map_entries(r.metrics)) AS m
+      FROM (SELECT *, json_transform(payload, '{_REPORTED}') AS r
+            FROM _b WHERE type IN ('Progress', 'Checkpointed', 'JobCompleted')));
 """),
     ("utilization", """
 INSERT INTO utilization
 SELECT seq, time, node, cpu, mem, running FROM _b WHERE type = 'UtilizationSampled';
 """),
-    ("gpu_utilization", """
+    ("gpu_utilization", f"""
 INSERT INTO gpu_utilization
 SELECT seq, time, node, g.index, g.util, g.vram_used_gb, g.vram_total_gb
-FROM (SELECT seq, time, node, unnest(gpus) AS g FROM _b WHERE type = 'UtilizationSampled');
+FROM (SELECT seq, time, node, unnest(json_transform(payload, '{_SAMPLED}').gpus) AS g
+      FROM _b WHERE type = 'UtilizationSampled');
 """),
     ("nodes", f"""
 CREATE OR REPLACE TEMP TABLE _nodes AS
