@@ -126,19 +126,22 @@ _ENDED = "('completed', 'failed', 'expired')"
 # column of every staged row, and the columns cost even where they are NULL.
 _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
  "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
- "spec": {"sweep_id": "VARCHAR"}, "duration_s": "DOUBLE", "error": "VARCHAR",
+ "spec": {"sweep_id": "VARCHAR"}, "error": "VARCHAR",
  "exit_code": "INTEGER", "final": "BOOLEAN", "pid": "INTEGER", "ahead": "BOOLEAN",
  "fallback": "VARCHAR", "cpu": "DOUBLE", "mem": "DOUBLE", "running": "INTEGER",
- "artifacts": "JSON", "devices": "JSON", "env": "JSON"}"""
+ "devices": "JSON", "env": "JSON"}"""
 
-_FIELDS = ("duration_s", "error", "exit_code", "final", "pid", "ahead",
-           "fallback", "cpu", "mem", "running", "artifacts", "devices", "env")
+_FIELDS = ("error", "exit_code", "final", "pid", "ahead", "fallback", "cpu", "mem", "running",
+           "devices", "env")
 
 # What the metrics rows are made of (Progress, Checkpointed, JobCompleted), and a sample's GPUs:
 # read by the appending transaction, as a list or map column on every staged row cost more.
 _REPORTED = """{"step": "BIGINT", "epoch": "BIGINT", "metrics": "MAP(VARCHAR, DOUBLE)"}"""
 _SAMPLED = """{"gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
  "vram_total_gb": "DOUBLE"}]}"""
+
+# A JobCompleted's documents, read by the jobs fold (one parse for the three).
+_COMPLETED = """{"metrics": "JSON", "artifacts": "JSON", "duration_s": "DOUBLE"}"""
 
 # A JobSubmitted's spec, read by the jobs fold for the jobs it inserts.
 _SPEC = """{"spec": {"sweep_id": "VARCHAR", "model_type": "VARCHAR", "name": "VARCHAR",
@@ -187,12 +190,11 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
 n AS (
     SELECT a.*, s.payload -> '$.spec' AS spec_json,
         json_transform(s.payload, '{_SPEC}').spec AS sp, s.time AS submitted_at,
-        l.node, f.final AS last_final, f.error, c.payload -> '$.metrics' AS metrics,
-        c.artifacts, c.duration_s
+        l.node, f.final AS last_final, f.error, c.d.metrics, c.d.artifacts, c.d.duration_s
     FROM a
     LEFT JOIN (SELECT seq, payload, time FROM _b WHERE type = 'JobSubmitted') s
         ON s.seq = a.sub_seq
-    LEFT JOIN (SELECT seq, payload, artifacts, duration_s FROM _b
+    LEFT JOIN (SELECT seq, json_transform(payload, '{_COMPLETED}') AS d FROM _b
                WHERE type = 'JobCompleted') c ON c.seq = a.done_seq
     LEFT JOIN (SELECT seq, final, error FROM _b WHERE type = 'JobFailed') f
         ON f.seq = a.fail_seq
