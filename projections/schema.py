@@ -127,18 +127,20 @@ _ENDED = "('completed', 'failed', 'expired')"
 _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
  "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
  "spec": {"sweep_id": "VARCHAR"}, "error": "VARCHAR",
- "exit_code": "INTEGER", "final": "BOOLEAN", "pid": "INTEGER", "ahead": "BOOLEAN",
- "fallback": "VARCHAR", "cpu": "DOUBLE", "mem": "DOUBLE", "running": "INTEGER",
- "devices": "JSON", "env": "JSON"}"""
+ "exit_code": "INTEGER", "final": "BOOLEAN",
+ "cpu": "DOUBLE", "mem": "DOUBLE", "running": "INTEGER"}"""
 
-_FIELDS = ("error", "exit_code", "final", "pid", "ahead", "fallback", "cpu", "mem", "running",
-           "devices", "env")
+_FIELDS = ("error", "exit_code", "final", "cpu", "mem", "running")
 
 # What the metrics rows are made of (Progress, Checkpointed, JobCompleted), and a sample's GPUs:
 # read by the appending transaction, as a list or map column on every staged row cost more.
 _REPORTED = """{"step": "BIGINT", "epoch": "BIGINT", "metrics": "MAP(VARCHAR, DOUBLE)"}"""
 _SAMPLED = """{"gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
  "vram_total_gb": "DOUBLE"}]}"""
+
+# A lease's and a start's fields, read by the attempts fold.
+_LEASED = """{"devices": "JSON", "ahead": "BOOLEAN", "fallback": "VARCHAR"}"""
+_STARTED = """{"pid": "INTEGER", "env": "JSON"}"""
 
 # A JobCompleted's documents, read by the jobs fold (one parse for the three).
 _COMPLETED = """{"metrics": "JSON", "artifacts": "JSON", "duration_s": "DOUBLE"}"""
@@ -229,18 +231,21 @@ FROM _jobs WHERE NOT has_old;
     ("attempts", f"""
 CREATE OR REPLACE TEMP TABLE _att AS
 WITH leases AS (
-    SELECT job_id, attempt, lease_epoch, node, devices, coalesce(ahead, false) AS ahead,
-        coalesce(fallback, '') AS fallback, time AS leased_at
-    FROM _b WHERE type = 'JobLeased'),
+    SELECT job_id, attempt, lease_epoch, node, x.devices, coalesce(x.ahead, false) AS ahead,
+        coalesce(x.fallback, '') AS fallback, time AS leased_at
+    FROM (SELECT *, json_transform(payload, '{_LEASED}') AS x FROM _b
+          WHERE type = 'JobLeased')),
 ends AS (
     SELECT lease_epoch, arg_min(type, seq) AS end_type, min(time) AS ended_at,
         arg_min(error, seq) AS error, arg_min(exit_code, seq) AS exit_code
     FROM _b WHERE type IN ('JobCompleted', 'JobFailed', 'LeaseExpired') AND lease_epoch > 0
     GROUP BY lease_epoch),
 starts AS (
-    SELECT lease_epoch, min(time) AS started_at, arg_min(pid, seq) AS pid,
-        arg_min(env, seq) AS env
-    FROM _b WHERE type = 'JobStarted' GROUP BY lease_epoch),
+    SELECT lease_epoch, min(time) AS started_at, arg_min(x.pid, seq) AS pid,
+        arg_min(x.env, seq) AS env
+    FROM (SELECT lease_epoch, time, seq, json_transform(payload, '{_STARTED}') AS x FROM _b
+          WHERE type = 'JobStarted')
+    GROUP BY lease_epoch),
 cancels AS (SELECT job_id, seq, time FROM _b WHERE type = 'JobCancelled'),
 keys AS (
     SELECT lease_epoch FROM leases UNION SELECT lease_epoch FROM ends
