@@ -1,9 +1,10 @@
 """The DuckDB projection: apply events in batches, replay, digest, query.
 
-A batch goes in as one Arrow table (never row by row): the events flattened, their payload as
-JSON. The derived tables are then recomputed in SQL for what the batch touched, and the last
-applied seq is stored in the same transaction as the rows, so a crash mid-apply leaves the file
-at the previous batch: nothing lost, nothing doubled.
+A batch goes in as one Arrow column of JSON (never row by row), is staged (its common fields
+typed, in an in-memory database), and is folded into the tables in SQL; the last applied seq is
+stored in the same transaction as the rows, so a crash mid-apply leaves the file at the previous
+batch: nothing lost, nothing doubled. A catch-up splits each batch into two transactions (see
+_commit_split), and trims what the first left if the second did not commit.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import itertools
 import queue
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,9 +35,9 @@ _json = msgspec.json.Encoder()
 
 READ_ONLY = {"SELECT", "EXPLAIN"}
 # Catch-up batches: whole row groups of DuckDB's, so that each batch's events go to disk as
-# whole row groups and the checkpoint has none to merge (1M events: 4.3 s in batches of two,
-# 4.8 s in batches of 250,000); three did a little better than two or four. The first batch
-# is one row group, so that the fold starts sooner (4.0 s against 4.15 s).
+# whole row groups and the checkpoint has none to merge (batches of 250,000 took 10% longer);
+# three did a little better than two or four. The first batch is one row group, so that the
+# fold starts sooner.
 ROW_GROUP = 122_880
 CATCH_UP_BATCH = 3 * ROW_GROUP
 DECODE_STEP = 2048  # events decoded per call (a few ms of holding the GIL)
@@ -90,8 +91,8 @@ def stage(cur: duckdb.DuckDBPyConnection, batch: pa.Table, first: int) -> Staged
 
 
 def to_arrow(raws: Sequence[bytes], first: int = 0) -> pa.Table:
-    """Encoded events (the log's bytes) as one Arrow column of JSON lines, built from two
-    buffers; ``first`` (the first one's seq) is for naming an undecodable one.
+    """Encoded events (the log's bytes) as one Arrow column of JSON lines, built from an offsets
+    buffer and a data buffer; ``first`` (the first one's seq) is for naming an undecodable one.
 
     The typed decode checks every record against the schema; msgspec writes the events as JSON
     lines, and the offsets come from the newlines (JSON escapes a newline inside a string, so
@@ -230,9 +231,9 @@ class Projection:
         # each take would wait up to the switch interval (5 ms), a dozen times a batch.
         interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0005)
-        producer.start()
         appender = self.con.cursor()
         pool = ThreadPoolExecutor(1, thread_name_prefix="evo-projection-append")
+        producer.start()
         try:
             while (item := chunks.get()) is not None:
                 if isinstance(item, BaseException):
@@ -247,7 +248,8 @@ class Projection:
             pool.shutdown()
             appender.close()
             stop.set()
-            while producer.is_alive():  # unblock a producer waiting on a full queue
+            # unblock a producer waiting on a full queue, and drop what it staged
+            while producer.is_alive() or not chunks.empty():
                 try:
                     item = chunks.get(timeout=0.05)
                 except queue.Empty:
@@ -335,7 +337,7 @@ def _commit(con: duckdb.DuckDBPyConnection, batch: Staged) -> None:
             con.rollback()
             raise
     finally:
-        con.execute(f"DROP TABLE IF EXISTS {batch.table}")
+        con.execute(f"DROP VIEW IF EXISTS _b; DROP TABLE IF EXISTS {batch.table}")
 
 
 def _commit_split(con: duckdb.DuckDBPyConnection, appender: duckdb.DuckDBPyConnection,
@@ -380,4 +382,4 @@ def _commit_split(con: duckdb.DuckDBPyConnection, appender: duckdb.DuckDBPyConne
             raise
     finally:
         wait([appended])
-        con.execute(f"DROP TABLE IF EXISTS {batch.table}")
+        con.execute(f"DROP VIEW IF EXISTS _b; DROP TABLE IF EXISTS {batch.table}")
