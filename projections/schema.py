@@ -1,12 +1,13 @@
 """The projection tables and the SQL that folds a batch of events into them.
 
-A batch is parsed once (STAGE: one ``json_transform`` per event into ``_b``, typed columns
-beside the JSON). ``events`` takes the batch as it is; the append-only tables (metrics,
-utilization) take their rows from it; the keyed tables (jobs, attempts, nodes, sweeps) are
-folded: each touched row is computed from its old value and the batch's
-aggregates, then replaces the old row. Every merge is associative (first value, last value,
-count, max), so applying a log in batches of any size gives the same tables as one replay from
-nothing, and a batch costs what is in it, not what came before it.
+A batch is staged (STAGE: one ``json_transform`` per event into ``_b``, the common fields as
+typed columns beside the JSON; the steps that need other fields parse them for their events).
+``events`` takes the batch as it is; the append-only tables (metrics, utilization) take their
+rows from it; the keyed tables (jobs, attempts, nodes, sweeps) are folded: each touched row is
+computed from its old value and the batch's aggregates, then replaces the old row. Every merge
+is associative (first value, last value, count, max), so applying a log in batches of any size
+gives the same tables as one replay from nothing, and a batch costs what is in it, not what
+came before it.
 """
 
 from __future__ import annotations
@@ -121,19 +122,18 @@ _LIFECYCLE = ("'JobSubmitted', 'JobLeased', 'JobStarted', 'JobCompleted', 'JobFa
               "'RetryScheduled', 'JobCancelled', 'LeaseExpired'")
 _ENDED = "('completed', 'failed', 'expired')"
 
-# Every field that some table needs, parsed once, but those of the rare events (a node joining,
-# a sweep's name and best job), which their folds read from the payload: every field here is a
-# column of every staged row, and the columns cost even where they are NULL.
+# The fields staged for every event: those of the events table, and a few scalars. Every field
+# here is a column of every staged row, costing even where it is NULL; the others (the shapes
+# below) are parsed from the payload by the step that needs them, for its events only, which
+# cost less than a struct, list or map column on every row (5-10% of a catch-up each).
 _SHAPE = """{"seq": "BIGINT", "time": "DOUBLE", "type": "VARCHAR", "job_id": "VARCHAR",
  "node": "VARCHAR", "sweep_id": "VARCHAR", "attempt": "INTEGER", "lease_epoch": "BIGINT",
- "spec": {"sweep_id": "VARCHAR"}, "error": "VARCHAR",
- "exit_code": "INTEGER", "final": "BOOLEAN",
+ "spec": {"sweep_id": "VARCHAR"}, "error": "VARCHAR", "exit_code": "INTEGER", "final": "BOOLEAN",
  "cpu": "DOUBLE", "mem": "DOUBLE", "running": "INTEGER"}"""
 
 _FIELDS = ("error", "exit_code", "final", "cpu", "mem", "running")
 
-# What the metrics rows are made of (Progress, Checkpointed, JobCompleted), and a sample's GPUs:
-# read by the appending transaction, as a list or map column on every staged row cost more.
+# What the metrics rows are made of (Progress, Checkpointed, JobCompleted), and a sample's GPUs.
 _REPORTED = """{"step": "BIGINT", "epoch": "BIGINT", "metrics": "MAP(VARCHAR, DOUBLE)"}"""
 _SAMPLED = """{"gpus": [{"index": "INTEGER", "util": "DOUBLE", "vram_used_gb": "DOUBLE",
  "vram_total_gb": "DOUBLE"}]}"""
@@ -158,8 +158,8 @@ _JOINED = """{"hostname": "VARCHAR", "cpus": "DOUBLE", "mem_gb": "DOUBLE", "slot
 STAGE_DB = "_stage"
 
 # From ``_batch`` (one column, ``payload``: each event's JSON, in seq order): one row per event,
-# one column per field that some table needs, and the payload, in the batch's order. It runs in
-# the thread that builds the next batch while this one is folded; the fold reads it as ``_b``.
+# the _SHAPE fields as columns, and the payload, in the batch's order. It runs in the thread
+# that builds the next batch while this one is folded; the fold reads it as ``_b``.
 STAGE = f"""
 SELECT s.seq, s.time, s.type, s.job_id, s.node,
     coalesce(s.sweep_id, CASE WHEN s.type = 'JobSubmitted' THEN s.spec.sweep_id END) AS sweep_id,
