@@ -15,7 +15,7 @@ bench/out). Then:
     --batch, with a checkpoint at the end (rows/s): what storing the log costs with no
     parsing and no derived tables.
 
-    python bench/projections.py [--events 1000000] [--batch 245760]
+    python bench/projections.py [--events 1000000] [--batch 368640] [--runs 3]
 """
 
 from __future__ import annotations

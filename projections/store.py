@@ -16,7 +16,7 @@ import queue
 import sys
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -170,7 +170,7 @@ class Projection:
         try:
             for table in APPENDED:
                 self.con.execute(f"DELETE FROM {table} WHERE seq > ?", [lo])
-            self.con.execute("UPDATE appended SET last_seq = ?", [lo])
+            self.con.execute(_SET_APPENDED, [lo])
             self.con.commit()
         except BaseException:
             self.con.rollback()
@@ -255,7 +255,7 @@ class Projection:
                 except queue.Empty:
                     continue
                 if isinstance(item, Staged):
-                    self.con.execute(f"DROP TABLE {item.table}")
+                    _unstage(self.con, item)
             sys.setswitchinterval(interval)
             self.con.execute(f"SET checkpoint_threshold = '{threshold[0][0]}'")
         return self.last_seq
@@ -318,26 +318,48 @@ def as_of(live: Projection, seq: int) -> Projection:
     return proj
 
 
+# A batch's statements: those of the append-only tables (APPENDED), then the keyed folds.
+_APPEND = [INSERT_EVENTS, *(sql for name, sql in DERIVE if name in APPENDED)]
+_FOLD = [*(sql for name, sql in DERIVE if name not in APPENDED), DROP_STAGED]
+_SET_APPENDED = "UPDATE appended SET last_seq = ?"
+_SET_LAST = "UPDATE meta SET value = ? WHERE key = 'last_seq'"
+
+
+def _transaction(con: duckdb.DuckDBPyConnection, statements: list[str], marks: list[str],
+                 hi: int, after: Future | None = None) -> None:
+    """Run ``statements``, set each of ``marks`` to ``hi``, and commit, once ``after`` (if
+    given) has succeeded; roll back on any error."""
+    con.begin()
+    try:
+        for sql in statements:
+            con.execute(sql)
+        for mark in marks:
+            con.execute(mark, [hi])
+        if after is not None:
+            after.result()
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+def _view(batch: Staged) -> str:
+    return f"CREATE OR REPLACE TEMP VIEW _b AS SELECT * FROM {batch.table}"
+
+
+def _unstage(con: duckdb.DuckDBPyConnection, batch: Staged) -> None:
+    con.execute(f"DROP VIEW IF EXISTS _b; DROP TABLE IF EXISTS {batch.table}")
+
+
 def _commit(con: duckdb.DuckDBPyConnection, batch: Staged) -> None:
     """Insert a staged batch of events, fold it into the tables and record its last seq: one
     transaction. The staged table is dropped after it (a transaction writes to one database)."""
     try:
-        con.execute(f"CREATE OR REPLACE TEMP VIEW _b AS SELECT * FROM {batch.table}")
-        con.begin()
-        try:
-            con.execute(INSERT_EVENTS)
-            for _, sql in DERIVE:
-                con.execute(sql)
-            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'",
-                        [batch.first + batch.n - 1])
-            con.execute("UPDATE appended SET last_seq = ?", [batch.first + batch.n - 1])
-            con.execute(DROP_STAGED)
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+        con.execute(_view(batch))
+        _transaction(con, _APPEND + _FOLD, [_SET_APPENDED, _SET_LAST],
+                     batch.first + batch.n - 1)
     finally:
-        con.execute(f"DROP VIEW IF EXISTS _b; DROP TABLE IF EXISTS {batch.table}")
+        _unstage(con, batch)
 
 
 def _commit_split(con: duckdb.DuckDBPyConnection, appender: duckdb.DuckDBPyConnection,
@@ -347,39 +369,17 @@ def _commit_split(con: duckdb.DuckDBPyConnection, appender: duckdb.DuckDBPyConne
     ``pool``'s thread; the keyed tables and ``meta.last_seq`` here. The append commits first,
     and the fold only after it, so the keyed tables are never ahead; if the fold does not
     commit, the rows past ``meta.last_seq`` are deleted (Projection._trim, also run on open).
-    A catch-up uses the CPU the single fold left idle (3.5 s against 3.7 s per million)."""
+    A catch-up uses the CPU the single fold left idle (about 4% faster)."""
     hi = batch.first + batch.n - 1
-    view = f"CREATE OR REPLACE TEMP VIEW _b AS SELECT * FROM {batch.table}"
 
     def append() -> None:
-        appender.execute(view)
-        appender.begin()
-        try:
-            appender.execute(INSERT_EVENTS)
-            for name, sql in DERIVE:
-                if name in APPENDED:
-                    appender.execute(sql)
-            appender.execute("UPDATE appended SET last_seq = ?", [hi])
-            appender.commit()
-        except BaseException:
-            appender.rollback()
-            raise
+        appender.execute(_view(batch))
+        _transaction(appender, _APPEND, [_SET_APPENDED], hi)
 
     appended = pool.submit(append)
     try:
-        con.execute(view)
-        con.begin()
-        try:
-            for name, sql in DERIVE:
-                if name not in APPENDED:
-                    con.execute(sql)
-            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", [hi])
-            con.execute(DROP_STAGED)
-            appended.result()
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
+        con.execute(_view(batch))
+        _transaction(con, _FOLD, [_SET_LAST], hi, after=appended)
     finally:
         wait([appended])
-        con.execute(f"DROP VIEW IF EXISTS _b; DROP TABLE IF EXISTS {batch.table}")
+        _unstage(con, batch)

@@ -213,7 +213,7 @@ if sys.argv[3] == "die-between-commits":  # the fold's last statement waits, the
         time.sleep(1.0)  # the append transaction (50 ms here) has committed by then
         os._exit(9)
     p.con.create_function("die", die, [], "INTEGER", side_effects=True)
-    store.DROP_STAGED = "SELECT die()"
+    store._FOLD = [*store._FOLD, "SELECT die()"]
 print("start", p.last_seq, flush=True)
 p.catch_up(raws, batch=int(sys.argv[4]))
 print("done", flush=True)
