@@ -4,6 +4,12 @@
 events it causes (seq and time stamped, already folded into the state, so the next command in
 the same batch sees them) and the reply to send once the batch is durable. A rejected command
 returns an ``Error`` reply and no events. Sockets, the log and the clock live in server.py.
+
+Every event is checked (``codec.check``: the schema's types, finite numbers, 64-bit ints,
+JSON-writable free-form values, a size bound) in ``_emit``, before it is folded: an event that
+does not fit is never in the state, so it can never reach the log. A command refused that way
+leaves the state as it was. Any other exception from a handler may leave events of that command
+folded; ``handle`` lets it through, and the server puts the state back (see server.py).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from evo.errors import BadInput
+from evo.events.codec import InvalidEvent, check
 from evo.events.schema import (
     CancelRequested, Checkpointed, Event, JobCancelled, JobCompleted, JobFailed, JobLeased,
     JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeJoined, NodeLeft, NodeLost, Progress,
@@ -24,6 +31,7 @@ from .cluster import Cluster
 from .liveness import compute_backoff, is_lost
 from .scheduler import decide, explain, never_fits
 from .state import ACTIVE, COMPLETED, QUEUED, TERMINAL, BrokerState, Job
+from evo.names import nul_error
 
 
 class InvalidSpec(BadInput):
@@ -42,15 +50,22 @@ def validate_spec(spec: JobSpec, state: BrokerState | None = None,
                                       or not all(spec.callable.split(":", 1))):
         raise InvalidSpec(f"$.spec.callable: expected `module:function`, got {spec.callable!r}")
     r = spec.resources
-    if r.cpus < 0 or r.mem_gb < 0 or r.gpus < 0 or r.vram_gb < 0:
-        for name in ("cpus", "mem_gb", "gpus", "vram_gb"):
-            value = getattr(r, name)
-            if value < 0:
-                raise InvalidSpec(f"$.spec.resources.{name}: expected >= 0, got {value}")
+    for name in ("cpus", "mem_gb", "gpus", "vram_gb"):
+        value = getattr(r, name)
+        if not (0 <= value <= 1e9):  # NaN fails this too
+            raise InvalidSpec(f"$.spec.resources.{name}: expected a finite number >= 0, "
+                              f"got {value}")
     if r.vram_gb > 0 and r.gpus == 0:
         raise InvalidSpec("$.spec.resources.vram_gb: VRAM was asked for without a GPU (gpus=0)")
-    if spec.max_attempts < 1:
-        raise InvalidSpec(f"$.spec.max_attempts: expected >= 1, got {spec.max_attempts}")
+    for name, lo, hi in (("max_attempts", 1, 1000), ("priority", -(2**31), 2**31 - 1)):
+        value = getattr(spec, name)
+        if not lo <= value <= hi:
+            raise InvalidSpec(f"$.spec.{name}: expected {lo} to {hi}, got {value}")
+    if spec.seed is not None and not -(2**63) <= spec.seed < 2**63:
+        raise InvalidSpec(f"$.spec.seed: expected a 64-bit integer, got {spec.seed}")
+    bad = _text_error(spec)
+    if bad:
+        raise InvalidSpec(bad)
     if cluster is not None and spec.model_type is not None and cluster.rules \
             and cluster.rule_for(spec.model_type) is None:
         known = ", ".join(r.model_type for r in cluster.rules)
@@ -62,9 +77,29 @@ def validate_spec(spec: JobSpec, state: BrokerState | None = None,
                 raise InvalidSpec(f"$.spec.after[{i}]: unknown job {dep!r}")
 
 
+def _text_error(spec: JobSpec) -> str | None:
+    """A NUL byte in any argument, name, key or tag (the OS cuts strings there, so a job would
+    not run what was recorded), or a data path that is not one."""
+    texts: list[tuple[str, str | None]] = [
+        ("$.spec.callable", spec.callable), ("$.spec.trainer", spec.trainer),
+        ("$.spec.model_type", spec.model_type), ("$.spec.name", spec.name),
+        ("$.spec.key", spec.key), ("$.spec.workdir", spec.workdir)]
+    texts += [(f"$.spec.command[{i}]", a) for i, a in enumerate(spec.command or ())]
+    texts += [(f"$.spec.after[{i}]", a) for i, a in enumerate(spec.after)]
+    for k, v in spec.tags.items():
+        texts += [(f"$.spec.tags key {k!r}", k), (f"$.spec.tags.{k}", v)]
+    texts += [(f"$.spec.data key {k!r}", k) for k in spec.data]
+    texts += [(f"$.spec.params key {k!r}", k) for k in spec.params]
+    for where, text in texts:
+        if text is not None and (bad := nul_error(text, where)):
+            return bad
+    return None
+
+
 @dataclass
 class Outcome:
     events: list[Event] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)  # each event as the log will store it
     reply: p.Reply | None = None
     park: bool = False  # a Ready that found no work: the server holds it until something changes
 
@@ -89,10 +124,13 @@ class Desk:
         cls._handlers = _handlers_of(cls)
 
     def _emit(self, out: Outcome, cls: type[Event], now: float, cause: str, **fields) -> Event:
-        """Stamp the next seq and the time on a new event and fold it into the state."""
+        """Stamp the next seq and the time on a new event, check it (InvalidEvent, with the
+        state untouched) and fold it into the state."""
         event = cls(seq=self.state.last_seq + 1, time=now, cause=cause, **fields)
+        raw = check(event)
         self.state.apply(event)
         out.events.append(event)
+        out.encoded.append(raw)
         return event
 
     def handle(self, cmd: p.Command, now: float, *, cause: str = "", mono: float = 0.0) -> Outcome:
@@ -100,10 +138,16 @@ class Desk:
         if method is None:
             return Outcome(reply=p.Error(req=cmd.req, code="unknown",
                                          message=f"command {type(cmd).__name__} is not served"))
-        if type(cmd) in _NODE_COMMANDS:
-            out = method(self, cmd, now, cause, mono)
-        else:
-            out = method(self, cmd, now, cause)
+        before = self.state.last_seq
+        try:
+            if type(cmd) in _NODE_COMMANDS:
+                out = method(self, cmd, now, cause, mono)
+            else:
+                out = method(self, cmd, now, cause)
+        except InvalidEvent as exc:
+            if self.state.last_seq != before:
+                raise  # events of this command are folded already: the server restores
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=str(exc)))
         if self.state.closable:
             self._close_sweeps(out, now, cause)
         return out
@@ -160,15 +204,16 @@ class Desk:
             validate_spec(spec, self.state, self.cluster)
         except InvalidSpec as exc:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=str(exc)))
+        out = Outcome()
         seq = self.state.last_seq + 1
         job_id = f"j{seq}"
-        event = JobSubmitted(seq=seq, time=now, cause=cause, job_id=job_id, spec=spec)
-        self.state.apply(event)
+        self._emit(out, JobSubmitted, now, cause, job_id=job_id, spec=spec)
         r = spec.resources
         warning = ""
         if r.gpus or r.cpus > 1 or r.mem_gb:  # a 1-CPU job fits anything: skip the scan
             warning = never_fits(spec, self.state, self.cluster) or ""
-        return Outcome([event], p.Submitted(req=cmd.req, job_id=job_id, seq=seq, warning=warning))
+        out.reply = p.Submitted(req=cmd.req, job_id=job_id, seq=seq, warning=warning)
+        return out
 
     def on_cancel(self, cmd: p.Cancel, now: float, cause: str) -> Outcome:
         sweep = self.state.sweeps.get(cmd.target)
@@ -239,7 +284,7 @@ class Desk:
         out = Outcome()
         if cmd.util:
             self._emit(out, UtilizationSampled, now, cause, node=cmd.node,
-                       cpu=float(cmd.util.get("cpu", 0.0)), mem=float(cmd.util.get("mem", 0.0)),
+                       cpu=cmd.util.get("cpu", 0.0), mem=cmd.util.get("mem", 0.0),
                        gpus=cmd.gpus, running=len(cmd.running))
         cancel = self._to_cancel(cmd.node) + self._not_ours(cmd.node, cmd.running)
         out.reply = p.Leases(req=cmd.req, cancel=sorted(set(cancel)), seq=self.state.last_seq)
@@ -273,47 +318,64 @@ class Desk:
                                          message=f"no job {cmd.job_id!r}"))
         if cmd.node in self.last_seen:
             self.last_seen[cmd.node] = mono
+        body = cmd.report
+        kind = p.report_kind(body)
         current = (job.lease_epoch == cmd.lease_epoch and job.node == cmd.node
                    and job.state in ACTIVE)
         if not current:
             why = (f"lease {cmd.lease_epoch} of {cmd.job_id} is not current "
                    f"(job is {job.state}, lease {job.lease_epoch or 'none'} on {job.node or '-'})")
-            self._emit(out, ReportRejected, now, cause, job_id=cmd.job_id,
-                       lease_epoch=cmd.lease_epoch, node=cmd.node, report=cmd.kind, reason=why)
+            self._reject(out, cmd, kind, why, now, cause)
             out.reply = p.Error(req=cmd.req, code="stale", message=why)
             return out
-        d = cmd.data
-        ids = {"job_id": cmd.job_id, "lease_epoch": cmd.lease_epoch}
-        kind = cmd.kind
+        if isinstance(body, p.RefusedReport):  # the node could not read what the job wrote
+            self._reject(out, cmd, body.report or "report", body.reason, now, cause)
+            out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq)
+            return out
+        bad = p.report_error(body)
         try:
-            if kind == "started":
-                self._emit(out, JobStarted, now, cause, pid=int(d.get("pid", 0)),
-                           env=dict(d.get("env", {})), **ids)
-            elif kind == "progress":
-                self._emit(out, Progress, now, cause, step=d.get("step"), epoch=d.get("epoch"),
-                           metrics=_floats(d.get("metrics", {})), eta_s=d.get("eta_s"), **ids)
-            elif kind == "checkpoint":
-                self._emit(out, Checkpointed, now, cause, path=str(d["path"]), step=d.get("step"),
-                           metrics=_floats(d.get("metrics", {})), **ids)
-            elif kind == "completed":
-                self._emit(out, JobCompleted, now, cause, metrics=_floats(d.get("metrics", {})),
-                           artifacts={str(k): str(v) for k, v in d.get("artifacts", {}).items()},
-                           duration_s=float(d.get("duration_s", 0.0)), **ids)
-            elif kind == "cancelled" and job.cancel_requested:
-                self._emit(out, JobCancelled, now, cause, job_id=cmd.job_id,
-                           reason=str(d.get("reason", "cancelled")))
-            elif kind in ("failed", "cancelled"):
-                self._attempt_failed(out, job, now, cause, error=str(d.get("error", kind)),
-                                     exit_code=d.get("exit_code"),
-                                     retryable=bool(d.get("retryable", True)))
-            else:
-                return Outcome(reply=p.Error(req=cmd.req, code="invalid",
-                                             message=f"unknown report kind {kind!r}"))
-        except (KeyError, TypeError, ValueError) as exc:
-            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
-                                         message=f"bad {kind} report for {cmd.job_id}: {exc}"))
+            if bad is None:
+                self._apply_report(out, job, cmd, body, now, cause)
+        except InvalidEvent as exc:
+            if out.events:
+                raise  # part of it is folded already: the server restores the state
+            bad = str(exc)
+        if bad is not None:  # recorded, never applied: the attempt goes on
+            self._reject(out, cmd, kind, bad, now, cause)
+            out.reply = p.Error(req=cmd.req, code="rejected", message=f"{kind} report of "
+                                f"{cmd.job_id} refused: {bad}")
+            return out
         out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq)
         return out
+
+    def _reject(self, out: Outcome, cmd: p.Report, kind: str, why: str, now: float,
+                cause: str) -> None:
+        self._emit(out, ReportRejected, now, cause, job_id=cmd.job_id,
+                   lease_epoch=cmd.lease_epoch, node=cmd.node, report=kind, reason=why)
+
+    def _apply_report(self, out: Outcome, job: Job, cmd: p.Report, body: p.ReportBody,
+                      now: float, cause: str) -> None:
+        ids = {"job_id": cmd.job_id, "lease_epoch": cmd.lease_epoch}
+        if isinstance(body, p.ProgressReport):
+            self._emit(out, Progress, now, cause, step=body.step, epoch=body.epoch,
+                       metrics=body.metrics, eta_s=body.eta_s, **ids)
+        elif isinstance(body, p.StartedReport):
+            self._emit(out, JobStarted, now, cause, pid=body.pid, env=body.env, **ids)
+        elif isinstance(body, p.CheckpointReport):
+            self._emit(out, Checkpointed, now, cause, path=body.path, step=body.step,
+                       metrics=body.metrics, **ids)
+        elif isinstance(body, p.CompletedReport):
+            self._emit(out, JobCompleted, now, cause, metrics=body.metrics,
+                       artifacts=body.artifacts, duration_s=body.duration_s, **ids)
+        elif isinstance(body, p.CancelledReport) and job.cancel_requested:
+            self._emit(out, JobCancelled, now, cause, job_id=cmd.job_id,
+                       reason=body.reason or "cancelled")
+        elif isinstance(body, p.CancelledReport):
+            self._attempt_failed(out, job, now, cause, error=body.reason or "cancelled")
+        else:
+            assert isinstance(body, p.FailedReport)
+            self._attempt_failed(out, job, now, cause, error=body.error or "failed",
+                                 exit_code=body.exit_code, retryable=body.retryable)
 
     def _attempt_failed(self, out: Outcome, job: Job, now: float, cause: str, *, error: str,
                         exit_code: int | None = None, retryable: bool = True,
@@ -422,8 +484,6 @@ def best_job(jobs: list[Job], metric: str, mode: str | None = None) -> str | Non
     return min(scored)[2] if scored else None
 
 
-def _floats(metrics: dict) -> dict[str, float]:
-    return {str(k): float(v) for k, v in metrics.items()}
 
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50) -> p.StatusReply:

@@ -12,15 +12,25 @@ encoded events, the same bytes as in the log.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
+from msgspec import Meta
 
 from evo.events.schema import GpuInfo, GpuSample, JobSpec
+from evo.events.strict import MAX_FLOAT, Finite, Int64, friendly
+from evo.names import relative_error
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: reports are typed bodies; numbers are bounded
 RELAY_TOPIC = b"ev"
 MAX_MESSAGE_BYTES = 16 << 20  # ZMQ_MAXMSGSIZE: a peer that sends more is disconnected
+MAX_DEPTH = 32  # nesting of maps and arrays in one frame, checked before it is decoded
+
+# Bounded numbers for the wire (the projections keep these in 32-bit INTEGER columns).
+Int32 = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
+Count = Annotated[int, Meta(ge=0, le=1_000_000)]
+Seconds = Annotated[float, Meta(ge=0, le=MAX_FLOAT)]  # finite, not negative
+Amount = Annotated[float, Meta(ge=0, le=1e9)]  # cores, GB
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="cmd", forbid_unknown_fields=True):
@@ -38,19 +48,19 @@ class Submit(Command, tag="submit"):
 class SubmitSweep(Command, tag="submit_sweep"):
     """A sweep and all its jobs, appended together: SweepSubmitted, then one JobSubmitted each."""
 
-    name: str
+    name: Annotated[str, Meta(max_length=200)]
     spec: dict[str, Any] = {}  # the sweep as the user wrote it, for the record
-    jobs: list[JobSpec] = []
+    jobs: Annotated[list[JobSpec], Meta(max_length=100_000)] = []
 
 
 class Cancel(Command, tag="cancel"):
     target: str  # a job id or a sweep id
-    reason: str = ""
+    reason: Annotated[str, Meta(max_length=2000)] = ""
 
 
 class Read(Command, tag="read"):
-    from_seq: int = 1
-    limit: int = 10_000
+    from_seq: Int64 = 1
+    limit: Annotated[int, Meta(ge=0, le=2**31)] = 10_000
 
 
 class Status(Command, tag="status"):
@@ -65,16 +75,17 @@ class Why(Command, tag="why"):
 
 
 class Join(Command, tag="join"):
-    node: str
+    node: Annotated[str, Meta(min_length=1, max_length=200)]
     hostname: str = ""
-    cpus: float = 0.0
-    mem_gb: float = 0.0
-    gpus: list[GpuInfo] = []
-    labels: list[str] = []
-    slots: int = 1
-    capabilities: list[str] = []
-    running: list[tuple[str, int]] = []  # (job id, lease epoch) still running after a reconnect
-    heartbeat_s: float = 2.0  # leases expire after 3 heartbeats missed
+    cpus: Amount = 0.0
+    mem_gb: Amount = 0.0
+    gpus: Annotated[list[GpuInfo], Meta(max_length=256)] = []
+    labels: Annotated[list[str], Meta(max_length=256)] = []
+    slots: Annotated[int, Meta(ge=1, le=100_000)] = 1
+    capabilities: Annotated[list[str], Meta(max_length=256)] = []
+    running: list[tuple[str, Int64]] = []  # (job id, lease epoch) still running after a reconnect
+    # leases expire after 3 heartbeats missed
+    heartbeat_s: Annotated[float, Meta(ge=0.01, le=3600)] = 2.0
 
 
 class Ready(Command, tag="ready"):
@@ -87,16 +98,84 @@ class Ready(Command, tag="ready"):
     """
 
     node: str
-    max_leases: int = 0
-    wait_s: float = 0.0
-    ahead: int = 0  # the node queues up to this many leases beyond its free resources
+    max_leases: Count = 0
+    wait_s: Annotated[float, Meta(ge=0, le=3600)] = 0.0
+    ahead: Count = 0  # the node queues up to this many leases beyond its free resources
 
 
 class Heartbeat(Command, tag="heartbeat"):
     node: str
-    running: list[tuple[str, int]] = []
-    util: dict[str, Any] = {}
-    gpus: list[GpuSample] = []
+    running: list[tuple[str, Int64]] = []
+    util: dict[str, Finite] = {}  # cpu and mem, percent
+    gpus: Annotated[list[GpuSample], Meta(max_length=256)] = []
+
+
+# --- reports: what happened to a leased job, one typed body per kind ---------------------------
+
+
+class ReportBody(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """Unknown fields are ignored: a job's own records (evo.report) carry a time, for one."""
+
+
+class StartedReport(ReportBody, tag="started"):
+    pid: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+    env: dict[str, Any] = {}  # python, package versions, git commit, ...
+
+
+class ProgressReport(ReportBody, tag="progress"):
+    step: Int64 | None = None
+    epoch: Int64 | None = None
+    metrics: dict[str, Finite] = {}
+    eta_s: Seconds | None = None
+
+
+class CheckpointReport(ReportBody, tag="checkpoint"):
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    step: Int64 | None = None
+    metrics: dict[str, Finite] = {}
+
+
+class CompletedReport(ReportBody, tag="completed"):
+    metrics: dict[str, Finite] = {}
+    artifacts: dict[str, str] = {}
+    duration_s: Seconds = 0.0
+
+
+class FailedReport(ReportBody, tag="failed"):
+    error: str = ""
+    exit_code: Int32 | None = None
+    retryable: bool = True
+
+
+class CancelledReport(ReportBody, tag="cancelled"):
+    reason: str = ""
+
+
+class RefusedReport(ReportBody, tag="refused"):
+    """What a job wrote that the node could not turn into a report: recorded as ReportRejected."""
+
+    report: Annotated[str, Meta(max_length=40)] = ""  # the kind the job meant it to be
+    reason: Annotated[str, Meta(max_length=2000)] = ""
+
+
+AnyReport = Union[StartedReport, ProgressReport, CheckpointReport, CompletedReport, FailedReport,
+                  CancelledReport, RefusedReport]
+FINAL_REPORTS = (CompletedReport, FailedReport, CancelledReport)
+
+
+def report_kind(body: ReportBody) -> str:
+    return body.__struct_config__.tag  # type: ignore[return-value]
+
+
+def report_error(body: ReportBody) -> str | None:
+    """Names in a report that could not stay inside their folder (see evo.names)."""
+    if isinstance(body, CheckpointReport):
+        return relative_error(body.path, "$.path")
+    if isinstance(body, CompletedReport):
+        for name in body.artifacts:
+            if bad := relative_error(name, "$.artifacts key"):
+                return bad
+    return None
 
 
 class Report(Command, tag="report"):
@@ -104,9 +183,8 @@ class Report(Command, tag="report"):
 
     node: str
     job_id: str
-    lease_epoch: int
-    kind: str
-    data: dict[str, Any] = {}
+    lease_epoch: Int64
+    report: AnyReport
 
 
 class Leave(Command, tag="leave"):
@@ -122,20 +200,20 @@ class Output(Command, tag="output"):
 
     node: str
     job_id: str
-    attempt: int
-    stream: str  # "stdout" or "stderr"
-    offset: int
-    data: bytes
+    attempt: Annotated[int, Meta(ge=1, le=1_000_000)]
+    stream: Literal["stdout", "stderr"]
+    offset: Annotated[int, Meta(ge=0, le=2**62)]
+    data: Annotated[bytes, Meta(max_length=4 << 20)]
 
 
 class Logs(Command, tag="logs"):
     """Read a job's shipped output: ``attempt`` 0 means the latest."""
 
     job_id: str
-    attempt: int = 0
-    stream: str = "stdout"
-    offset: int = 0
-    limit: int = 1 << 20
+    attempt: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    stream: Literal["stdout", "stderr"] = "stdout"
+    offset: Annotated[int, Meta(ge=0, le=2**62)] = 0
+    limit: Annotated[int, Meta(ge=0, le=1 << 30)] = 1 << 20
 
 
 class Query(Command, tag="query"):
@@ -145,9 +223,9 @@ class Query(Command, tag="query"):
     or "digest" (the live projection's digest).
     """
 
-    sql: str = ""
-    as_of: int = 0
-    kind: str = "sql"
+    sql: Annotated[str, Meta(max_length=1 << 20)] = ""
+    as_of: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    kind: Literal["sql", "digest"] = "sql"
 
 
 AnyCommand = Union[Hello, Submit, SubmitSweep, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
@@ -254,6 +332,87 @@ reply_decoder = msgspec.msgpack.Decoder(AnyReply)
 
 class _ReqOnly(msgspec.Struct):
     req: int = 0
+
+
+class BadFrame(ValueError):
+    """Raised for a frame that is not a command: the message says why, for the Error reply."""
+
+
+# A byte that may open a map or an array (fixmap, fixarray, array 16/32, map 16/32). A frame has
+# at least as many of them as it has containers, so a frame with few is shallow enough without
+# a closer look.
+_CONTAINERS = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+# msgpack type byte -> (bytes that follow before the next item, bytes of a length that follows)
+_SKIP: dict[int, tuple[int, int]] = {
+    0xC0: (0, 0), 0xC2: (0, 0), 0xC3: (0, 0),
+    0xC4: (0, 1), 0xC5: (0, 2), 0xC6: (0, 4),  # bin
+    0xC7: (1, 1), 0xC8: (1, 2), 0xC9: (1, 4),  # ext: a type byte, then the data
+    0xCA: (4, 0), 0xCB: (8, 0), 0xCC: (1, 0), 0xCD: (2, 0), 0xCE: (4, 0), 0xCF: (8, 0),
+    0xD0: (1, 0), 0xD1: (2, 0), 0xD2: (4, 0), 0xD3: (8, 0),
+    0xD4: (2, 0), 0xD5: (3, 0), 0xD6: (5, 0), 0xD7: (9, 0), 0xD8: (17, 0),  # fixext
+    0xD9: (0, 1), 0xDA: (0, 2), 0xDB: (0, 4),  # str
+}
+
+
+def check_depth(frame: bytes, limit: int = MAX_DEPTH) -> None:
+    """Raise BadFrame if maps and arrays nest deeper than ``limit`` in ``frame`` (msgpack).
+
+    Decoders recurse per level, so this runs before any decoding. Most frames hold fewer
+    container bytes than the limit and pass at once; the others are walked item by item."""
+    if len(frame) - len(frame.translate(None, _CONTAINERS)) <= limit:
+        return
+    i, n, stack, left = 0, len(frame), [], 1
+    while True:
+        if left == 0:
+            if not stack:
+                return
+            left = stack.pop()
+            continue
+        if i >= n:
+            raise BadFrame("a truncated msgpack frame")
+        b = frame[i]
+        i += 1
+        left -= 1
+        if b <= 0x7F or b >= 0xE0:
+            continue
+        count = -1
+        if b <= 0x8F:
+            count = 2 * (b & 0x0F)
+        elif b <= 0x9F:
+            count = b & 0x0F
+        elif b <= 0xBF:
+            i += b & 0x1F
+        elif b in (0xDC, 0xDE):
+            count = int.from_bytes(frame[i:i + 2], "big") * (2 if b == 0xDE else 1)
+            i += 2
+        elif b in (0xDD, 0xDF):
+            count = int.from_bytes(frame[i:i + 4], "big") * (2 if b == 0xDF else 1)
+            i += 4
+        else:
+            skip = _SKIP.get(b)
+            if skip is None:
+                raise BadFrame(f"byte 0x{b:02x} at offset {i - 1} is not msgpack")
+            fixed, size = skip
+            if size:
+                i += size + int.from_bytes(frame[i:i + size], "big")
+            i += fixed
+        if count > 0:
+            stack.append(left)
+            left = count
+            if len(stack) > limit:
+                raise BadFrame(f"maps and arrays nest deeper than {limit} levels")
+
+
+def decode_command(frame: bytes) -> Command:
+    """A command from one frame, or BadFrame saying why not (never any other exception)."""
+    check_depth(frame)
+    try:
+        return command_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise BadFrame(friendly(str(exc))) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, RecursionError,
+            OverflowError, TypeError) as exc:
+        raise BadFrame(f"undecodable: {exc}") from None
 
 
 _req_decoder = msgspec.msgpack.Decoder(_ReqOnly)

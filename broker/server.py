@@ -8,6 +8,14 @@ One thread, one loop:
   4. only then send the replies, and publish the batch on the relay with its seqs;
   5. serve Reads, which only ever see committed events.
 A crash anywhere before 4 loses no acknowledged event: nothing was acknowledged.
+
+Two things put the state back to what is durable, because the desk folds events as it makes
+them: a command whose handler raises midway (the log plus the batch's events before it are
+folded again), and a batch the log could not write (a full disk, an I/O error: the log cuts the
+batch off, every command of the batch gets an error, and the state is folded from the log
+again). After a failed write the broker is *degraded*: it serves reads, status and queries,
+answers writes with the reason, keeps nodes' liveness without recording it, and tries the disk
+again (a small probe file) at most once a second; when the probe writes, it carries on.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from typing import Any
 import msgspec
 import zmq
 
+from evo import failpoints
 from evo.events.codec import pack_batch
-from evo.events.log import SegmentLog
+from evo.events.log import LogWriteError, SegmentLog
 from evo.errors import BadInput, EvoError
 from evo.home import is_loopback, read_broker_file, write_broker_file
 
@@ -40,6 +49,9 @@ from .state import fold
 log = logging.getLogger("evo.broker")
 
 READ_BYTES = 4 << 20  # cap on the events one Read reply carries
+PROBE_EVERY_S = 1.0  # how often a degraded broker tries the disk again
+# Commands that record something: refused while the log cannot be written.
+_WRITES = (p.Submit, p.SubmitSweep, p.Cancel, p.Join, p.Report, p.Leave)
 # Plain ints: combining pyzmq's enum flags per message costs more than the send itself.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
@@ -106,7 +118,9 @@ class Broker:
         self.pub.bind(f"{host}:*")
         self.events_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._stop = threading.Event()
-        self.stats = {"batches": 0, "events": 0, "commands": 0, "errors": 0}
+        self.stats = {"batches": 0, "events": 0, "commands": 0, "errors": 0, "restores": 0}
+        self.write_error = ""  # why the log cannot be written now ("" when it can)
+        self._probe_at = 0.0
         self.follower: Follower | None = None
         self.query_endpoint = ""
         if projections:
@@ -156,7 +170,10 @@ class Broker:
 
     def run_batch(self) -> None:
         now, mono = time.time(), time.monotonic()
+        if self.write_error and mono >= self._probe_at:
+            self._probe(mono)
         events: list = []
+        encoded: list[bytes] = []
         replies: list[tuple[bytes, p.Reply]] = []
         reads: list[tuple[bytes, p.Read]] = []
         recv = self.router.recv
@@ -179,17 +196,29 @@ class Broker:
             if type(cmd) is p.Output or type(cmd) is p.Logs:
                 replies.append((ident, self._output(cmd)))
                 continue
-            self._handle(ident, cmd, now, mono, events, replies)
-        if mono >= self._next_tick:
+            self._handle(ident, cmd, now, mono, events, encoded, replies)
+        if mono >= self._next_tick and not self.write_error:
             self._next_tick = mono + self.tick_s
-            events.extend(self.desk.tick(now, mono).events)
+            try:
+                out = self.desk.tick(now, mono)
+                events.extend(out.events)
+                encoded.extend(out.encoded)
+            except Exception:  # noqa: BLE001 - as for a command: put the state back
+                log.exception("the timer's tick failed")
+                self._restore(events)
         if self._parked and (self._parked_seq != self.desk.state.last_seq
                              or any(d <= mono for _, _, d in self._parked)):
             parked, self._parked = self._parked, []
             for ident, cmd, deadline in parked:
-                self._handle(ident, cmd, now, mono, events, replies, deadline)
+                self._handle(ident, cmd, now, mono, events, encoded, replies, deadline)
         self._parked_seq = self.desk.state.last_seq
-        encoded = self.log.append(events) if events else []
+        if events:
+            try:
+                self.log.append(events, encoded)
+            except LogWriteError as exc:
+                self._write_failed(str(exc), replies, mono)
+                events, encoded = [], []
+        failpoints.hit("broker.before_ack")
         if encoded and self.follower is not None:
             self.follower.push(encoded)  # before the acks: answers include what was acked
         send, encode = self.router.send, p.reply_encoder.encode
@@ -204,15 +233,21 @@ class Broker:
             self.router.send_multipart([ident, p.reply_encoder.encode(self._read(read))])
 
     def _handle(self, ident: bytes, cmd: p.Command, now: float, mono: float, events: list,
-                replies: list, deadline: float | None = None) -> None:
+                encoded: list, replies: list, deadline: float | None = None) -> None:
+        if self.write_error:
+            cmd = self._degraded(ident, cmd, mono, replies, deadline)
+            if cmd is None:
+                return
         try:
             out = self.desk.handle(cmd, now, cause=f"{ident.hex()}:{cmd.req}", mono=mono)
         except Exception as exc:  # a bug must not take the broker down with it
-            log.exception("command %s failed", type(cmd).__name__)
+            log.exception("command %s failed; the state is folded again", type(cmd).__name__)
+            self._restore(events)
             replies.append((ident, p.Error(req=cmd.req, code="internal",
                                            message=f"{type(exc).__name__}: {exc}")))
             return
         events.extend(out.events)
+        encoded.extend(out.encoded)
         if out.park:  # a Ready with no work: answer when something changes or time is up
             deadline = mono + cmd.wait_s if deadline is None else deadline  # type: ignore[attr-defined]
             if deadline > mono:
@@ -220,6 +255,74 @@ class Broker:
                 return
         if out.reply is not None:
             replies.append((ident, self._fill(out.reply)))
+
+    def _restore(self, pending: list) -> None:
+        """The state as the log and ``pending`` (this batch's events so far) say it is."""
+        t0 = time.perf_counter()
+        state = fold(self.log.read_from(1))
+        for ev in pending:
+            state.apply(ev)
+        self.desk.state = state
+        self.stats["restores"] += 1
+        log.warning("state folded again from %d events in %.2fs", state.last_seq,
+                    time.perf_counter() - t0)
+
+    # --- a log that cannot be written ---------------------------------------------------------
+
+    def _write_failed(self, why: str, replies: list, mono: float) -> None:
+        """The batch is not durable: nothing of it is acknowledged, the state forgets it."""
+        log.error("%s; the broker serves reads and queries and refuses writes until the disk "
+                  "takes them again", why)
+        self.write_error = why
+        self._probe_at = mono + PROBE_EVERY_S
+        self._restore([])
+        message = f"not recorded: {why}"
+        replies[:] = [(ident, p.Error(req=r.req, code="unavailable", message=message))
+                      for ident, r in replies]
+
+    def _degraded(self, ident: bytes, cmd: p.Command, mono: float, replies: list,
+                  deadline: float | None) -> p.Command | None:
+        """While the log cannot be written: the command to handle instead (one that records
+        nothing), or None once it has been answered."""
+        if type(cmd) is p.Heartbeat:  # liveness is kept; the utilization sample is not
+            return msgspec.structs.replace(cmd, util={}, gpus=[])
+        if type(cmd) is p.Ready:  # no leases: held until its wait is up, then told none
+            if deadline is None:
+                deadline = mono + cmd.wait_s
+            if deadline > mono:
+                self._parked.append((ident, cmd, deadline))
+            else:
+                replies.append((ident, p.Leases(req=cmd.req, seq=self.desk.state.last_seq)))
+            return None
+        if isinstance(cmd, _WRITES):
+            replies.append((ident, p.Error(req=cmd.req, code="unavailable",
+                                           message=f"not recorded: {self.write_error}")))
+            return None
+        return cmd
+
+    def _probe(self, mono: float) -> None:
+        """Try writing and syncing a small file beside the log; clear the error if it works."""
+        probe = self.log.dir / ".probe"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            self._probe_at = mono + PROBE_EVERY_S
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+            log.debug("the disk still refuses writes: %s", exc)
+            return
+        if self.log.broken:
+            self.write_error = self.log.broken
+            self._probe_at = mono + PROBE_EVERY_S
+            return
+        log.warning("the disk takes writes again: the broker records again")
+        self.write_error = ""
 
     def _decode(self, ident: bytes, frames: list[bytes], replies: list) -> p.Command | None:
         if len(frames) != 2:
@@ -229,8 +332,8 @@ class Broker:
             self.stats["errors"] += 1
             return None
         try:
-            return p.command_decoder.decode(frames[1])
-        except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return p.decode_command(frames[1])
+        except p.BadFrame as exc:
             replies.append((ident, p.Error(req=p.salvage_req(frames[1]), code="protocol",
                                            message=f"bad command: {exc}")))
             self.stats["errors"] += 1

@@ -78,9 +78,16 @@ class Client:
         return self._req
 
     def send(self, cmd: p.Command) -> int:
-        """Send without waiting; returns the request number to ``receive``."""
+        """Send without waiting; returns the request number to ``receive``.
+
+        A command over the broker's frame limit is refused here: sent, it would only make the
+        broker drop the connection."""
         req = self._next_req()
-        self.sock.send(p.command_encoder.encode(msgspec.structs.replace(cmd, req=req)))
+        frame = p.command_encoder.encode(msgspec.structs.replace(cmd, req=req))
+        if len(frame) > p.MAX_MESSAGE_BYTES:
+            raise EvoError(f"{type(cmd).__name__} of {len(frame):,} bytes is over the broker's "
+                           f"limit of {p.MAX_MESSAGE_BYTES:,} for one message")
+        self.sock.send(frame)
         return req
 
     def receive(self, req: int, timeout_s: float | None = None) -> p.Reply:

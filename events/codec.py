@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import msgspec
 
 from .schema import AnyEvent, Event
+from .strict import free_form, friendly, json_value_error, strict_union
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyEvent)
@@ -83,3 +84,42 @@ def decode_batch(data: bytes | memoryview) -> list[Event]:
         return _batch_decoder.decode(data)
     except _BAD as exc:
         raise EventDecodeError(f"undecodable event batch ({exc})") from exc
+
+
+# --- what may be appended ---------------------------------------------------------------------
+
+_strict_decoder = msgspec.msgpack.Decoder(strict_union(AnyEvent))
+# The free-form values of each event type (params, an environment, a sweep's spec): only these
+# can hold what msgpack takes and JSON does not (bytes, None keys, NaN, extension types).
+_FREE = {cls: free_form(cls) for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
+MAX_EVENT_BYTES = 1 << 20  # an event is a record, not a payload: files go elsewhere
+
+
+class InvalidEvent(ValueError):
+    """Raised when an event does not fit the schema's rules; the message names the field path."""
+
+
+def check(event: Event) -> bytes:
+    """``event`` encoded, once it is known to decode back under the strict rules (types as
+    declared, finite floats, 64-bit ints), to hold only JSON values where it is free-form (the
+    projections read it as JSON) and to be at most MAX_EVENT_BYTES. Raises InvalidEvent naming
+    the event and the field."""
+    name = type(event).__name__
+    try:
+        raw = _encoder.encode(event)
+    except (TypeError, OverflowError, ValueError) as exc:
+        raise InvalidEvent(f"{name}: {exc}") from None
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"{name}: {len(raw):,} bytes encoded, over the limit of "
+                           f"{MAX_EVENT_BYTES:,}")
+    try:
+        _strict_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"{name}: {friendly(str(exc))}") from None
+    for path in _FREE[type(event)]:
+        value = event
+        for attr in path:
+            value = getattr(value, attr)
+        if value and (bad := json_value_error(value, "$." + ".".join(path))):
+            raise InvalidEvent(f"{name}: {bad}")
+    return raw

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from crc32c import crc32c
 
+from evo import failpoints
+
 from .codec import decode, decode_seq, encode
 from .schema import Event
 
@@ -50,14 +52,22 @@ class CorruptLog(Exception):
         )
 
 
+class LogWriteError(OSError):
+    """Raised when a batch could not be made durable (a full disk, an I/O error); none of the
+    batch counts as written, and the log is as it was before the batch."""
+
+
 class EventLog(ABC):
     """What the broker needs of a log; every backend passes tests/test_log_contract.py."""
 
     last_seq: int = 0
+    broken: str = ""  # why appends are refused for good (the log's end is in doubt)
 
     @abstractmethod
-    def append(self, events: Sequence[Event]) -> list[bytes]:
-        """Make the batch durable (one sync) and return each event's encoded bytes."""
+    def append(self, events: Sequence[Event], encoded: Sequence[bytes] | None = None) -> list[bytes]:
+        """Make the batch durable (one sync) and return each event's encoded bytes (the
+        caller's ``encoded``, when it has them already). Raises LogWriteError, leaving the
+        log as it was, when the batch cannot be made durable."""
 
     @abstractmethod
     def read_raw_from(self, seq: int, limit: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -93,9 +103,9 @@ class MemoryLog(EventLog):
         self.last_seq = 0
         self.recovered: list[str] = []
 
-    def append(self, events: Sequence[Event]) -> list[bytes]:
+    def append(self, events: Sequence[Event], encoded: Sequence[bytes] | None = None) -> list[bytes]:
         self._check_contiguous(events)
-        encoded = [encode(ev) for ev in events]
+        encoded = [encode(ev) for ev in events] if encoded is None else list(encoded)
         self._records.extend(encoded)
         self.last_seq += len(encoded)
         return encoded
@@ -267,27 +277,37 @@ class SegmentLog(EventLog):
             self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - held open for appends
 
     def _new_segment(self, first_seq: int) -> None:
+        """Start ``<first_seq>.seg``; on an error the current segment stays the one written."""
+        path = self._path(first_seq)
+        new = open(path, "ab", buffering=0)  # noqa: SIM115 - held open for appends
+        try:
+            if self.sync:
+                os.fsync(new.fileno())
+            failpoints.hit("log.rotate")
+            if self.sync:
+                _fsync_dir(self.dir)
+        except BaseException:
+            new.close()
+            if path.stat().st_size == 0:
+                path.unlink(missing_ok=True)
+            raise
         if self._file is not None:
             self._file.close()
-        path = self._path(first_seq)
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115
-        if self.sync:
-            os.fsync(self._file.fileno())
-            _fsync_dir(self.dir)
+        self._file = new
         self._segments.append(first_seq)
         self._size = 0
 
     # --- writing ------------------------------------------------------------------------------
 
-    def append(self, events: Sequence[Event]) -> list[bytes]:
+    def append(self, events: Sequence[Event], encoded: Sequence[bytes] | None = None) -> list[bytes]:
         if self.readonly or self._file is None:
             raise RuntimeError(f"event log {self.dir} is open read-only")
+        if self.broken:
+            raise LogWriteError(self.broken)
         if not events:
             return []
         self._check_contiguous(events)
-        encoded = [encode(ev) for ev in events]
-        if self._size >= self.segment_bytes:
-            self._new_segment(events[0].seq)
+        encoded = [encode(ev) for ev in events] if encoded is None else list(encoded)
         parts = []
         for payload in encoded:
             n = len(payload)
@@ -298,19 +318,47 @@ class SegmentLog(EventLog):
             parts.append(crc32c(payload, crc32c(lb)).to_bytes(4, "little"))
             parts.append(payload)
         data = b"".join(parts)
-        written = self._file.write(data)
-        if written != len(data):  # unbuffered writes may be short; finish them
-            view = memoryview(data)[written:]
-            while view:
-                n = self._file.write(view)
-                view = view[n:]
-        if self.sync:
-            os.fdatasync(self._file.fileno())
+        try:
+            if self._size >= self.segment_bytes:
+                self._new_segment(events[0].seq)
+        except OSError as exc:
+            raise LogWriteError(f"{exc.strerror or exc} starting a new segment of the event "
+                                f"log in {self.dir}; nothing was written") from exc
+        start = self._size
+        try:
+            failpoints.hit("log.write")
+            view = memoryview(data)
+            while view:  # unbuffered writes may be short; finish them
+                view = view[self._file.write(view):]
+            failpoints.hit("log.after_write")
+            if self.sync:
+                failpoints.hit("log.fsync")
+                os.fdatasync(self._file.fileno())
+        except OSError as exc:
+            # Nothing of the batch may count as durable, and nothing of it may be read back
+            # after a restart: cut the segment back to where the batch began.
+            self._cut(start)
+            raise LogWriteError(f"{exc.strerror or exc} writing the event log in {self.dir} "
+                                f"(segment {self._path(self._segments[-1]).name}); "
+                                f"{len(events)} event(s) not recorded") from exc
         self._size += len(data)
         first = events[0].seq
         self._recent.extend(zip(range(first, first + len(encoded)), encoded))
         self.last_seq += len(encoded)
         return encoded
+
+    def _cut(self, size: int) -> None:
+        """Truncate the segment being written back to ``size`` bytes, durably."""
+        assert self._file is not None
+        try:
+            os.ftruncate(self._file.fileno(), size)
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            # The segment may now end in records no one was told about: refuse every
+            # further append rather than write after them.
+            self.broken = (f"the event log in {self.dir} could not be cut back after a failed "
+                           f"write ({exc.strerror or exc}); restart the broker, which checks "
+                           "the log as it opens it")
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -19,7 +19,10 @@ work that another idle node could be running.
 Every report names its lease epoch; a report the broker calls stale means the lease was taken
 back (the node was silent too long), so the attempt is killed, never finished twice. A final
 report (completed, failed, cancelled) stays owed until the broker acknowledges it; after a
-reconnect the node carries such jobs in its Join and sends their final report again.
+reconnect the node carries such jobs in its Join and sends their final report again, and while
+the broker cannot write its log it is sent again every heartbeat. A final report the broker
+refuses (it would not fit the event schema) is replaced, once, by a failed attempt that says
+why, so the job ends rather than waiting for a report that will never be taken.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from evo.broker import protocol as p
 from evo.cli.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
 
+from . import reports
 from .environment import fingerprint
 from .executor import LOOK_EVERY_S, Run
 from .pool import WorkerPool
@@ -50,7 +54,6 @@ OUTPUT_CHUNK = 256 << 10
 SHORT_TRIAL_S = 0.5
 MEDIUM_TRIAL_S = 5.0
 EPS = 1e-9
-FINAL = ("completed", "failed", "cancelled")
 
 
 class _Reconnect(Exception):
@@ -94,7 +97,8 @@ class NodeDaemon:
         self.queued: dict[str, p.LeaseGrant] = {}  # leased ahead, waiting for a slot here
         self.lease_ahead = 4 * self.slots if lease_ahead is None else lease_ahead
         self.durations: deque[float] = deque(maxlen=16)
-        self.finishing: dict[str, tuple[Run, p.Report]] = {}  # final report not yet acknowledged
+        self.finishing: dict[str, tuple[Run | None, p.Report]] = {}  # final, not yet acknowledged
+        self.owed: list[tuple[Run | None, p.Report]] = []  # final reports to send again
         self.client: Client | None = None
         self.pending: dict[int, tuple[Callable[[p.Reply], None], float]] = {}
         self._ready_req: int | None = None
@@ -122,12 +126,18 @@ class NodeDaemon:
             try:
                 self.client = Client(self.broker, timeout_s=max(2.0, self.heartbeat_s))
                 join = p.Join(**{**_fields(self.join_cmd), "running": self._running()})
-                reply = self.client.request(join)
+                try:
+                    reply = self.client.request(join)
+                except CommandRejected as exc:
+                    if exc.code != "unavailable":
+                        raise
+                    raise BrokerUnavailable(str(exc)) from None  # its disk is full: wait
                 assert isinstance(reply, p.Leases)
                 for job_id in reply.cancel:
                     self.finishing.pop(job_id, None)  # not ours any more: nothing to report
                     self.queued.pop(job_id, None)
                 self._cancel(reply.cancel, "the broker no longer holds its lease")
+                self.owed.clear()
                 for run, report in list(self.finishing.values()):  # owed final reports
                     self._send_report(run, report)
                 log.info("node %s joined %s (%d job(s) carried on)", self.name,
@@ -269,6 +279,10 @@ class NodeDaemon:
         self._send(p.Heartbeat(node=self.name, running=self._running(), util=util, gpus=gpus),
                    self._on_heartbeat)
         self._next_hb = now + self.heartbeat_s
+        owed, self.owed = self.owed, []
+        for run, report in owed:  # refused while the broker could not write: try again
+            if report.job_id in self.finishing:
+                self._send_report(run, report)
 
     def _on_heartbeat(self, reply: p.Reply) -> None:
         if isinstance(reply, p.Leases):
@@ -279,39 +293,64 @@ class NodeDaemon:
         self.runs[grant.job_id] = run
         if run.rc is not None:
             return  # could not start: reported as failed by _collect
-        self._report(run, "started", {"pid": run.pid, "env": fingerprint(grant.spec, run.dir)})
+        self._report(run, p.StartedReport(pid=run.pid, env=fingerprint(grant.spec, run.dir)))
 
     def _cancel(self, job_ids: list[str], why: str) -> None:
         for job_id in job_ids:
             grant = self.queued.pop(job_id, None)
             if grant is not None:  # never started: nothing to stop
-                self._send_report(None, p.Report(
-                    node=self.name, job_id=job_id, lease_epoch=grant.lease_epoch,
-                    kind="cancelled", data={"reason": why}))
+                cmd = p.Report(node=self.name, job_id=job_id, lease_epoch=grant.lease_epoch,
+                               report=p.CancelledReport(reason=why))
+                self.finishing[job_id] = (None, cmd)
+                self._send_report(None, cmd)
                 continue
             run = self.runs.get(job_id)
             if run is not None and not run.cancelled:
                 log.info("stopping %s: %s", job_id, why)
                 run.cancel()
 
-    def _report(self, run: Run, kind: str, data: dict) -> None:
-        cmd = p.Report(node=self.name, job_id=run.grant.job_id,
-                       lease_epoch=run.grant.lease_epoch, kind=kind, data=data)
-        if kind in FINAL:
+    def _report(self, run: Run, body: p.ReportBody | p.Report) -> None:
+        cmd = body if isinstance(body, p.Report) else self._prepared(run, body)
+        if isinstance(cmd.report, p.FINAL_REPORTS):
             self.finishing[run.grant.job_id] = (run, cmd)
         self._send_report(run, cmd)
 
+    def _prepared(self, run: Run, body: p.ReportBody) -> p.Report:
+        """The report to send for ``body`` (what fits in an event), its notes written."""
+        notes = reports.Notes()
+        cmd = reports.fit(p.Report(node=self.name, job_id=run.grant.job_id,
+                                   lease_epoch=run.grant.lease_epoch, report=body), notes)
+        for text in notes:
+            run.note(text)
+        return cmd
+
     def _send_report(self, run: Run | None, cmd: p.Report) -> None:
+        final = isinstance(cmd.report, p.FINAL_REPORTS)
+        kind = p.report_kind(cmd.report)
+
         def on_reply(reply: p.Reply) -> None:
-            if cmd.kind in FINAL:
+            if isinstance(reply, p.Error) and reply.code == "unavailable":
+                if final:  # the broker cannot write now: still owed, sent again
+                    self.owed.append((run, cmd))
+                return
+            if final:
                 self.finishing.pop(cmd.job_id, None)
-            if isinstance(reply, p.Error):
-                if reply.code == "stale":
-                    log.warning("%s: %s; stopping the attempt", cmd.job_id, reply.message)
-                    if run is not None and cmd.job_id in self.runs:
-                        run.cancel(grace_s=1.0)
-                else:
-                    log.error("report %s for %s refused: %s", cmd.kind, cmd.job_id, reply.message)
+            if not isinstance(reply, p.Error):
+                return
+            if reply.code == "stale":
+                log.warning("%s: %s; stopping the attempt", cmd.job_id, reply.message)
+                if run is not None and cmd.job_id in self.runs:
+                    run.cancel(grace_s=1.0)
+            elif reply.code == "rejected":
+                log.warning("%s: %s", cmd.job_id, reply.message)
+                if run is not None:
+                    run.note(reply.message)
+                if final and run is not None and not isinstance(cmd.report, p.FailedReport):
+                    self._report(run, p.FailedReport(
+                        error=f"evo could not record the job's {kind} report: {reply.message}",
+                        retryable=False))
+            else:
+                log.error("report %s for %s refused: %s", kind, cmd.job_id, reply.message)
 
         self._send(cmd, on_reply)
 
@@ -350,33 +389,32 @@ class NodeDaemon:
             rc = run.poll()
             if not report:
                 continue
-            for rec in updates:
-                kind = rec.pop("kind", "progress")
-                rec.pop("t", None)
-                self._report(run, kind, rec)
+            for body in updates:
+                self._report(run, body)
                 did = True
             if rc is None:
                 if ship:
                     self._ship(run)
                 continue
-            updates = run.reports(final=True)  # whatever it wrote last
-            for rec in updates:
-                kind = rec.pop("kind", "progress")
-                rec.pop("t", None)
-                self._report(run, kind, rec)
-            self._ship(run, everything=True)  # output lands before the final report
+            for body in run.reports(final=True):  # whatever it wrote last
+                self._report(run, body)
+            notes = reports.Notes()
             if run.cancelled:
-                self._report(run, "cancelled", {"reason": "stopped by the node"})
+                final: p.ReportBody = p.CancelledReport(reason="stopped by the node")
             elif rc == 0:
-                self._report(run, "completed", {
-                    "metrics": run.result.get("metrics", {}),
-                    "artifacts": run.result.get("artifacts", {}),
-                    "duration_s": time.time() - run.started})
+                final = reports.completed(run.result.get("metrics", {}),
+                                          run.result.get("artifacts", {}),
+                                          time.time() - run.started, notes)
             else:
                 error = run.error or f"exit code {rc}"
                 tail = run.tail("stderr")
-                self._report(run, "failed", {"error": f"{error}: {tail}" if tail else error,
-                                             "exit_code": rc})
+                final = p.FailedReport(error=f"{error}: {tail}" if tail else error,
+                                       exit_code=max(-(2**31), min(rc, 2**31 - 1)))
+            for text in notes:
+                run.note(text)
+            cmd = self._prepared(run, final)
+            self._ship(run, everything=True)  # output (notes included) before the final report
+            self._report(run, cmd)
             run.finish()
             self.durations.append(time.time() - run.started)
             del self.runs[job_id]

@@ -8,6 +8,11 @@ its output is a byte range of the worker's files. The checkpoint directory is pe
 same across attempts, so a retry can resume; a warm task makes it on first use
 (``evo.checkpoint_dir()``). The job sees EVO_* variables and CUDA_VISIBLE_DEVICES set to
 exactly its devices (empty for a CPU job, which hides every GPU).
+
+What a job reports becomes typed report bodies (nodes/reports.py); what evo cannot record is
+said on the job's own stderr, as a line starting ``evo:`` (``Run.note``). Reading is bounded per
+look (REPORT_BYTES and OUTPUT_BYTES, lines over MAX_LINE are not parsed), so a job that prints
+without end, or one enormous line, never holds up the node's loop and its heartbeats.
 """
 
 from __future__ import annotations
@@ -20,13 +25,18 @@ import time
 from pathlib import Path
 import subprocess
 
+from evo.broker import protocol as p
 from evo.broker.protocol import LeaseGrant
 
+from . import reports
 from .pool import THREAD_VARS, Worker, WorkerPool
-from .progress import parse_line
+from .progress import MAX_LINE, parse_line
+from .worker import Task
 
 
 LOOK_EVERY_S = 0.2
+REPORT_BYTES = 1 << 20  # of the report file per look (8x at the last look)
+OUTPUT_BYTES = 256 << 10  # of stdout parsed for progress lines per look (4x at the last)
 
 
 class Run:
@@ -54,6 +64,7 @@ class Run:
             self.stdout_path, self.stderr_path = self.dir / "stdout.log", self.dir / "stderr.log"
             self.report_file = self.dir / "reports.jsonl"
             self.base = {"stdout": 0, "stderr": 0, "reports": 0}
+            self.stderr_path.touch()  # notes may come before the job writes anything
         self.ends: dict[str, int] | None = None  # a warm task's ends, once it has answered
         workdir = Path(spec.workdir) if spec.workdir else self.dir
         env = {
@@ -71,8 +82,8 @@ class Run:
         self.rc: int | None = None
         threads = max(1, int(spec.resources.cpus))  # native thread pools get the job's CPUs
         if self.worker is not None:
-            self.worker.send({"callable": spec.callable, "params": spec.params, "seed": spec.seed,
-                              "cwd": str(workdir), "env": env, "threads": threads})
+            self.worker.send(Task(callable=spec.callable or "", params=spec.params,
+                                  seed=spec.seed, cwd=str(workdir), env=env, threads=threads))
         else:
             env = {**{v: str(threads) for v in THREAD_VARS}, **os.environ, **env,
                    "PYTHONUNBUFFERED": "1",
@@ -84,6 +95,7 @@ class Run:
                 params.write_text(json.dumps({"callable": spec.callable, "params": spec.params,
                                               "seed": spec.seed}))
                 env["EVO_PARAMS_FILE"] = str(params)
+                env["EVO_RESULT_FILE"] = str(self.dir / "result.json")
                 argv = [sys.executable, "-m", "evo.nodes.runner"]
             with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
                 try:
@@ -95,8 +107,9 @@ class Run:
                     self.rc = 127
         self._reports = self._stdout = None  # opened once the job has written to them
         self._next_look = time.monotonic() + LOOK_EVERY_S
-        self._partial = b""
-        self.result: dict = {}
+        self.finished = False
+        self._skipping = {"reports": False, "stdout": False}  # inside a line too long to read
+        self.result: dict = {}  # a callable's: {"metrics": ..., "artifacts": ...}
         self.kill_at: float | None = None
         self.cancelled = False
         self.shipped: dict[str, int] = {}  # stream -> bytes sent to the broker
@@ -135,45 +148,77 @@ class Run:
         """A descriptor that becomes readable when a warm worker answers (None: poll)."""
         return self.worker.fd if self.worker is not None and self.rc is None else None
 
-    def reports(self, final: bool = False) -> list[dict]:
+    def reports(self, final: bool = False) -> list[p.ReportBody]:
         """New progress reports: from evo.report() first, else parsed from stdout lines.
 
         Files are looked at a few times a second while the job runs (a short trial would
         otherwise pay more for the looking than for itself), and always once at the end.
         """
-        out: list[dict] = []
+        out: list[p.ReportBody] = []
         now = time.monotonic()
         if not final and now < self._next_look:
             return out
         self._next_look = now + LOOK_EVERY_S
+        notes = reports.Notes()
+        grow = 8 if final else 1
         if self._reports is None and self._wrote("reports"):
             self._reports = self._open("reports")
-        data = self._reports.read() if self._reports is not None else b""
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a line still being written: read it whole next time
-            self._reports.seek(end - len(data), os.SEEK_CUR)
-        for line in data[:end].splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("kind") == "result":
-                self.result = rec
-            else:
-                out.append(rec)
+        if self._reports is not None:
+            ckpt = str(self.ckpt)
+            for line in self._lines(self._reports, "reports", REPORT_BYTES * grow, notes):
+                if line.strip():
+                    out.append(reports.from_line(line, notes, ckpt))
         if self._stdout is None and self._wrote("stdout"):
             self._stdout = self._open("stdout")
-        chunk = self._stdout.read(1 << 20) if self._stdout is not None else b""
-        if not chunk:
-            return out
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            rec = parse_line(line.decode("utf-8", "replace"))
-            if rec is not None:
-                rec["kind"] = "progress"
-                out.append(rec)
+        if self._stdout is not None:
+            for line in self._lines(self._stdout, "stdout", OUTPUT_BYTES * grow // 2, None):
+                rec = parse_line(line.decode("utf-8", "replace")) if len(line) <= MAX_LINE else None
+                if rec is not None:
+                    out.append(reports.from_record(rec, notes))
+        for text in notes:
+            self.note(text)
         return out
+
+    def _lines(self, f, stream: str, budget: int, notes: reports.Notes | None) -> list[bytes]:  # noqa: ANN001
+        """Whole lines read from ``f`` (at most ``budget`` bytes); a partial last line is read
+        again next time, and a line longer than the budget is skipped to its end."""
+        data = f.read(budget)
+        if not data:
+            return []
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            if self._skipping[stream] or len(data) >= budget:  # inside a line too long to read
+                if not self._skipping[stream] and notes is not None:
+                    notes.append(f"a {stream} line of over {budget:,} bytes was not read")
+                self._skipping[stream] = True
+            else:  # a line still being written: whole, next time
+                f.seek(-len(data), os.SEEK_CUR)
+            return []
+        if end < len(data):
+            f.seek(end - len(data), os.SEEK_CUR)
+        lines = data[:end - 1].split(b"\n")
+        if self._skipping[stream]:  # the end of a line too long to read
+            lines.pop(0)
+            self._skipping[stream] = False
+        return lines
+
+    def note(self, text: str) -> None:
+        """A line on the job's stderr from evo: what of its reports could not be recorded."""
+        line = f"evo: {text}\n".encode("utf-8", "replace")
+        if self.finished:  # shipped already, and a warm worker's file is another task's now
+            return
+        try:
+            fd = os.open(self.stderr_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError:
+            return
+        if self.ends is not None:  # a warm task that has answered: its range grows by the note
+            self.ends["stderr"] += len(line)
+            if self.worker is not None:
+                self.worker.ends[1] += len(line)
 
     def poll(self) -> int | None:
         if self.rc is not None:
@@ -183,21 +228,30 @@ class Run:
             if msgs is None:  # the worker died under the job (crash, OOM kill, cancel)
                 code = self.worker.proc.wait()
                 self.rc = code if code else 1
-                self.error = self.error or f"warm worker {self.worker.pid} died ({_how(code)})"
+                self.error = self.error or self.worker.error or \
+                    f"warm worker {self.worker.pid} died ({_how(code)})"
             elif msgs:
-                reply = msgs[0]
-                ends = reply.get("ends") or [0, 0, 0]
-                self.worker.ends = list(ends)
-                self.ends = dict(zip(("stdout", "stderr", "reports"), ends))
-                self.result = {"metrics": reply.get("metrics", {}),
-                               "artifacts": reply.get("artifacts", {})}
-                self.rc = 0 if reply["ok"] else int(reply.get("exit_code") or 1)
-                self.error = reply.get("error", "")
+                done = msgs[0]
+                self.worker.ends = list(done.ends)
+                self.ends = dict(zip(("stdout", "stderr", "reports"), done.ends))
+                self.result = {"metrics": done.metrics, "artifacts": done.artifacts}
+                self.rc = 0 if done.ok else (done.exit_code or 1)
+                self.error = done.error
         elif self.proc is not None:
             self.rc = self.proc.poll()
+            if self.rc is not None and self.grant.spec.callable is not None:
+                self.result = self._result_file()
         if self.rc is None and self.kill_at is not None and time.time() >= self.kill_at:
             self._signal(signal.SIGKILL)
         return self.rc
+
+    def _result_file(self) -> dict:
+        """What the runner of an isolated callable wrote as its result ({} if nothing)."""
+        try:
+            rec = json.loads((self.dir / "result.json").read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return rec if isinstance(rec, dict) else {}
 
     def _signal(self, sig: int) -> None:
         if self.worker is not None:
@@ -218,6 +272,7 @@ class Run:
             self.kill_at = time.time() + grace_s
 
     def finish(self) -> None:
+        self.finished = True
         for f in (self._reports, self._stdout):
             if f is not None:
                 f.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from .worker import _LEN, write_frame
+from .worker import _LEN, AnyWorkerMessage, Task, TaskDone, WorkerReady, write_frame
 
 STREAMS = ("stdout", "stderr", "reports")
 # Native thread pools (OpenMP, BLAS) size themselves to the machine's cores unless told, so
@@ -25,7 +25,8 @@ STREAMS = ("stdout", "stderr", "reports")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
-_enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+_enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(AnyWorkerMessage)
+MAX_REPLY = 256 << 20  # a TaskDone longer than this is a worker gone wrong, not a result
 
 
 class Worker:
@@ -53,6 +54,7 @@ class Worker:
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
         self._buf = bytearray()
+        self.error = ""  # why its answers could not be read, when they could not
         self.ready = False
         self.tasks = 0
         self.idle_since = time.monotonic()
@@ -61,13 +63,14 @@ class Worker:
     def pid(self) -> int:
         return self.proc.pid
 
-    def send(self, task: dict) -> None:
+    def send(self, task: Task) -> None:
         assert self.proc.stdin is not None
         write_frame(self.proc.stdin.fileno(), _enc.encode(task))
         self.tasks += 1
 
-    def replies(self) -> list[dict] | None:
-        """Complete messages read so far without blocking; None once the worker is gone."""
+    def replies(self) -> list[TaskDone] | None:
+        """Complete answers read so far without blocking; None once the worker is gone (or
+        has written something that is not an answer: it is then killed)."""
         eof = False
         while True:
             try:
@@ -81,17 +84,30 @@ class Worker:
         out = []
         while len(self._buf) >= 4:
             n = _LEN.unpack_from(self._buf)[0]
+            if n > MAX_REPLY:
+                return self._garbled(f"a {n}-byte message")
             if len(self._buf) < 4 + n:
                 break
-            msg = _dec.decode(bytes(self._buf[4:4 + n]))
+            try:
+                msg = _dec.decode(bytes(self._buf[4:4 + n]))
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+                return self._garbled(str(exc))
             del self._buf[:4 + n]
-            if "ready" in msg:
+            if isinstance(msg, WorkerReady):
                 self.ready = True
             else:
                 out.append(msg)
         if eof and not out:
             return None
         return out
+
+    def _garbled(self, what: str) -> None:
+        """The pipe carried something else than answers (a job can write to any descriptor):
+        the worker cannot be trusted with another task."""
+        self.error = f"warm worker {self.pid} wrote {what} on its answer pipe"
+        self.kill()
+        self._buf.clear()
+        return None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:

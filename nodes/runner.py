@@ -2,7 +2,8 @@
 
 Used when a job asks for ``isolate: true`` (warm workers run every other callable). The
 callable is called with the job's params as keyword arguments; a dict it returns is the job's
-final metrics (numbers) and artifacts (strings).
+final metrics (numbers) and artifacts (strings), written as one JSON record to EVO_RESULT_FILE
+(a file of its own, so that however much the job reports, the result is found at once).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def main() -> int:
     seed_everything(spec.get("seed"))
     result = resolve(spec["callable"])(**(spec.get("params") or {}))
     metrics, artifacts = split_result(result)
-    with open(os.environ["EVO_REPORT_FILE"], "a") as f:
+    with open(os.environ["EVO_RESULT_FILE"], "w") as f:
         f.write(json.dumps({"kind": "result", "metrics": metrics, "artifacts": artifacts}) + "\n")
     return 0
 

@@ -3,7 +3,7 @@
 The node starts one per slot with ``python -m evo.nodes.worker OUT ERR``. It imports the heavy
 libraries once (numpy, scikit-learn, xgboost: whatever of EVO_WORKER_PRELOAD is installed), then
 reads tasks from its stdin and answers on its stdout, each message a 4-byte big-endian length
-and a msgpack map. While a task runs, file descriptors 1 and 2 point at the worker's own OUT and
+and a msgpack map, typed below (Task in; WorkerReady, then one TaskDone per task, out). While a task runs, file descriptors 1 and 2 point at the worker's own OUT and
 ERR files, so a job's prints and C-level output are captured as a fresh process's would be;
 between tasks they point at the worker's log. The worker runs one task at a time, so what a
 task wrote is the byte range of each file between the previous reply's ends and its own: each
@@ -26,10 +26,41 @@ import struct
 import sys
 import traceback
 
+from typing import Any, Union
+
 import msgspec
 
 _LEN = struct.Struct(">I")
 DEFAULT_PRELOAD = "numpy,sklearn,xgboost"
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True):
+    callable: str
+    params: dict[str, Any] = {}
+    seed: int | None = None
+    cwd: str
+    env: dict[str, str] = {}
+    threads: int = 1
+
+
+class WorkerMessage(msgspec.Struct, frozen=True, kw_only=True, tag_field="msg"):
+    pass
+
+
+class WorkerReady(WorkerMessage, tag="ready"):
+    pid: int
+
+
+class TaskDone(WorkerMessage, tag="done"):
+    ok: bool
+    metrics: dict[str, float] = {}
+    artifacts: dict[str, str] = {}
+    exit_code: int | None = None
+    error: str = ""
+    ends: tuple[int, int, int] = (0, 0, 0)  # the stdout, stderr and report files' sizes
+
+
+AnyWorkerMessage = Union[WorkerReady, TaskDone]
 
 
 def read_frame(fd: int) -> bytes | None:
@@ -108,34 +139,33 @@ def _thread_limit(threads: int):  # noqa: ANN202 - a context manager
     return threadpool_limits(limits=threads)
 
 
-def run_task(task: dict, out_fd: int, err_fd: int) -> dict:
+def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
     """Run one task with fds 1/2 on the worker's output files; never raises."""
     saved_cwd = os.getcwd()
     # Only the job's own variables are set and restored: copying the whole environment costs
     # more than a short trial. Other changes a job makes to os.environ stay in this worker
     # (``isolate: true`` gives a job a process of its own).
-    saved_env = {k: os.environ.get(k) for k in task["env"]}
+    saved_env = {k: os.environ.get(k) for k in task.env}
     sys.stdout.flush()
     sys.stderr.flush()
     keep_out, keep_err = os.dup(1), os.dup(2)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
-    reply: dict = {"ok": False}
+    done: dict = {"ok": False}
     try:
-        os.environ.update(task["env"])
-        os.chdir(task["cwd"])
-        seed_everything(task.get("seed"))
-        with _thread_limit(int(task.get("threads") or 1)):
-            result = resolve(task["callable"])(**(task.get("params") or {}))
-        reply["metrics"], reply["artifacts"] = split_result(result)
-        reply["ok"] = True
+        os.environ.update(task.env)
+        os.chdir(task.cwd)
+        seed_everything(task.seed)
+        with _thread_limit(task.threads):
+            result = resolve(task.callable)(**task.params)
+        done["metrics"], done["artifacts"] = split_result(result)
+        done["ok"] = True
     except SystemExit as exc:  # a job may sys.exit(); 0 or None is success
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        reply.update(ok=code == 0, exit_code=code, metrics={}, artifacts={},
-                     error=f"exit code {code}")
+        done.update(ok=code == 0, exit_code=code, error=f"exit code {code}")
     except BaseException as exc:  # noqa: BLE001 - the job's failure is reported, not ours
         traceback.print_exc()
-        reply.update(exit_code=1, error=f"{type(exc).__name__}: {exc}")
+        done.update(exit_code=1, error=f"{type(exc).__name__}: {exc}")
     finally:
         try:
             sys.stdout.flush()
@@ -152,8 +182,8 @@ def run_task(task: dict, out_fd: int, err_fd: int) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    reply["ends"] = [_size(out_fd), _size(err_fd), _report_size(task["env"].get("EVO_REPORT_FILE"))]
-    return reply
+    ends = (_size(out_fd), _size(err_fd), _report_size(task.env.get("EVO_REPORT_FILE")))
+    return TaskDone(ends=ends, **done)
 
 
 def _die_with_parent() -> None:
@@ -188,8 +218,8 @@ def main() -> int:
             importlib.import_module(name.strip())
         except Exception:  # noqa: BLE001 - preload is an optimisation, a missing one is fine
             pass
-    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
-    write_frame(reply_fd, enc.encode({"ready": os.getpid()}))
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Task)
+    write_frame(reply_fd, enc.encode(WorkerReady(pid=os.getpid())))
     while True:
         frame = read_frame(cmd_fd)
         if frame is None:  # the node closed the pipe: it is gone or retiring us

@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import msgspec
 import pyarrow as pa
 import zmq
 
@@ -70,6 +69,7 @@ class Follower(threading.Thread):
         self.error: str = ""
         self._ready = threading.Event()
         self._halt = threading.Event()
+        self._query = p.Query()
 
     def start_and_wait(self, timeout_s: float = 10.0) -> None:
         self.start()
@@ -106,9 +106,11 @@ class Follower(threading.Thread):
                 # at most every APPLY_EVERY_S: bigger batches cost DuckDB far less per event,
                 # and on a small machine the CPU belongs to the training jobs.
                 if sock.poll(100):
-                    ident, body = sock.recv_multipart()
-                    self._drain(proj)
-                    sock.send_multipart([ident, p.reply_encoder.encode(self._answer(proj, body))])
+                    ident, reply = self._receive(sock)
+                    if reply is None:
+                        self._drain(proj)
+                        reply = self._answer(proj, self._query)
+                    sock.send_multipart([ident, p.reply_encoder.encode(reply)])
                 elif time.monotonic() >= next_apply:
                     self._drain(proj)
                     next_apply = time.monotonic() + APPLY_EVERY_S
@@ -118,22 +120,37 @@ class Follower(threading.Thread):
             log.exception("projection follower stopped")
             while not self._halt.is_set():  # answer queries with the reason, not silence
                 if sock.poll(100):
-                    ident, body = sock.recv_multipart()
-                    sock.send_multipart([ident, p.reply_encoder.encode(p.Error(
-                        req=p.salvage_req(body), code="internal",
-                        message=f"the projection is unavailable: {self.error}"))])
+                    ident, reply = self._receive(sock)
+                    if reply is None:
+                        reply = p.Error(req=self._query.req, code="internal",
+                                        message=f"the projection is unavailable: {self.error}")
+                    sock.send_multipart([ident, p.reply_encoder.encode(reply)])
         finally:
             if proj is not None:
                 proj.close()
             sock.close(0)
 
-    def _answer(self, proj: Projection, body: bytes) -> p.Reply:
+    def _receive(self, sock: zmq.Socket) -> tuple[bytes, p.Reply | None]:
+        """The sender and, for anything but a well-formed query, the error to answer it with
+        (the query itself is left in ``self._query``)."""
+        frames = sock.recv_multipart()
+        ident = frames[0]
+        if len(frames) != 2:
+            body = frames[1] if len(frames) > 1 else b""
+            return ident, p.Error(req=p.salvage_req(body), code="protocol",
+                                  message=f"expected 1 frame, got {len(frames) - 1}")
         try:
-            cmd = p.command_decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            return p.Error(req=p.salvage_req(body), code="protocol", message=f"bad query: {exc}")
+            cmd = p.decode_command(frames[1])
+        except p.BadFrame as exc:
+            return ident, p.Error(req=p.salvage_req(frames[1]), code="protocol",
+                                  message=f"bad query: {exc}")
         if not isinstance(cmd, p.Query):
-            return p.Error(req=cmd.req, code="protocol", message="only queries are served here")
+            return ident, p.Error(req=cmd.req, code="protocol",
+                                  message="only queries are served here")
+        self._query = cmd
+        return ident, None
+
+    def _answer(self, proj: Projection, cmd: p.Query) -> p.Reply:
         try:
             if cmd.kind == "digest":
                 digest, tables = proj.digest()

@@ -73,21 +73,21 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
                     job = desk.state.jobs[job_id]
                     ids = {"node": j.node, "job_id": job_id, "lease_epoch": job.lease_epoch}
                     if job.state == "leased":
-                        run(p.Report(kind="started", data={"pid": rng.randrange(1000, 9999)}, **ids))
+                        run(p.Report(report=p.StartedReport(pid=rng.randrange(1000, 9999)), **ids))
                         continue
                     r = rng.random()
                     if r < 0.5:
-                        run(p.Report(kind="progress", data={"step": rng.randrange(100), "metrics": {
-                            "loss": rng.uniform(0.3, 0.9)}}, **ids))
+                        run(p.Report(report=p.ProgressReport(step=rng.randrange(100), metrics={
+                            "loss": rng.uniform(0.3, 0.9)}), **ids))
                     elif r < 0.9:
-                        run(p.Report(kind="completed", data={"duration_s": rng.uniform(1, 60), "metrics": {
+                        run(p.Report(report=p.CompletedReport(duration_s=rng.uniform(1, 60), metrics={
                             "auc": rng.uniform(0.55, 0.75), "brier": rng.uniform(0.18, 0.26),
-                            "log_loss": rng.uniform(0.55, 0.7), "roi": rng.uniform(-0.1, 0.1)}}, **ids))
+                            "log_loss": rng.uniform(0.55, 0.7), "roi": rng.uniform(-0.1, 0.1)}), **ids))
                     elif r < 0.97:
-                        run(p.Report(kind="failed", data={"error": "CUDA out of memory", "exit_code": 1}, **ids))
+                        run(p.Report(report=p.FailedReport(error="CUDA out of memory", exit_code=1), **ids))
                     else:
                         run(p.Cancel(target=job_id, reason="enough"))
-                        run(p.Report(kind="cancelled", data={}, **ids))
+                        run(p.Report(report=p.CancelledReport(), **ids))
                 run(p.Heartbeat(node=j.node, running=[(x, desk.state.jobs[x].lease_epoch) for x in node.running],
                                 util={"cpu": rng.uniform(0, 100), "mem": rng.uniform(0, 100)},
                                 gpus=[GpuSample(index=0, util=rng.uniform(0, 100), vram_used_gb=rng.uniform(0, 24),

@@ -51,3 +51,8 @@ def keep(text: str) -> dict:
     path = evo.checkpoint_dir() / "state.txt"
     path.write_text(text)
     return {"path": str(path)}
+
+
+def huge(mb: int = 20) -> dict:
+    """A result far over what one event may hold."""
+    return {"blob": "x" * (mb << 20)}

@@ -14,7 +14,9 @@ import zmq
 from evo.broker import protocol as p
 from evo.cli.client import BrokerUnavailable, Client
 from evo.events.log import SegmentLog
+from evo.broker.state import fold
 from evo.events.schema import JobSpec, JobSubmitted
+from tests.fuzz import random_frame
 
 
 def raw_dealer(address: str):
@@ -68,35 +70,14 @@ def test_oversized_message_disconnects_only_that_peer(tbroker):
         assert c.submit(["still", "serving"]) == "j1"
 
 
-def _random_frame(rng: random.Random) -> list[bytes]:
-    kind = rng.randrange(6)
-    if kind == 0:
-        return [rng.randbytes(rng.randrange(0, 64))]
-    if kind == 1:  # valid msgpack of the wrong shape
-        obj = rng.choice([None, 1, "x", [1, {"a": 2}], {"cmd": rng.choice(["submit", "read", "cancel", "x"])}])
-        return [msgspec.msgpack.encode(obj)]
-    if kind == 2:  # a real command with a byte flipped
-        raw = bytearray(p.command_encoder.encode(p.Submit(req=1, spec=JobSpec(command=["a", "b"]))))
-        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
-        return [bytes(raw)]
-    if kind == 3:  # too many frames
-        return [b"a"] * rng.randrange(2, 5)
-    if kind == 4:  # random field values
-        return [msgspec.msgpack.encode({"cmd": "read", "req": rng.randrange(-5, 5),
-                                        "from_seq": rng.choice([-1, 0, 2**62, "x"]),
-                                        "limit": rng.choice([-1, 0, 10**9])})]
-    return [msgspec.msgpack.encode({"cmd": "cancel", "req": 1, "target": rng.randbytes(4).hex()})]
-
-
-def test_fuzz_of_random_frames_leaves_the_broker_serving(tbroker):
-    b = tbroker()
-    rng = random.Random(1234)
-    ctx, s = raw_dealer(b.address)
+def _fuzz(address: str, rng: random.Random, n: int, deadline_s: float = 20.0) -> int:
+    """Send up to ``n`` fuzzed frames to ``address``, draining replies; how many were sent."""
+    ctx, s = raw_dealer(address)
     sent = 0
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + deadline_s
     try:
-        while sent < 3000 and time.monotonic() < deadline:
-            s.send_multipart(_random_frame(rng))
+        while sent < n and time.monotonic() < deadline:
+            s.send_multipart(random_frame(rng))
             sent += 1
             if sent % 200 == 0:  # drain replies now and then
                 while s.poll(50):
@@ -104,13 +85,26 @@ def test_fuzz_of_random_frames_leaves_the_broker_serving(tbroker):
     finally:
         s.close(0)
         ctx.term()
-    assert sent >= 1000
+    return sent
+
+
+def test_fuzz_of_random_frames_leaves_the_broker_serving(tbroker):
+    b = tbroker()
+    with b.client() as c:
+        c.submit(["before", "fuzz"])
+        queries = c.hello().query_endpoint
+    rng = random.Random(1234)
+    assert _fuzz(b.address, rng, 3000) >= 1000
+    assert _fuzz(queries, rng, 1000) >= 300
     with b.client() as c:
         j = c.submit(["after", "fuzz"])
         events, head = c.read(1, limit=100_000)
+        # the projection still follows, and answers
+        assert c.sql(f"SELECT count(*) AS n FROM jobs WHERE job_id = '{j}'").to_pylist() == [{"n": 1}]
     # every appended event is a valid, decodable, folded event; the broker still serves
     assert events[-1].job_id == j and head == events[-1].seq
-    assert b.thread.is_alive()
+    assert fold(events).last_seq == head
+    assert b.thread.is_alive() and b.broker.follower.is_alive()
 
 
 def test_kill9_of_broker_while_4_clients_submit_loses_no_acknowledged_submit(pbroker, tmp_path):

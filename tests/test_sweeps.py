@@ -102,14 +102,15 @@ def test_the_desk_completes_a_sweep_once_every_job_ended_and_names_the_best():
     grants = desk.handle(p.Ready(node="n", max_leases=3), now).reply.leases
     aucs = {ids[0]: 0.61, ids[1]: 0.66}
     for g in grants:
-        desk.handle(p.Report(node="n", job_id=g.job_id, lease_epoch=g.lease_epoch, kind="started"), now)
+        desk.handle(p.Report(node="n", job_id=g.job_id, lease_epoch=g.lease_epoch,
+                             report=p.StartedReport()), now)
     for g in grants[:2]:
         o = desk.handle(p.Report(node="n", job_id=g.job_id, lease_epoch=g.lease_epoch,
-                                 kind="completed", data={"metrics": {"auc": aucs[g.job_id]}}), now)
+                                 report=p.CompletedReport(metrics={"auc": aucs[g.job_id]})), now)
         assert not any(type(e).__name__ == "SweepCompleted" for e in o.events)
     o = desk.handle(p.Cancel(target=sid), now)  # the last job is cancelled...
     o = desk.handle(p.Report(node="n", job_id=ids[2], lease_epoch=grants[2].lease_epoch,
-                             kind="cancelled"), now)
+                             report=p.CancelledReport()), now)
     (done,) = [e for e in o.events if type(e).__name__ == "SweepCompleted"]  # ...and it ends
     assert (done.completed, done.failed, done.cancelled, done.best_job) == (2, 0, 1, ids[1])
     assert desk.state.sweeps[sid].done and not desk.state.closable

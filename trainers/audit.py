@@ -40,7 +40,8 @@ def rerun(spec: dict, timeout_s: float = 1800) -> dict:
                                                    "params": spec.get("params") or {},
                                                    "seed": spec.get("seed")}))
         env = dict(os.environ, EVO_PARAMS_FILE=str(d / "params.json"),
-                   EVO_REPORT_FILE=str(d / "reports.jsonl"), EVO_CHECKPOINT_DIR=str(d / "ckpt"),
+                   EVO_REPORT_FILE=str(d / "reports.jsonl"), EVO_RESULT_FILE=str(d / "result.json"),
+                   EVO_CHECKPOINT_DIR=str(d / "ckpt"),
                    CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
         if spec.get("seed") is not None:
             env["EVO_SEED"] = str(spec["seed"])
@@ -52,10 +53,10 @@ def rerun(spec: dict, timeout_s: float = 1800) -> dict:
                            capture_output=True, text=True, timeout=timeout_s)
         if r.returncode != 0:
             raise EvoError(f"the re-run failed (exit {r.returncode}): {r.stderr.strip()[-600:]}")
-        for line in (d / "reports.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("kind") == "result":
-                return rec
+        try:
+            return json.loads((d / "result.json").read_text())
+        except (FileNotFoundError, ValueError):
+            pass
     raise EvoError("the re-run returned no result")
 
 
