@@ -319,6 +319,7 @@ class QueryResult(Reply, tag="query_result"):
     seq: int = 0  # the last event the answer includes
     digest: str = ""
     tables: dict[str, str] = {}
+    behind: str = ""  # why the answer may miss recent events (the projection cannot apply them)
 
 
 AnyReply = Union[Error, Welcome, Submitted, SweepAccepted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,

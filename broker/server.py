@@ -127,9 +127,14 @@ class Broker:
             self.follower = Follower(self.home, self.ctx, self.log.last_seq, host)
             self.follower.start_and_wait()
             self.query_endpoint = self.follower.endpoint
-        write_broker_file(self.home, {"address": self.address, "events": self.events_endpoint,
-                                      "queries": self.query_endpoint,
-                                      "pid": os.getpid(), "started": time.time()})
+        try:
+            write_broker_file(self.home, {"address": self.address, "events": self.events_endpoint,
+                                          "queries": self.query_endpoint,
+                                          "pid": os.getpid(), "started": time.time()})
+        except OSError as exc:  # a full disk: serve anyway, for reads, queries and --broker
+            log.error("cannot write %s (%s): commands need --broker %s until the broker "
+                      "restarts with space", self.home / "broker.json", exc.strerror or exc,
+                      self.address)
 
     def _lock(self) -> int:
         path = self.home / "broker.lock"
@@ -271,12 +276,12 @@ class Broker:
 
     def _write_failed(self, why: str, replies: list, mono: float) -> None:
         """The batch is not durable: nothing of it is acknowledged, the state forgets it."""
-        log.error("%s; the broker serves reads and queries and refuses writes until the disk "
-                  "takes them again", why)
+        log.error("%s: %d command(s) not recorded; the broker serves reads and queries and "
+                  "refuses writes until the disk takes them again", why, len(replies))
         self.write_error = why
         self._probe_at = mono + PROBE_EVERY_S
         self._restore([])
-        message = f"not recorded: {why}"
+        message = f"not recorded: {why}; reads and queries still work"
         replies[:] = [(ident, p.Error(req=r.req, code="unavailable", message=message))
                       for ident, r in replies]
 
@@ -295,8 +300,9 @@ class Broker:
                 replies.append((ident, p.Leases(req=cmd.req, seq=self.desk.state.last_seq)))
             return None
         if isinstance(cmd, _WRITES):
-            replies.append((ident, p.Error(req=cmd.req, code="unavailable",
-                                           message=f"not recorded: {self.write_error}")))
+            replies.append((ident, p.Error(
+                req=cmd.req, code="unavailable",
+                message=f"not recorded: {self.write_error}; reads and queries still work")))
             return None
         return cmd
 

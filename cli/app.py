@@ -382,28 +382,29 @@ def logs(job: str = typer.Argument(..., help="job id"),
 
 
 def _sql(sql: str, broker: str | None, as_of: int = 0):  # noqa: ANN202 - a pyarrow.Table
-    """Through the broker's projection when a broker runs; else from the files, caught up."""
+    """Through the broker's projection when a broker runs; else from the files, caught up and
+    opened read-only. Either way read-only and bounded (projections/sql.py)."""
     from evo.home import NoBroker
+    from evo.projections.follower import from_ipc
 
     try:
         c = _client(broker)
     except NoBroker:
-        from evo.projections.follower import open_projection
-        from evo.projections.store import as_of as past
+        from evo.projections.follower import read_projection
+        from evo.projections.store import query_at
 
-        proj = open_projection(evo_home())
+        proj = read_projection(evo_home())
         try:
             if as_of:
-                old = past(proj, as_of)
-                try:
-                    return old.query(sql)
-                finally:
-                    old.close()
+                return from_ipc(query_at(proj.con, as_of, sql)[1])
             return proj.query(sql)
         finally:
             proj.close()
     with c:
-        return c.sql(sql, as_of=as_of)
+        reply = c.query(sql, as_of=as_of)
+    if reply.behind:
+        _err(f"warning: the answer is as of seq {reply.seq}; {reply.behind}")
+    return from_ipc(reply.arrow)
 
 
 def _print_table(table, fmt: str, title: str = "") -> None:  # noqa: ANN001
@@ -509,9 +510,9 @@ def replay(to: Optional[int] = typer.Option(None, "--to", help="stop at this seq
                 live = c.query(kind="digest")
                 live_seq, live_digest, live_tables = live.seq, live.digest, live.tables
         except NoBroker:
-            from evo.projections.follower import open_projection
+            from evo.projections.follower import read_projection
 
-            proj = open_projection(evo_home())
+            proj = read_projection(evo_home())
             live_seq = proj.last_seq
             live_digest, live_tables = proj.digest()
             proj.close()

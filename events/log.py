@@ -323,7 +323,7 @@ class SegmentLog(EventLog):
                 self._new_segment(events[0].seq)
         except OSError as exc:
             raise LogWriteError(f"{exc.strerror or exc} starting a new segment of the event "
-                                f"log in {self.dir}; nothing was written") from exc
+                                f"log in {self.dir}") from exc
         start = self._size
         try:
             failpoints.hit("log.write")
@@ -339,8 +339,7 @@ class SegmentLog(EventLog):
             # after a restart: cut the segment back to where the batch began.
             self._cut(start)
             raise LogWriteError(f"{exc.strerror or exc} writing the event log in {self.dir} "
-                                f"(segment {self._path(self._segments[-1]).name}); "
-                                f"{len(events)} event(s) not recorded") from exc
+                                f"(segment {self._path(self._segments[-1]).name})") from exc
         self._size += len(data)
         first = events[0].seq
         self._recent.extend(zip(range(first, first + len(encoded)), encoded))

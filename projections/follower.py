@@ -3,33 +3,48 @@
 The server hands it every committed batch (the same bytes as the log and the relay) before it
 sends the batch's acknowledgements, and the follower applies whatever has arrived before it
 answers a query. So an answer is never staler than the events acknowledged before the query
-was sent, and a slow query never delays an acknowledgement: it runs in this thread, on its own
-socket (Welcome.query_endpoint), while the broker's loop carries on.
+was sent, and a slow query never delays an acknowledgement. Queries arrive on a socket of their
+own (Welcome.query_endpoint) and run in threads beside the follower (QUERY_THREADS), each on a
+cursor of its own in a READ ONLY transaction, within the time and size limits of
+projections/sql.py; the follower goes on applying meanwhile (DuckDB's MVCC), so a slow query
+delays neither the broker nor the other queries.
 
 On start it catches the file up from the log (read-only) to the seq the broker had when it
 started it; a file from another schema version, or ahead of the log, is rebuilt from nothing.
+When a batch cannot be applied (a full disk), the events are kept and tried again every
+RETRY_S; answers meanwhile come from what the file holds, and say so (QueryResult.behind). A
+file that cannot be opened for writing (a broker started on a full disk) is opened read-only to
+answer from, and opened for writing again, caught up from the log, as soon as it can be.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import zmq
 
 from evo.broker import protocol as p
+from evo.events.codec import decode_seq
 from evo.errors import EvoError
 from evo.events.log import SegmentLog
 
+from . import sql
 from .schema import VERSION
-from .store import Projection, SqlError, as_of
+from .store import Projection, SqlError, query_at
 
 log = logging.getLogger("evo.projections")
 APPLY_EVERY_S = 5.0
+RETRY_S = 1.0  # after a failed apply or open
+READONLY_RETRY_S = 5.0  # answering read-only: how often opening for writing is tried again
+QUERY_THREADS = 2
+_ids = itertools.count(1)
 
 
 def open_projection(home: Path, upto: int | None = None) -> Projection:
@@ -46,6 +61,24 @@ def open_projection(home: Path, upto: int | None = None) -> Projection:
                 f.unlink(missing_ok=True)
             proj = Projection(path)
         proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
+    return proj
+
+
+def read_projection(home: Path) -> Projection:
+    """The projection for users' SQL without a broker: caught up from the log if it is behind,
+    then opened read-only and secured (see projections/sql.py)."""
+    path = home / "evo.duckdb"
+    with SegmentLog(home / "log", readonly=True) as lg:
+        head = lg.last_seq
+    if path.exists():
+        proj = Projection(path, read_only=True)
+        if proj.version == VERSION and proj.last_seq == head:
+            sql.secure(proj.con)
+            return proj
+        proj.close()
+    open_projection(home).close()
+    proj = Projection(path, read_only=True)
+    sql.secure(proj.con)
     return proj
 
 
@@ -66,69 +99,180 @@ class Follower(threading.Thread):
         self.home, self.ctx, self.start_seq, self.host = home, ctx, start_seq, host
         self.inbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self.endpoint = ""
-        self.error: str = ""
+        self.error: str = ""  # why there is no projection to answer from, when there is none
+        self.behind: str = ""  # why the file is behind the log (its last apply failed)
+        self.durable = start_seq  # the last seq handed over (durable in the log)
+        self.pending: list[bytes] = []
+        self.readonly = False  # answering from the file as it is: it could not be opened to write
+        self._retry_at = 0.0
         self._ready = threading.Event()
         self._halt = threading.Event()
         self._query = p.Query()
+        self._wake_at = f"inproc://evo-queries-{next(_ids)}"
+        self._answers: queue.SimpleQueue[tuple[bytes, p.Reply]] = queue.SimpleQueue()
+        self._cursors: set = set()  # queries running, interrupted at a stop
 
     def start_and_wait(self, timeout_s: float = 10.0) -> None:
         self.start()
         self._ready.wait(timeout_s)
 
     def push(self, raws: list[bytes]) -> None:
+        self.durable = decode_seq(raws[-1])  # first, so an open never misses what is queued
         self.inbox.put(raws)
 
     def stop(self) -> None:
         self._halt.set()
 
-    def _drain(self, proj: Projection) -> None:
-        raws: list[bytes] = []
+    # --- applying -----------------------------------------------------------------------------
+
+    def _take(self) -> None:
         while True:
             try:
-                raws.extend(self.inbox.get_nowait())
+                self.pending.extend(self.inbox.get_nowait())
             except queue.Empty:
-                break
-        if raws:
-            proj.apply(raws)
+                return
+
+    def _discard(self) -> None:
+        """Forget what was handed over: it is in the log, and will be read from there."""
+        self.pending.clear()
+        self._take()
+        self.pending.clear()
+
+    def _open(self) -> Projection | None:
+        """The projection caught up to what the broker has handed over; failing that (a full
+        disk) the file as it is, read-only, to answer from; failing both, None. Both are tried
+        again later (RETRY_S, READONLY_RETRY_S)."""
+        self._discard()
+        upto = self.durable
+        try:
+            proj = open_projection(self.home, upto)
+            sql.secure(proj.con)
+        except Exception as exc:  # noqa: BLE001 - a full disk, a damaged file: try again
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            if self.error or self.readonly:
+                log.warning("the projection is open again (seq %d)", proj.last_seq)
+            self.error, self.behind, self.readonly = "", "", False
+            return proj
+        try:
+            proj = Projection(self.home / "evo.duckdb", read_only=True)
+            if proj.version != VERSION:
+                proj.close()
+                raise EvoError(f"schema version {proj.version}")
+            sql.secure(proj.con)
+        except Exception as exc:  # noqa: BLE001
+            if not self.error:
+                log.error("the projection cannot be opened (%s, nor read-only: %s); trying "
+                          "again every %gs", why, exc, RETRY_S)
+            self.error = why
+            self._retry_at = time.monotonic() + RETRY_S
+            return None
+        if not self.readonly:
+            log.error("the projection cannot be opened for writing (%s); answering read-only "
+                      "from seq %d", why, proj.last_seq)
+        self.readonly, self.error = True, ""
+        self.behind = f"the projection is read-only at seq {proj.last_seq} ({why})"
+        self._retry_at = time.monotonic() + READONLY_RETRY_S
+        return proj
+
+    def _drain(self, proj: Projection) -> Projection | None:
+        """Apply what has arrived; the projection to go on with (None: open it again)."""
+        if self.readonly:
+            self._discard()
+            return proj
+        self._take()
+        if not self.pending or time.monotonic() < self._retry_at:
+            return proj
+        try:
+            proj.apply(self.pending)
+        except Exception as exc:  # noqa: BLE001 - kept, and tried again
+            self._retry_at = time.monotonic() + RETRY_S
+            if not self.behind:
+                log.warning("the projection cannot apply events from seq %d (%s); answers "
+                            "come from seq %d until it can", decode_seq(self.pending[0]), exc,
+                            proj.last_seq)
+            self.behind = f"events after seq {proj.last_seq} are not applied yet: {exc}"
+            if isinstance(exc, EvoError) or "invalidated" in str(exc):
+                # the file and the events disagree, or DuckDB gave the file up: from the log
+                self._close(proj)
+                self.error = f"opening again from the log: {exc}"
+                return None
+            return proj
+        if self.behind:
+            log.warning("the projection applies events again (seq %d)", proj.last_seq)
+        self.pending, self.behind = [], ""
+        return proj
+
+    def _close(self, proj: Projection) -> None:
+        for cur in list(self._cursors):
+            cur.interrupt()
+        self.pool.shutdown(wait=True)
+        self.pool = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="evo-query")
+        proj.close()
+
+    # --- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(f"{self.host}:*")
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        wake = self.ctx.socket(zmq.PULL)
+        wake.setsockopt(zmq.LINGER, 0)
+        wake.bind(self._wake_at)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        self.pool = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="evo-query")
         self._ready.set()
-        proj = None
+        proj: Projection | None = None
+        next_apply = time.monotonic() + APPLY_EVERY_S
         try:
-            proj = open_projection(self.home, self.start_seq)
-            next_apply = time.monotonic() + APPLY_EVERY_S
             while not self._halt.is_set():
-                # Batches are applied when a query comes (so answers are fresh) and otherwise
-                # at most every APPLY_EVERY_S: bigger batches cost DuckDB far less per event,
-                # and on a small machine the CPU belongs to the training jobs.
-                if sock.poll(100):
+                if (proj is None or self.readonly) and time.monotonic() >= self._retry_at:
+                    if proj is not None:
+                        self._close(proj)
+                    proj = self._open()
+                ready = dict(poller.poll(100))
+                if wake in ready:
+                    while wake.poll(0):
+                        wake.recv()
+                    while not self._answers.empty():
+                        ident, reply = self._answers.get()
+                        sock.send_multipart([ident, p.reply_encoder.encode(reply)])
+                if sock in ready:
                     ident, reply = self._receive(sock)
-                    if reply is None:
-                        self._drain(proj)
-                        reply = self._answer(proj, self._query)
-                    sock.send_multipart([ident, p.reply_encoder.encode(reply)])
-                elif time.monotonic() >= next_apply:
-                    self._drain(proj)
-                    next_apply = time.monotonic() + APPLY_EVERY_S
-            self._drain(proj)  # what was committed before the stop is in the file
-        except Exception as exc:  # noqa: BLE001 - the broker keeps serving without projections
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("projection follower stopped")
-            while not self._halt.is_set():  # answer queries with the reason, not silence
-                if sock.poll(100):
-                    ident, reply = self._receive(sock)
-                    if reply is None:
-                        reply = p.Error(req=self._query.req, code="internal",
+                    if reply is None and proj is not None:
+                        proj = self._drain(proj)
+                    if reply is None and proj is None:
+                        reply = p.Error(req=self._query.req, code="unavailable",
                                         message=f"the projection is unavailable: {self.error}")
-                    sock.send_multipart([ident, p.reply_encoder.encode(reply)])
+                    if reply is None and self._query.kind == "digest":
+                        reply = self._digest(proj)
+                    if reply is None:  # answered by a query thread, on a cursor made here
+                        self.pool.submit(self._answer, proj.con.cursor(), ident, self._query,
+                                         proj.last_seq, self.behind)
+                    else:
+                        sock.send_multipart([ident, p.reply_encoder.encode(reply)])
+                elif proj is not None and time.monotonic() >= next_apply:
+                    # Batches are applied when a query comes (so answers are fresh) and
+                    # otherwise at most every APPLY_EVERY_S: bigger batches cost DuckDB far
+                    # less per event, and on a small machine the CPU belongs to the jobs.
+                    proj = self._drain(proj)
+                    next_apply = time.monotonic() + APPLY_EVERY_S
+            if proj is not None:
+                self._retry_at = 0.0
+                self._drain(proj)  # what was committed before the stop is in the file
+        except Exception:  # noqa: BLE001 - a bug here must not take the broker's loop along
+            log.exception("projection follower stopped")
         finally:
+            for cur in list(self._cursors):
+                cur.interrupt()
+            self.pool.shutdown(wait=True)
             if proj is not None:
                 proj.close()
             sock.close(0)
+            wake.close(0)
 
     def _receive(self, sock: zmq.Socket) -> tuple[bytes, p.Reply | None]:
         """The sender and, for anything but a well-formed query, the error to answer it with
@@ -150,21 +294,34 @@ class Follower(threading.Thread):
         self._query = cmd
         return ident, None
 
-    def _answer(self, proj: Projection, cmd: p.Query) -> p.Reply:
+    def _digest(self, proj: Projection) -> p.Reply:
         try:
-            if cmd.kind == "digest":
-                digest, tables = proj.digest()
-                return p.QueryResult(req=cmd.req, seq=proj.last_seq, digest=digest, tables=tables)
+            digest, tables = proj.digest()
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the follower
+            return p.Error(req=self._query.req, code="internal", message=f"digest: {exc}")
+        return p.QueryResult(req=self._query.req, seq=proj.last_seq, digest=digest,
+                             tables=tables, behind=self.behind)
+
+    def _answer(self, cur, ident: bytes, cmd: p.Query, seq: int, behind: str) -> None:  # noqa: ANN001
+        """Run one query (in a query thread) and hand its answer to the follower's loop."""
+        try:
             if cmd.as_of:
-                past = as_of(proj, cmd.as_of)
                 try:
-                    return p.QueryResult(req=cmd.req, seq=past.last_seq,
-                                         arrow=to_ipc(past.query(cmd.sql)))
+                    at, arrow = query_at(cur, cmd.as_of, cmd.sql, self._cursors)
                 finally:
-                    past.close()
-            return p.QueryResult(req=cmd.req, seq=proj.last_seq, arrow=to_ipc(proj.query(cmd.sql)))
+                    cur.close()
+                reply: p.Reply = p.QueryResult(req=cmd.req, seq=at, arrow=arrow)
+            else:
+                reply = p.QueryResult(req=cmd.req, seq=seq, behind=behind,
+                                      arrow=sql.run(cur, cmd.sql, running=self._cursors))
         except SqlError as exc:
-            return p.Error(req=cmd.req, code="invalid", message=str(exc))
+            reply = p.Error(req=cmd.req, code="invalid", message=str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad query must not stop the follower
             log.exception("query failed")
-            return p.Error(req=cmd.req, code="internal", message=f"{type(exc).__name__}: {exc}")
+            reply = p.Error(req=cmd.req, code="internal", message=f"{type(exc).__name__}: {exc}")
+        self._answers.put((ident, reply))
+        wake = self.ctx.socket(zmq.PUSH)
+        wake.setsockopt(zmq.LINGER, 1000)
+        wake.connect(self._wake_at)
+        wake.send(b"")
+        wake.close()

@@ -25,15 +25,16 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from evo.errors import BadInput, EvoError
+from evo import failpoints
+from evo.errors import EvoError
 from evo.events.codec import decode_many, decode_seq
 
+from .sql import SqlError  # noqa: F401 - raised by Projection.query
 from .schema import (APPENDED, DDL, DERIVE, DROP_STAGED, INSERT_EVENTS, KEYS, STAGE, STAGE_DB,
                      TABLES, VERSION, VIEWS)
 
 _json = msgspec.json.Encoder()
 
-READ_ONLY = {"SELECT", "EXPLAIN"}
 # Catch-up batches: whole row groups of DuckDB's, so that each batch's events go to disk as
 # whole row groups and the checkpoint has none to merge (batches of 250,000 took 10% longer);
 # three did a little better than two or four. The first batch is one row group, so that the
@@ -42,10 +43,6 @@ ROW_GROUP = 122_880
 CATCH_UP_BATCH = 3 * ROW_GROUP
 DECODE_STEP = 2048  # events decoded per call (a few ms of holding the GIL)
 LARGE_BATCH_BYTES = 2**31  # past 2 GiB of JSON in a batch (huge env dicts), 64-bit offsets
-
-
-class SqlError(BadInput):
-    """A query DuckDB refused, or one that would write."""
 
 
 def _prepare(cur: duckdb.DuckDBPyConnection, raws: Sequence[bytes], lo: int) -> Staged | None:
@@ -275,22 +272,11 @@ class Projection:
             h.update(f"{table}={per[table]}\n".encode())
         return h.hexdigest(), per
 
-    def query(self, sql: str) -> pa.Table:
-        """Run one read-only statement; writes and DuckDB errors raise SqlError."""
-        try:
-            statements = self.con.extract_statements(sql)
-        except duckdb.Error as exc:
-            raise SqlError(f"SQL error: {exc}") from exc
-        if len(statements) != 1:
-            raise SqlError(f"expected one SQL statement, got {len(statements)}")
-        kind = statements[0].type.name
-        if kind not in READ_ONLY:
-            raise SqlError(f"evo sql is read-only: a {kind} statement is refused "
-                           "(export with --out FILE)")
-        try:
-            return self.con.sql(sql).to_arrow_table()
-        except duckdb.Error as exc:
-            raise SqlError(f"SQL error: {exc}") from exc
+    def query(self, text: str) -> pa.Table:
+        """One read-only statement, within the limits of projections/sql.py."""
+        from . import sql
+
+        return pa.ipc.open_stream(sql.run(self.con.cursor(), text)).read_all()
 
     def close(self) -> None:
         self.con.close()
@@ -306,14 +292,29 @@ def replay(raws: Iterable[bytes], path: str | Path = ":memory:", to_seq: int | N
     return proj
 
 
-def as_of(live: Projection, seq: int) -> Projection:
-    """The projection as it was at ``seq``, derived from the live ``events`` table."""
+def query_at(live: duckdb.DuckDBPyConnection, seq: int, text: str,
+             running: set | None = None) -> tuple[int, bytes]:
+    """One read-only query (projections/sql.py) on the projection as it was at ``seq``: the
+    seq it answers at, and the Arrow IPC stream."""
+    from . import sql
+
+    past = as_of(live, seq)
+    try:
+        sql.secure(past.con)
+        return past.last_seq, sql.run(past.con.cursor(), text, running=running)
+    finally:
+        past.close()
+
+
+def as_of(live: duckdb.DuckDBPyConnection, seq: int) -> Projection:
+    """The projection as it was at ``seq``, derived from the live ``events`` table (``live``: a
+    connection or cursor of the live projection)."""
     proj = Projection(":memory:")
-    rows = live.con.execute("SELECT max(seq) FROM events WHERE seq <= ?", [seq]).fetchall()
+    rows = live.execute("SELECT max(seq) FROM events WHERE seq <= ?", [seq]).fetchall()
     hi = rows[0][0]
     if hi is not None:
-        table = live.con.sql("SELECT CAST(payload AS VARCHAR) AS payload FROM events "
-                             "WHERE seq <= $seq ORDER BY seq", params={"seq": seq}).to_arrow_table()
+        table = live.sql("SELECT CAST(payload AS VARCHAR) AS payload FROM events "
+                         "WHERE seq <= $seq ORDER BY seq", params={"seq": seq}).to_arrow_table()
         _commit(proj.con, stage(proj.con, table, 1))
     return proj
 
@@ -337,9 +338,13 @@ def _transaction(con: duckdb.DuckDBPyConnection, statements: list[str], marks: l
             con.execute(mark, [hi])
         if after is not None:
             after.result()
+        failpoints.hit("projection.apply")
         con.commit()
     except BaseException:
-        con.rollback()
+        try:
+            con.rollback()
+        except duckdb.TransactionException:
+            pass  # a commit that failed (a full disk) has ended the transaction already
         raise
 
 

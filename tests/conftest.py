@@ -129,3 +129,24 @@ def run_evo(*args: str, home: Path | None = None, timeout: float = 60, input: st
     e.update(env or {})
     return subprocess.run(evo_cmd(*args), capture_output=True, text=True, timeout=timeout,
                           input=input, env=e)
+
+
+def wait_until(cond, timeout: float = 30.0, what: str = "a condition", every: float = 0.02):  # noqa: ANN001, ANN201
+    """Poll ``cond()`` until it is true (returning its value) or ``timeout`` passes (failing,
+    naming ``what``): a deadline on a condition, never a sleep standing in for one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
