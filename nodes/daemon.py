@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from evo.events.schema import GpuInfo
 from . import reports
 from .environment import fingerprint
 from .executor import LOOK_EVERY_S, Run
+from .keeper import KeeperClient
 from .pool import WorkerPool
 from .probe import probe, sample
 
@@ -93,6 +95,9 @@ class NodeDaemon:
         self.heartbeat_s, self.util_every_s, self.poll_s = heartbeat_s, util_every_s, poll_s
         self.idle_wait_s, self.ship_every_s = idle_wait_s, ship_every_s
         self.pool = WorkerPool(self.work / "workers", keep_idle=self.slots) if warm_workers else None
+        # Job processes are started by the keeper, which kills them when this node dies.
+        self.keeper: KeeperClient | None = None
+        self.use_keeper = sys.platform.startswith("linux")
         self.runs: dict[str, Run] = {}
         self.queued: dict[str, p.LeaseGrant] = {}  # leased ahead, waiting for a slot here
         self.lease_ahead = 4 * self.slots if lease_ahead is None else lease_ahead
@@ -178,7 +183,18 @@ class NodeDaemon:
         self._draining = drain
         self._stop.set()
 
+    def _keeper(self) -> KeeperClient | None:
+        """The keeper, started again if it died (its jobs died with it)."""
+        if not self.use_keeper:
+            return None
+        if self.keeper is None or self.keeper.gone:
+            if self.keeper is not None:
+                log.error("the keeper of job processes died; starting another")
+            self.keeper = KeeperClient()
+        return self.keeper
+
     def run(self) -> None:
+        self._keeper()
         if self.pool is not None:
             self.pool.warm(self.slots)
         self.connect()
@@ -210,14 +226,17 @@ class NodeDaemon:
         # Wait for the broker or a worker; commands (plain processes) are polled.
         timeout = max(0.0, self._next_hb - time.monotonic())
         if self.runs:
-            # A warm task's end wakes us through its pipe; only plain processes are polled.
-            # Progress files are looked at every LOOK_EVERY_S either way.
-            polled = any(r.fd is None for r in self.runs.values())
+            # A warm task's end wakes us through its pipe, a kept process's through the
+            # keeper's socket; only processes started here are polled. Progress files are
+            # looked at every LOOK_EVERY_S either way.
+            polled = any(r.fd is None and not r.kept for r in self.runs.values())
             timeout = min(timeout, self.poll_s if polled else LOOK_EVERY_S)
         if poller is None:
             poller = zmq.Poller()
         poller.register(self.client.sock, zmq.POLLIN)
         fds = [r.fd for r in self.runs.values() if r.fd is not None]
+        if self.keeper is not None and not self.keeper.gone and any(r.kept for r in self.runs.values()):
+            fds.append(self.keeper.fd)
         for fd in fds:
             poller.register(fd, zmq.POLLIN)
         try:
@@ -289,7 +308,9 @@ class NodeDaemon:
             self._cancel(reply.cancel, "cancel requested")
 
     def _start(self, grant: p.LeaseGrant) -> None:
-        run = Run(grant, self.work, self.name, self.pool)
+        needs_process = grant.spec.command is not None or grant.spec.isolate or self.pool is None
+        run = Run(grant, self.work, self.name, self.pool,
+                  self._keeper() if needs_process else None)
         self.runs[grant.job_id] = run
         if run.rc is not None:
             return  # could not start: reported as failed by _collect
@@ -446,6 +467,8 @@ class NodeDaemon:
             run.finish()
         if self.pool is not None:
             self.pool.close()
+        if self.keeper is not None:
+            self.keeper.close()
         if self.client is not None:
             try:
                 self.client.request(p.Leave(node=self.name), timeout_s=2.0)

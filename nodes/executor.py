@@ -29,6 +29,7 @@ from evo.broker import protocol as p
 from evo.broker.protocol import LeaseGrant
 
 from . import reports
+from .keeper import KeeperClient, KeptProcess
 from .pool import THREAD_VARS, Worker, WorkerPool
 from .progress import MAX_LINE, parse_line
 from .worker import Task
@@ -41,7 +42,7 @@ OUTPUT_BYTES = 256 << 10  # of stdout parsed for progress lines per look (4x at 
 
 class Run:
     def __init__(self, grant: LeaseGrant, root: Path, node: str,
-                 pool: WorkerPool | None = None) -> None:
+                 pool: WorkerPool | None = None, keeper: KeeperClient | None = None) -> None:
         self.grant = grant
         spec = grant.spec
         self.job_dir = root / "jobs" / grant.job_id
@@ -77,7 +78,7 @@ class Run:
             env["EVO_SEED"] = str(spec.seed)
         self.started = time.time()
         self.error = ""
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | KeptProcess | None = None
         self.pool = pool
         self.rc: int | None = None
         threads = max(1, int(spec.resources.cpus))  # native thread pools get the job's CPUs
@@ -97,14 +98,21 @@ class Run:
                 env["EVO_PARAMS_FILE"] = str(params)
                 env["EVO_RESULT_FILE"] = str(self.dir / "result.json")
                 argv = [sys.executable, "-m", "evo.nodes.runner"]
-            with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
-                try:
-                    self.proc = subprocess.Popen(
-                        argv, cwd=workdir, env=env, stdout=out, stderr=err,
-                        stdin=subprocess.DEVNULL, start_new_session=True)
-                except OSError as exc:  # no such program, not executable, bad workdir
-                    self.error = f"could not start {argv[0]!r}: {exc.strerror or exc}"
-                    self.rc = 127
+            try:
+                if keeper is not None:  # the keeper starts it, so it ends with this node
+                    self.proc = keeper.spawn(argv, cwd=str(workdir), env=env,
+                                             stdout=str(self.stdout_path),
+                                             stderr=str(self.stderr_path),
+                                             epoch=str(grant.lease_epoch))
+                else:
+                    with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+                        self.proc = subprocess.Popen(
+                            argv, cwd=workdir, env=env, stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:  # no such program, not executable, bad workdir
+                self.error = (str(exc) if keeper is not None else
+                              f"could not start {argv[0]!r}: {exc.strerror or exc}")
+                self.rc = 127
         self._reports = self._stdout = None  # opened once the job has written to them
         self._next_look = time.monotonic() + LOOK_EVERY_S
         self.finished = False
@@ -142,6 +150,11 @@ class Run:
         if self.worker is not None:
             return self.worker.pid
         return self.proc.pid if self.proc is not None else 0
+
+    @property
+    def kept(self) -> bool:
+        """Started by the keeper: its end is told on the keeper's socket."""
+        return isinstance(self.proc, KeptProcess)
 
     @property
     def fd(self) -> int | None:
@@ -239,6 +252,8 @@ class Run:
                 self.error = done.error
         elif self.proc is not None:
             self.rc = self.proc.poll()
+            if self.rc is not None and self.kept and self.proc.keeper.gone:  # type: ignore[union-attr]
+                self.error = self.error or "the node's keeper of job processes died"
             if self.rc is not None and self.grant.spec.callable is not None:
                 self.result = self._result_file()
         if self.rc is None and self.kill_at is not None and time.time() >= self.kill_at:
@@ -258,6 +273,9 @@ class Run:
             self.worker.kill(sig)
             return
         if self.proc is None:
+            return
+        if isinstance(self.proc, KeptProcess):
+            self.proc.signal(sig)
             return
         try:
             os.killpg(self.proc.pid, sig)
@@ -283,6 +301,9 @@ class Run:
                 self.worker.close()
             else:
                 self.pool.give_back(self.worker)
+        elif isinstance(self.proc, KeptProcess):
+            # leftovers of the attempt, in its group or gone off on their own, do not outlive it
+            self.proc.signal(signal.SIGKILL, orphans=True)
         elif self.proc is not None:
             self._signal(signal.SIGKILL)  # leftovers of the group must not outlive the attempt
             self.proc.wait()

@@ -147,8 +147,9 @@ def test_warm_workers_die_with_their_node(cluster):
     with Client(b.address) as c:
         job = c.submit(callable="tests.jobs:whoami")
         wait_for(c, done(job))
-    workers = psutil.Process(n.proc.pid).children()
-    assert len(workers) == 2 and all("evo.nodes.worker" in " ".join(w.cmdline()) for w in workers)
+    kids = psutil.Process(n.proc.pid).children()
+    kinds = sorted(" ".join(k.cmdline()).split("-m ")[1].split()[0] for k in kids)
+    assert kinds == ["evo.nodes.keeper", "evo.nodes.worker", "evo.nodes.worker"]
     n.signal(signal.SIGKILL)  # the node alone: its workers live in sessions of their own
-    gone, alive = psutil.wait_procs(workers, timeout=5)
-    assert not alive, f"workers outlived their node: {[w.pid for w in alive]}"
+    gone, alive = psutil.wait_procs(kids, timeout=5)
+    assert not alive, f"workers or the keeper outlived their node: {[w.pid for w in alive]}"
