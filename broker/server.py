@@ -34,8 +34,8 @@ import msgspec
 import zmq
 
 from evo import failpoints
-from evo.events.codec import pack_batch
-from evo.events.log import LogWriteError, SegmentLog
+from evo.events.codec import EventDecodeError, pack_batch
+from evo.events.log import CorruptLog, LogWriteError, SegmentLog
 from evo.errors import BadInput, EvoError
 from evo.home import is_loopback, read_broker_file, write_broker_file
 
@@ -44,7 +44,7 @@ from .cluster import Cluster, load_cluster
 from .desk import Desk
 from .outputs import OutputStore
 from evo.projections.follower import Follower
-from .state import fold
+from .state import IllegalTransition, fold
 
 log = logging.getLogger("evo.broker")
 
@@ -86,12 +86,20 @@ class Broker:
         kw: dict[str, Any] = {"sync": sync}
         if segment_bytes:
             kw["segment_bytes"] = segment_bytes
-        self.log = SegmentLog(self.home / "log", **kw)
+        try:
+            self.log = SegmentLog(self.home / "log", **kw)
+            state = fold(self.log.read_from(1))
+        except (CorruptLog, EventDecodeError, IllegalTransition, ValueError) as exc:
+            os.close(self._lock_fd)
+            raise BrokerError(
+                f"the event log in {self.home / 'log'} is damaged, so the broker does not start: "
+                f"{exc}. `evo log check` lists every problem; `evo log salvage --to DIR` writes "
+                "the valid prefix as a new log to go on from") from None
         self.outputs = OutputStore(self.home / "logs")
         for msg in self.log.recovered:
             log.warning(msg)
-        self.desk = Desk(fold(self.log.read_from(1)),
-                         cluster or load_cluster(cluster_path, self.home), mono=time.monotonic())
+        self.desk = Desk(state, cluster or load_cluster(cluster_path, self.home),
+                         mono=time.monotonic())
         self.tick_s = tick_s
         self._next_tick = 0.0
         self._parked: list[tuple[bytes, p.Ready, float]] = []  # (ident, command, give up at)

@@ -537,8 +537,10 @@ def replay(to: Optional[int] = typer.Option(None, "--to", help="stop at this seq
 
 
 from evo.cli import experiments as _experiments  # noqa: E402 - registers on `app`
+from evo.cli.damage import log_app as _log_app  # noqa: E402
 
 _experiments.register(app, _sql, _print_table, _client, BrokerOpt)
+app.add_typer(_log_app, name="log")
 
 
 def main() -> None:

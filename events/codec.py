@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import msgspec
 
+from evo.errors import EvoError
+
 from .schema import AnyEvent, Event
 from .strict import free_form, friendly, json_value_error, strict_union
 
@@ -32,7 +34,7 @@ _seq_decoder = msgspec.msgpack.Decoder(_SeqOnly)
 _BAD = (msgspec.DecodeError, UnicodeDecodeError)
 
 
-class EventDecodeError(ValueError):
+class EventDecodeError(EvoError, ValueError):
     """Raised when bytes do not decode to a known event; the message says why and where."""
 
 

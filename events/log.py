@@ -30,6 +30,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from evo import failpoints
+from evo.errors import EvoError
 
 from .codec import decode, decode_seq, encode
 from .schema import Event
@@ -41,8 +42,9 @@ MAX_RECORD = 64 << 20  # a record longer than this is corruption, not a big even
 SEGMENT_BYTES = 64 << 20
 
 
-class CorruptLog(Exception):
-    """Raised when a record in the middle of the log fails its checksum or breaks seq order."""
+class CorruptLog(EvoError):
+    """Raised when a record in the middle of the log fails its checksum or breaks seq order,
+    or a segment is missing between two others."""
 
     def __init__(self, segment: str, offset: int, last_good_seq: int, why: str) -> None:
         self.segment, self.offset, self.last_good_seq = segment, offset, last_good_seq
@@ -377,9 +379,16 @@ class SegmentLog(EventLog):
         for i, first in enumerate(segments):
             if first <= seq:
                 idx = i
+        expected = None  # the seq the next segment must begin with
         for i in range(idx, len(segments)):
             first = segments[i]
             path = self._path(first)
+            if (expected is None and seq < first) or (expected is not None and first != expected):
+                want = seq if expected is None else expected
+                raise CorruptLog(path.name, 0, want - 1,
+                                 f"events {want}..{first - 1} are missing (no segment holds them)"
+                                 if first > want else f"a segment that begins at seq {first}, "
+                                 f"before {want}")
             buf = path.read_bytes()
             if not self.readonly and i == len(segments) - 1:
                 buf = buf[: self._size]  # never past what is committed
@@ -396,6 +405,7 @@ class SegmentLog(EventLog):
                 if not (last_seg and scan.is_torn_tail()):
                     raise CorruptLog(path.name, scan.offset, scan.expected - 1, scan.bad)
                 return
+            expected = scan.expected
 
     def segments(self) -> list[Path]:
         return [self._path(f) for f in self._segments]
