@@ -243,6 +243,13 @@ class Desk:
 
     def on_join(self, cmd: p.Join, now: float, cause: str, mono: float = 0.0) -> Outcome:
         out = Outcome()
+        old = self.state.nodes.get(cmd.node)
+        if old is not None:  # a node that restarted: what it does not carry on is not running
+            listed = {job_id for job_id, _ in cmd.running}
+            for job_id in sorted(old.running - listed):
+                self._attempt_failed(out, self.state.jobs[job_id], now, cause,
+                                     error=f"node {cmd.node} joined again without it",
+                                     expired_on=cmd.node)
         self._emit(out, NodeJoined, now, cause, node=cmd.node, hostname=cmd.hostname,
                    cpus=cmd.cpus, mem_gb=cmd.mem_gb, gpus=cmd.gpus, labels=cmd.labels,
                    slots=cmd.slots, capabilities=cmd.capabilities)

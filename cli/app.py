@@ -59,6 +59,8 @@ def broker(
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="routing rules (default "
                                            "EVO_HOME/cluster.yaml, else the packaged one)"),
     no_sync: bool = typer.Option(False, "--no-sync", help="skip fdatasync (tests only: unsafe)"),
+    segment_bytes: Optional[int] = typer.Option(None, "--segment-bytes", hidden=True,
+                                                help="rotate log segments at this size (tests)"),
 ) -> None:
     """Run the broker in the foreground (Ctrl-C stops it cleanly)."""
     from evo.broker.cluster import load_cluster
@@ -67,7 +69,8 @@ def broker(
 
     _setup_logging()
     rules = load_cluster(cluster, evo_home())  # bad file: exit 2 before binding anything
-    run_broker(evo_home(), normalize_address(bind), sync=not no_sync, cluster=rules)
+    run_broker(evo_home(), normalize_address(bind), sync=not no_sync, cluster=rules,
+               segment_bytes=segment_bytes)
 
 
 def _labels(text: str | None) -> list[str]:
@@ -91,11 +94,15 @@ def node(
     """Run a node daemon: lease the jobs that fit this machine, run them, report back.
 
     Declared values override the probe (reserve headroom, or simulate a machine)."""
-    from evo.home import find_broker
+    from evo.home import find_broker, normalize_address
     from evo.nodes.daemon import run_node
 
     _setup_logging()
-    run_node(find_broker(broker), name=name, labels=_labels(labels), slots=slots, cpus=cpus,
+    find_broker(broker)  # none to be found: say so now, not in a retry loop
+    # Without an explicit address the node looks again at each reconnect, so it finds a
+    # broker that restarted on another port (EVO_HOME/broker.json).
+    run_node(normalize_address(broker) if broker else None, name=name, labels=_labels(labels),
+             slots=slots, cpus=cpus,
              mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb, heartbeat_s=heartbeat_s,
              lease_ahead=lease_ahead)
 

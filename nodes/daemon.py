@@ -42,6 +42,7 @@ import zmq
 from evo.broker import protocol as p
 from evo.cli.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
+from evo.home import NoBroker
 
 from . import reports
 from .environment import fingerprint
@@ -53,6 +54,7 @@ from .probe import probe, sample
 log = logging.getLogger("evo.node")
 
 OUTPUT_CHUNK = 256 << 10
+FINAL_SHIP_BYTES = 4 << 20  # of an ended attempt's output per turn, per stream
 SHORT_TRIAL_S = 0.5
 MEDIUM_TRIAL_S = 5.0
 EPS = 1e-9
@@ -128,6 +130,7 @@ class NodeDaemon:
         while not self._stop.is_set():
             if self.client is not None:
                 self.client.close()
+                self.client = None
             try:
                 self.client = Client(self.broker, timeout_s=max(2.0, self.heartbeat_s))
                 join = p.Join(**{**_fields(self.join_cmd), "running": self._running()})
@@ -149,7 +152,7 @@ class NodeDaemon:
                          self.client.address, len(self.runs))
                 self._next_hb = 0.0
                 return
-            except (BrokerUnavailable, OSError) as exc:
+            except (BrokerUnavailable, NoBroker, OSError) as exc:
                 log.warning("broker unavailable (%s); retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -377,26 +380,30 @@ class NodeDaemon:
 
     # --- output shipping ----------------------------------------------------------------------
 
-    def _ship(self, run: Run, everything: bool = False) -> None:
-        """Send new stdout/stderr bytes to the broker (all of it when the attempt ended)."""
+    def _ship(self, run: Run, budget: int = OUTPUT_CHUNK) -> bool:
+        """Send new stdout/stderr bytes to the broker, at most ``budget`` of them per stream
+        (the loop goes on between sends, whatever a job printed); True when all is sent."""
+        done = True
         for stream in ("stdout", "stderr"):
             path, base, size = run.span(stream)
             sent = run.shipped.get(stream, 0)
             if size <= sent:
                 continue
+            left = budget
             with open(path, "rb") as f:
                 f.seek(base + sent)
-                while sent < size:
-                    data = f.read(min(OUTPUT_CHUNK, size - sent))
+                while sent < size and left > 0:
+                    data = f.read(min(OUTPUT_CHUNK, size - sent, left))
                     if not data:
                         break
                     self._send(p.Output(node=self.name, job_id=run.grant.job_id,
                                         attempt=run.grant.attempt, stream=stream, offset=sent,
                                         data=data), _shipped(run, stream, sent + len(data)))
                     sent += len(data)
-                    if not everything:
-                        break
+                    left -= len(data)
             run.shipped[stream] = sent
+            done = done and sent >= size
+        return done
 
     # --- collecting what runs did -------------------------------------------------------------
 
@@ -417,30 +424,38 @@ class NodeDaemon:
                 if ship:
                     self._ship(run)
                 continue
-            for body in run.reports(final=True):  # whatever it wrote last
-                self._report(run, body)
-            notes = reports.Notes()
-            if run.cancelled:
-                final: p.ReportBody = p.CancelledReport(reason="stopped by the node")
-            elif rc == 0:
-                final = reports.completed(run.result.get("metrics", {}),
-                                          run.result.get("artifacts", {}),
-                                          time.time() - run.started, notes)
-            else:
-                error = run.error or f"exit code {rc}"
-                tail = run.tail("stderr")
-                final = p.FailedReport(error=f"{error}: {tail}" if tail else error,
-                                       exit_code=max(-(2**31), min(rc, 2**31 - 1)))
-            for text in notes:
-                run.note(text)
-            cmd = self._prepared(run, final)
-            self._ship(run, everything=True)  # output (notes included) before the final report
-            self._report(run, cmd)
+            if run.final is None:  # it has just ended
+                for body in run.reports(final=True):  # whatever it wrote last
+                    self._report(run, body)
+                run.final = self._prepared(run, self._final(run, rc))
+            # Its output (notes included) lands before its final report, a few MiB a turn.
+            did = True
+            if not self._ship(run, FINAL_SHIP_BYTES):
+                continue
+            self._report(run, run.final)
             run.finish()
             self.durations.append(time.time() - run.started)
             del self.runs[job_id]
             did = True
         return did
+
+    def _final(self, run: Run, rc: int) -> p.ReportBody:
+        """The final report of an attempt that ended with ``rc`` (its notes written)."""
+        notes = reports.Notes()
+        if run.cancelled:
+            final: p.ReportBody = p.CancelledReport(reason="stopped by the node")
+        elif rc == 0:
+            final = reports.completed(run.result.get("metrics", {}),
+                                      run.result.get("artifacts", {}),
+                                      time.time() - run.started, notes)
+        else:
+            error = run.error or f"exit code {rc}"
+            tail = run.tail("stderr")
+            final = p.FailedReport(error=f"{error}: {tail}" if tail else error,
+                                   exit_code=max(-(2**31), min(rc, 2**31 - 1)))
+        for text in notes:
+            run.note(text)
+        return final
 
     def shutdown(self) -> None:
         """Drain: let running attempts finish (up to a minute), report them, then leave."""

@@ -116,6 +116,7 @@ class Run:
         self._reports = self._stdout = None  # opened once the job has written to them
         self._next_look = time.monotonic() + LOOK_EVERY_S
         self.finished = False
+        self.final: p.Report | None = None  # once it has ended: its final report, to send
         self._skipping = {"reports": False, "stdout": False}  # inside a line too long to read
         self.result: dict = {}  # a callable's: {"metrics": ..., "artifacts": ...}
         self.kill_at: float | None = None

@@ -13,8 +13,9 @@ On start it catches the file up from the log (read-only) to the seq the broker h
 started it; a file from another schema version, or ahead of the log, is rebuilt from nothing.
 When a batch cannot be applied (a full disk), the events are kept and tried again every
 RETRY_S; answers meanwhile come from what the file holds, and say so (QueryResult.behind). A
-file that cannot be opened for writing (a broker started on a full disk) is opened read-only to
-answer from, and opened for writing again, caught up from the log, as soon as it can be.
+file that cannot be opened for writing (a broker started on a full disk) is replaced by a copy
+in memory caught up from the log, which answers and applies as the file would; the file is
+tried again every FILE_RETRY_S.
 """
 
 from __future__ import annotations
@@ -42,25 +43,31 @@ from .store import Projection, SqlError, query_at
 log = logging.getLogger("evo.projections")
 APPLY_EVERY_S = 5.0
 RETRY_S = 1.0  # after a failed apply or open
-READONLY_RETRY_S = 5.0  # answering read-only: how often opening for writing is tried again
+FILE_RETRY_S = 5.0  # answering from memory: how often the file is tried again
 QUERY_THREADS = 2
 _ids = itertools.count(1)
 
 
-def open_projection(home: Path, upto: int | None = None) -> Projection:
-    """``EVO_HOME/evo.duckdb`` caught up from the log (rebuilt if it cannot be trusted)."""
-    path = home / "evo.duckdb"
+def open_projection(home: Path, upto: int | None = None, path: Path | str | None = None
+                    ) -> Projection:
+    """``EVO_HOME/evo.duckdb`` (or ``path``) caught up from the log (rebuilt if it cannot be
+    trusted)."""
+    path = path or home / "evo.duckdb"
     proj = Projection(path)
-    with SegmentLog(home / "log", readonly=True) as lg:
-        head = lg.last_seq if upto is None else min(upto, lg.last_seq)
-        if proj.version != VERSION or proj.last_seq > head:
-            log.warning("rebuilding %s (schema version %s, last seq %d, log head %d)", path,
-                        proj.version, proj.last_seq, head)
-            proj.close()
-            for f in (path, Path(str(path) + ".wal")):
-                f.unlink(missing_ok=True)
-            proj = Projection(path)
-        proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
+    try:
+        with SegmentLog(home / "log", readonly=True) as lg:
+            head = lg.last_seq if upto is None else min(upto, lg.last_seq)
+            if proj.version != VERSION or proj.last_seq > head:
+                log.warning("rebuilding %s (schema version %s, last seq %d, log head %d)", path,
+                            proj.version, proj.last_seq, head)
+                proj.close()
+                for f in (Path(path), Path(str(path) + ".wal")):
+                    f.unlink(missing_ok=True)
+                proj = Projection(path)
+            proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
+    except BaseException:
+        proj.close()  # an instance left open would keep the file from opening otherwise
+        raise
     return proj
 
 
@@ -103,11 +110,12 @@ class Follower(threading.Thread):
         self.behind: str = ""  # why the file is behind the log (its last apply failed)
         self.durable = start_seq  # the last seq handed over (durable in the log)
         self.pending: list[bytes] = []
-        self.readonly = False  # answering from the file as it is: it could not be opened to write
+        self.fallback = ""  # why answers come from a copy in memory: the file cannot be written
         self._retry_at = 0.0
         self._ready = threading.Event()
         self._halt = threading.Event()
         self._query = p.Query()
+        self._asking: bytes | None = None  # the sender of the query being handled
         self._wake_at = f"inproc://evo-queries-{next(_ids)}"
         self._answers: queue.SimpleQueue[tuple[bytes, p.Reply]] = queue.SimpleQueue()
         self._cursors: set = set()  # queries running, interrupted at a stop
@@ -138,10 +146,10 @@ class Follower(threading.Thread):
         self._take()
         self.pending.clear()
 
-    def _open(self) -> Projection | None:
-        """The projection caught up to what the broker has handed over; failing that (a full
-        disk) the file as it is, read-only, to answer from; failing both, None. Both are tried
-        again later (RETRY_S, READONLY_RETRY_S)."""
+    def _open(self, memory: bool = True) -> Projection | None:
+        """The projection file caught up to what the broker has handed over; failing that (a
+        full disk) a copy in memory caught up from the log, to answer from and apply to
+        (``memory``); failing both, None. Tried again later (RETRY_S, FILE_RETRY_S)."""
         self._discard()
         upto = self.durable
         try:
@@ -150,36 +158,37 @@ class Follower(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - a full disk, a damaged file: try again
             why = f"{type(exc).__name__}: {exc}"
         else:
-            if self.error or self.readonly:
-                log.warning("the projection is open again (seq %d)", proj.last_seq)
-            self.error, self.behind, self.readonly = "", "", False
+            if self.error or self.fallback:
+                log.warning("the projection file is open again (seq %d)", proj.last_seq)
+            self.error, self.fallback, self.behind = "", "", ""
             return proj
+        self._retry_at = time.monotonic() + (FILE_RETRY_S if self.fallback else RETRY_S)
+        if not memory:
+            return None
         try:
-            proj = Projection(self.home / "evo.duckdb", read_only=True)
-            if proj.version != VERSION:
-                proj.close()
-                raise EvoError(f"schema version {proj.version}")
+            proj = open_projection(self.home, upto, path=":memory:")
             sql.secure(proj.con)
         except Exception as exc:  # noqa: BLE001
             if not self.error:
-                log.error("the projection cannot be opened (%s, nor read-only: %s); trying "
-                          "again every %gs", why, exc, RETRY_S)
+                log.error("the projection cannot be opened (%s), nor made in memory (%s); "
+                          "trying again every %gs", why, exc, RETRY_S)
             self.error = why
-            self._retry_at = time.monotonic() + RETRY_S
             return None
-        if not self.readonly:
-            log.error("the projection cannot be opened for writing (%s); answering read-only "
-                      "from seq %d", why, proj.last_seq)
-        self.readonly, self.error = True, ""
-        self.behind = f"the projection is read-only at seq {proj.last_seq} ({why})"
-        self._retry_at = time.monotonic() + READONLY_RETRY_S
+        log.error("the projection file cannot be opened for writing (%s); answering from a "
+                  "copy in memory, caught up from the log (seq %d)", why, proj.last_seq)
+        self.error, self.fallback = "", why
+        self._retry_at = time.monotonic() + FILE_RETRY_S
         return proj
+
+    def _note(self) -> str:
+        """What an answer should say about where it comes from, if anything."""
+        if self.fallback:
+            return (f"the projection file cannot be written ({self.fallback}); answers come "
+                    f"from a copy in memory{'; ' + self.behind if self.behind else ''}")
+        return self.behind
 
     def _drain(self, proj: Projection) -> Projection | None:
         """Apply what has arrived; the projection to go on with (None: open it again)."""
-        if self.readonly:
-            self._discard()
-            return proj
         self._take()
         if not self.pending or time.monotonic() < self._retry_at:
             return proj
@@ -229,42 +238,21 @@ class Follower(threading.Thread):
         next_apply = time.monotonic() + APPLY_EVERY_S
         try:
             while not self._halt.is_set():
-                if (proj is None or self.readonly) and time.monotonic() >= self._retry_at:
+                try:
+                    proj, next_apply = self._turn(proj, sock, wake, poller, next_apply)
+                except Exception as exc:  # noqa: BLE001 - a bug here must not end the answers
+                    log.exception("the projection follower failed; opening it again")
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    if self._asking is not None:  # the query it was on gets the reason
+                        sock.send_multipart([self._asking, p.reply_encoder.encode(p.Error(
+                            req=self._query.req, code="internal", message=self.error))])
+                        self._asking = None
                     if proj is not None:
                         self._close(proj)
-                    proj = self._open()
-                ready = dict(poller.poll(100))
-                if wake in ready:
-                    while wake.poll(0):
-                        wake.recv()
-                    while not self._answers.empty():
-                        ident, reply = self._answers.get()
-                        sock.send_multipart([ident, p.reply_encoder.encode(reply)])
-                if sock in ready:
-                    ident, reply = self._receive(sock)
-                    if reply is None and proj is not None:
-                        proj = self._drain(proj)
-                    if reply is None and proj is None:
-                        reply = p.Error(req=self._query.req, code="unavailable",
-                                        message=f"the projection is unavailable: {self.error}")
-                    if reply is None and self._query.kind == "digest":
-                        reply = self._digest(proj)
-                    if reply is None:  # answered by a query thread, on a cursor made here
-                        self.pool.submit(self._answer, proj.con.cursor(), ident, self._query,
-                                         proj.last_seq, self.behind)
-                    else:
-                        sock.send_multipart([ident, p.reply_encoder.encode(reply)])
-                elif proj is not None and time.monotonic() >= next_apply:
-                    # Batches are applied when a query comes (so answers are fresh) and
-                    # otherwise at most every APPLY_EVERY_S: bigger batches cost DuckDB far
-                    # less per event, and on a small machine the CPU belongs to the jobs.
-                    proj = self._drain(proj)
-                    next_apply = time.monotonic() + APPLY_EVERY_S
+                    proj, self._retry_at = None, time.monotonic() + RETRY_S
             if proj is not None:
                 self._retry_at = 0.0
                 self._drain(proj)  # what was committed before the stop is in the file
-        except Exception:  # noqa: BLE001 - a bug here must not take the broker's loop along
-            log.exception("projection follower stopped")
         finally:
             for cur in list(self._cursors):
                 cur.interrupt()
@@ -273,6 +261,47 @@ class Follower(threading.Thread):
                 proj.close()
             sock.close(0)
             wake.close(0)
+
+    def _turn(self, proj: Projection | None, sock: zmq.Socket, wake: zmq.Socket,
+              poller: zmq.Poller, next_apply: float) -> tuple[Projection | None, float]:
+        """One pass of the loop: (re)open, answer what came, apply when it is time."""
+        if proj is None and time.monotonic() >= self._retry_at:
+            proj = self._open()
+        elif self.fallback and time.monotonic() >= self._retry_at:  # the file again?
+            better = self._open(memory=False)
+            if better is not None:
+                self._close(proj)
+                proj = better
+        ready = dict(poller.poll(100))
+        if wake in ready:
+            while wake.poll(0):
+                wake.recv()
+            while not self._answers.empty():
+                ident, reply = self._answers.get()
+                sock.send_multipart([ident, p.reply_encoder.encode(reply)])
+        if sock in ready:
+            ident, reply = self._receive(sock)
+            self._asking = ident
+            if reply is None and proj is not None:
+                proj = self._drain(proj)
+            if reply is None and proj is None:
+                reply = p.Error(req=self._query.req, code="unavailable",
+                                message=f"the projection is unavailable: {self.error}")
+            if reply is None and self._query.kind == "digest":
+                reply = self._digest(proj)
+            if reply is None:  # answered by a query thread, on a cursor made here
+                self.pool.submit(self._answer, proj.con.cursor(), ident, self._query,
+                                 proj.last_seq, self._note())
+            else:
+                sock.send_multipart([ident, p.reply_encoder.encode(reply)])
+            self._asking = None
+        elif proj is not None and time.monotonic() >= next_apply:
+            # Batches are applied when a query comes (so answers are fresh) and
+            # otherwise at most every APPLY_EVERY_S: bigger batches cost DuckDB far
+            # less per event, and on a small machine the CPU belongs to the jobs.
+            proj = self._drain(proj)
+            next_apply = time.monotonic() + APPLY_EVERY_S
+        return proj, next_apply
 
     def _receive(self, sock: zmq.Socket) -> tuple[bytes, p.Reply | None]:
         """The sender and, for anything but a well-formed query, the error to answer it with
@@ -300,7 +329,7 @@ class Follower(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the follower
             return p.Error(req=self._query.req, code="internal", message=f"digest: {exc}")
         return p.QueryResult(req=self._query.req, seq=proj.last_seq, digest=digest,
-                             tables=tables, behind=self.behind)
+                             tables=tables, behind=self._note())
 
     def _answer(self, cur, ident: bytes, cmd: p.Query, seq: int, behind: str) -> None:  # noqa: ANN001
         """Run one query (in a query thread) and hand its answer to the follower's loop."""

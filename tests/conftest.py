@@ -61,13 +61,18 @@ def evo_cmd(*args: str) -> list[str]:
 class ProcBroker:
     """`evo broker` as a real subprocess; kill() is kill -9."""
 
-    def __init__(self, home: Path, *extra: str) -> None:
+    def __init__(self, home: Path, *extra: str, env: dict | None = None,
+                 prefix: list[str] | None = None) -> None:
+        """``env``: added to this environment; ``prefix``: how to run `evo` (default: this
+        Python, ``-m evo.cli.app``)."""
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.logfile = open(home / f"broker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(evo_cmd("--home", str(home), "broker", *extra),
+        e = {**os.environ, **(env or {})}
+        e.pop("EVO_BROKER", None)
+        self.proc = subprocess.Popen([*(prefix or evo_cmd()), "--home", str(home), "broker", *extra],
                                      stdout=self.logfile, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=e)
         self.address = self._wait_ready()
 
     def _wait_ready(self, timeout: float = 20.0) -> str:
@@ -109,8 +114,8 @@ class ProcBroker:
 def pbroker(tmp_path):
     procs: list[ProcBroker] = []
 
-    def start(home: Path | None = None, *extra: str) -> ProcBroker:
-        b = ProcBroker(home or tmp_path / "home", *extra)
+    def start(home: Path | None = None, *extra: str, **kw) -> ProcBroker:
+        b = ProcBroker(home or tmp_path / "home", *extra, **kw)
         procs.append(b)
         return b
 

@@ -53,6 +53,11 @@ def test_bad_input_exits_2_with_a_message(pbroker, tmp_path):
         r = run_evo(*args, home=home)
         assert r.returncode == 2, (args, r.returncode, r.stderr)
         assert needle in r.stderr, (args, r.stderr)
+    # a NUL byte cannot come through argv, but it can through a sweep file
+    spec = tmp_path / "nul.yaml"
+    spec.write_text('name: nul\ncommand: ["echo", "a\\0b", "{x}"]\nspace: {x: [1, 2]}\n')
+    r = run_evo("sweep", str(spec), home=home)
+    assert r.returncode == 2 and "$.jobs[0].command[1]: a NUL byte" in r.stderr, r.stderr
     assert run_evo("tail", home=home).stdout == ""
 
 

@@ -3,17 +3,13 @@ refuses with one line, `evo log salvage` saves the valid prefix; a missing segme
 
 from __future__ import annotations
 
-import random
-import shutil
-
 import msgspec
 import pytest
 from crc32c import crc32c
 
 from evo.broker.server import Broker, BrokerError
-from evo.events.codec import EventDecodeError
 from evo.events.damage import check
-from evo.events.log import CorruptLog, SegmentLog
+from evo.events.log import SegmentLog
 from evo.events.schema import JobSpec, JobSubmitted
 from tests.conftest import run_evo
 from tests.test_log_faults import record_offsets
@@ -70,7 +66,7 @@ def test_a_deleted_segment_is_named_as_missing_everywhere(tmp_path):
     assert r.stdout.count("JobSubmitted") == lo - 1  # what precedes the gap was shown
     r = run_evo("log", "check", home=home)
     assert r.returncode == 1 and f"events {lo}..{hi} are missing" in r.stdout
-    assert f"missing" in _refused(home)
+    assert "missing" in _refused(home)
 
 
 def test_a_zeroed_block_and_an_undecodable_record_are_each_named(tmp_path):
@@ -99,39 +95,3 @@ def test_a_torn_tail_is_not_damage(tmp_path):
         f.write(b"\x20\x00\x00\x00garbage")
     r = run_evo("log", "check", home=home)
     assert r.returncode == 0 and "no damage" in r.stdout and "torn tail" in r.stdout
-
-
-def test_random_corruptions_give_a_valid_prefix_or_a_named_error(tmp_path):
-    home, segs = _home(tmp_path, n=80)
-    ref = tmp_path / "ref"
-    shutil.copytree(home / "log", ref)
-    rng = random.Random(7)
-    outcomes = {"prefix": 0, "named": 0}
-    for round_ in range(60):
-        work = tmp_path / f"r{round_}"
-        shutil.copytree(ref, work)
-        seg = rng.choice(sorted(work.glob("*.seg")))
-        data = bytearray(seg.read_bytes())
-        how = rng.randrange(4)
-        if how == 0:
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        elif how == 1:
-            at = rng.randrange(len(data))
-            data[at:at + rng.randrange(1, 600)] = b"\0" * len(data[at:at + 600])
-        elif how == 2:
-            del data[rng.randrange(len(data)):]
-        else:
-            at = rng.randrange(len(data))
-            data[at:at] = rng.randbytes(rng.randrange(1, 40))
-        seg.write_bytes(bytes(data))
-        try:
-            with SegmentLog(work) as lg:
-                seqs = [e.seq for e in lg.read_from(1)]
-            assert seqs == list(range(1, len(seqs) + 1))
-            outcomes["prefix"] += 1
-        except (CorruptLog, EventDecodeError) as exc:
-            assert "seq" in str(exc)
-            outcomes["named"] += 1
-        found = check(work)  # never raises, whatever the damage
-        assert found.prefix <= 80
-    assert outcomes["named"] and outcomes["prefix"]

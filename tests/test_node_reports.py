@@ -84,3 +84,49 @@ def test_huge_and_long_lines_do_not_hold_the_node_up(cluster):
     assert of(events, "JobCompleted", j) and of(events, "JobCompleted", other)
     assert [(e.step, e.metrics) for e in of(events, "Progress", j)] == [
         (None, {"loss": 0.1}), (3, {"loss": 0.5})]
+
+
+def test_checkpoint_paths_stay_inside_the_checkpoint_folder(cluster):
+    home, b, node = cluster
+    node("n1")
+    code = ("import os, evo\nd = evo.checkpoint_dir()\n"
+            "os.symlink('/etc', d / 'out')\n"
+            "evo.checkpoint(str(d / 'model.pt'), step=1)\n"  # absolute, inside: kept, relative
+            "evo.checkpoint('../../etc/passwd', step=2)\n"
+            "evo.checkpoint('out/passwd', step=3)\n"  # through a symlink that leads outside
+            "evo.checkpoint('sub/ok.pt', step=4)\n")
+    with Client(b.address) as c:
+        j = _job(c, code)
+        events = wait_for(c, done(j))
+    assert [(e.step, e.path) for e in of(events, "Checkpointed", j)] == [
+        (1, "model.pt"), (4, "sub/ok.pt")]
+    rejected = of(events, "ReportRejected", j)
+    assert len(rejected) == 2 and all("leads outside the checkpoint folder" in r.reason
+                                      for r in rejected)
+    assert of(events, "JobCompleted", j)
+
+
+def test_shell_metacharacters_reach_the_job_as_literal_arguments(cluster):
+    home, b, node = cluster
+    node("n1")
+    args = ["a; echo owned", "$(id)", "`id`", "two\nlines", "*", "'quoted'"]
+    with Client(b.address) as c:
+        j = c.submit([PY, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))", *args])
+        wait_for(c, done(j))
+        out = c.logs(j).data.decode()
+    import json
+
+    assert json.loads(out) == args
+
+
+def test_a_job_that_prints_much_ships_it_all_before_its_end_and_the_lease_lives(cluster):
+    home, b, node = cluster
+    node("n1")
+    lines = 30_000  # 30 MiB of output, shipped a few MiB a turn of the node's loop
+    with Client(b.address) as c:
+        j = _job(c, f"import sys\nsys.stdout.write(('x' * 1023 + '\\n') * {lines})\n",
+                 max_attempts=1)
+        events = wait_for(c, done(j), timeout=120)
+        size = c.logs(j).size
+    assert of(events, "JobCompleted", j) and not of(events, "LeaseExpired")
+    assert size == lines * 1024

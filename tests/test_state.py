@@ -131,3 +131,21 @@ def test_transition_table_has_no_exit_from_terminal_states():
     for (before, kind), after in TRANSITIONS.items():
         if before in ("completed", "failed", "cancelled"):
             assert kind == "ReportRejected" and after == before
+
+
+def test_a_node_that_joins_again_without_its_jobs_gives_their_leases_back():
+    from evo.broker import protocol as p
+    from evo.broker.desk import Desk
+    from evo.events.schema import JobSpec
+
+    desk = Desk()
+    desk.handle(p.Join(node="a", cpus=4, slots=2), 1.0)
+    a = desk.handle(p.Submit(spec=JobSpec(command=["x"])), 1.0).reply.job_id
+    b = desk.handle(p.Submit(spec=JobSpec(command=["y"])), 1.0).reply.job_id
+    grants = desk.handle(p.Ready(node="a"), 1.0).reply.leases
+    assert {g.job_id for g in grants} == {a, b}
+    keep = next(g for g in grants if g.job_id == a)
+    out = desk.handle(p.Join(node="a", cpus=4, slots=2, running=[(a, keep.lease_epoch)]), 2.0)
+    kinds = [(type(e).__name__, getattr(e, "job_id", "")) for e in out.events]
+    assert ("LeaseExpired", b) in kinds and ("RetryScheduled", b) in kinds
+    assert desk.state.jobs[a].state == "leased" and desk.state.jobs[b].state == "queued"

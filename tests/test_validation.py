@@ -214,13 +214,13 @@ def test_a_command_that_fails_midway_leaves_the_state_as_it_was(tbroker):
         before = copy.deepcopy(desk.state)
 
         def broken(self, cmd, now, cause):  # noqa: ANN001
-            out = Desk.on_submit(self, cmd, now, cause)
+            Desk.on_submit(self, cmd, now, cause)  # folds the JobSubmitted, then:
             raise RuntimeError("injected after the fold")
 
         desk._handlers = {**desk._handlers, p.Submit: broken}
         with pytest.raises(Exception, match="injected"):
             c.submit(["second"])
-        assert b.broker.desk.state == before
+        assert b.broker.desk.state == before and b.broker.stats["restores"] == 1
         assert b.broker.desk.state.jobs == before.jobs and b.broker.desk.state.queue == before.queue
         b.broker.desk._handlers = Desk._handlers
         assert c.submit(["third"]) == "j2"
