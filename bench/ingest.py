@@ -66,7 +66,12 @@ def raw_server(path: str, q: mp.Queue) -> None:
             s.send_multipart([ident, ack])
 
 
-def evo_server(home: str, q: mp.Queue) -> None:
+def evo_server(home: str, q: mp.Queue, unchecked: bool = False) -> None:
+    if unchecked:  # the cost of checking each event (--check-cost): encoding alone instead
+        from evo.broker import desk
+        from evo.events.codec import encode
+
+        desk.check = encode
     b = Broker(home)
     b.install_signal_handlers()
     q.put(b.address)
@@ -116,8 +121,10 @@ def measure(kind: str, window: int, nclients: int, seconds: float, workdir: Path
     q: mp.Queue = mp.Queue()
     d = workdir / f"{kind}-{window}-{nclients}"
     d.mkdir(parents=True)
-    target, arg = (raw_server, str(d / "raw.log")) if kind == "raw" else (evo_server, str(d))
-    server = mp.Process(target=target, args=(arg, q))
+    if kind == "raw":
+        server = mp.Process(target=raw_server, args=(str(d / "raw.log"), q))
+    else:
+        server = mp.Process(target=evo_server, args=(str(d), q, kind == "unchecked"))
     server.start()
     address = q.get(timeout=30)
     out: mp.Queue = mp.Queue()
@@ -144,6 +151,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     ap.add_argument("--quick", action="store_true", help="shorter runs (noisier)")
     ap.add_argument("--dir", default=None, help="where logs are written (a real disk)")
+    ap.add_argument("--check-cost", action="store_true",
+                    help="also evo with its per-event check replaced by a plain encode")
     args = ap.parse_args()
     seconds = 0.7 if args.quick else args.seconds
     base = Path(args.dir or Path(__file__).parent / "out")
@@ -151,15 +160,19 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ingest-", dir=base))
     print(f"durable acknowledged submits/s; {os.cpu_count()} cores; {seconds:g} s per cell; "
           f"logs on {workdir}")
-    print(f"{'clients':>7} {'window':>7} {'raw ceiling':>12} {'evo':>10} {'evo/raw':>8}")
+    extra = f" {'unchecked':>10} {'checked/unchecked':>18}" if args.check_cost else ""
+    print(f"{'clients':>7} {'window':>7} {'raw ceiling':>12} {'evo':>10} {'evo/raw':>8}{extra}")
     rows = []
     for nclients in (1, 4):
         for window in (1, 64, 2000):
             raw = measure("raw", window, nclients, seconds, workdir)
             evo = measure("evo", window, nclients, seconds, workdir)
             rows.append((nclients, window, raw, evo))
-            print(f"{nclients:>7} {window:>7} {raw:>12,.0f} {evo:>10,.0f} {evo / raw:>8.2f}",
-                  flush=True)
+            line = f"{nclients:>7} {window:>7} {raw:>12,.0f} {evo:>10,.0f} {evo / raw:>8.2f}"
+            if args.check_cost:
+                bare = measure("unchecked", window, nclients, seconds, workdir)
+                line += f" {bare:>10,.0f} {evo / bare:>18.2f}"
+            print(line, flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
     worst = min(e / r for n, w, r, e in rows if w in (64, 2000))
     print(f"lowest evo/raw at windows 64 and 2000: {worst:.2f} (target >= 0.5)")

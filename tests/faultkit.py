@@ -382,7 +382,7 @@ def hostile_queries(tmp: Path, rng: random.Random) -> list[Row]:
                     c.query(sql, timeout_s=60)
                     said = "answered!"
                 except CommandRejected as exc:
-                    said = str(exc).split(" and was stopped")[0].split(": add")[0][:40]
+                    said = str(exc).split(" and was stopped")[0].split(": add")[0][:60]
                 row = Row(name, rounds=1, detected=f"{said} ({time.perf_counter() - t0:.1f} s)",
                           rss=f"{before:.0f} -> {_mb(b.proc.pid):.0f} MB",
                           crashes=int(b.proc.poll() is not None))
