@@ -119,6 +119,17 @@ class Desk:
                                             if node.alive}
         self.heartbeat_s: dict[str, float] = {n: lease_s / 3 for n in self.last_seen}
 
+    def resync(self, mono: float) -> None:
+        """Liveness to match a state folded again (see server.py): nodes the state says are
+        gone are not watched, and live ones it has but liveness lacks get a fresh grace."""
+        alive = {n for n, node in self.state.nodes.items() if node.alive}
+        for n in list(self.last_seen):
+            if n not in alive:
+                del self.last_seen[n]
+        for n in alive - self.last_seen.keys():
+            self.last_seen[n] = mono
+            self.heartbeat_s.setdefault(n, 2.0)
+
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
         cls._handlers = _handlers_of(cls)
@@ -132,6 +143,21 @@ class Desk:
         out.events.append(event)
         out.encoded.append(raw)
         return event
+
+    def _emit_all(self, out: Outcome, events: list[Event]) -> None:
+        """Check every one of ``events`` (numbered already), then fold them all: a command
+        that makes several events from a peer's values is refused whole or taken whole."""
+        raws = []
+        for ev in events:
+            try:
+                raws.append(check(ev))
+            except InvalidEvent as exc:
+                exc.event = ev  # type: ignore[attr-defined]
+                raise
+        for ev, raw in zip(events, raws):
+            self.state.apply(ev)
+            out.events.append(ev)
+            out.encoded.append(raw)
 
     def handle(self, cmd: p.Command, now: float, *, cause: str = "", mono: float = 0.0) -> Outcome:
         method = self._handlers.get(type(cmd))
@@ -178,11 +204,18 @@ class Desk:
         first = self.state.last_seq + 1
         sweep_id = f"s{first}"
         job_ids = [f"j{first + 1 + i}" for i in range(len(cmd.jobs))]
-        self._emit(out, SweepSubmitted, now, cause, sweep_id=sweep_id, spec=dict(cmd.spec),
-                   job_ids=job_ids, name=cmd.name)
-        for job_id, spec in zip(job_ids, cmd.jobs):
-            spec = msgspec.structs.replace(spec, sweep_id=sweep_id)
-            self._emit(out, JobSubmitted, now, cause, job_id=job_id, spec=spec)
+        events: list[Event] = [SweepSubmitted(seq=first, time=now, cause=cause,
+                                              sweep_id=sweep_id, spec=dict(cmd.spec),
+                                              job_ids=job_ids, name=cmd.name)]
+        events += [JobSubmitted(seq=first + 1 + i, time=now, cause=cause, job_id=job_id,
+                                spec=msgspec.structs.replace(spec, sweep_id=sweep_id))
+                   for i, (job_id, spec) in enumerate(zip(job_ids, cmd.jobs))]
+        try:
+            self._emit_all(out, events)
+        except InvalidEvent as exc:  # nothing folded: all are checked first
+            where = f"$.jobs[{events.index(exc.event) - 1}]" if exc.event in events[1:] else "$"
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"sweep {cmd.name!r}: {where}: {exc}"))
         spec = cmd.jobs[0]
         r = spec.resources
         warning = never_fits(spec, self.state, self.cluster) or "" if (
@@ -243,6 +276,10 @@ class Desk:
 
     def on_join(self, cmd: p.Join, now: float, cause: str, mono: float = 0.0) -> Outcome:
         out = Outcome()
+        joined = dict(node=cmd.node, hostname=cmd.hostname, cpus=cmd.cpus, mem_gb=cmd.mem_gb,
+                      gpus=cmd.gpus, labels=cmd.labels, slots=cmd.slots,
+                      capabilities=cmd.capabilities)
+        check(NodeJoined(seq=self.state.last_seq + 1, time=now, **joined))  # before any fold
         old = self.state.nodes.get(cmd.node)
         if old is not None:  # a node that restarted: what it does not carry on is not running
             listed = {job_id for job_id, _ in cmd.running}
@@ -250,9 +287,7 @@ class Desk:
                 self._attempt_failed(out, self.state.jobs[job_id], now, cause,
                                      error=f"node {cmd.node} joined again without it",
                                      expired_on=cmd.node)
-        self._emit(out, NodeJoined, now, cause, node=cmd.node, hostname=cmd.hostname,
-                   cpus=cmd.cpus, mem_gb=cmd.mem_gb, gpus=cmd.gpus, labels=cmd.labels,
-                   slots=cmd.slots, capabilities=cmd.capabilities)
+        self._emit(out, NodeJoined, now, cause, **joined)
         self.last_seen[cmd.node] = mono
         self.heartbeat_s[cmd.node] = cmd.heartbeat_s
         # A node that reconnects carries on with the leases that are still its own.

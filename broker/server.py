@@ -276,6 +276,7 @@ class Broker:
         for ev in pending:
             state.apply(ev)
         self.desk.state = state
+        self.desk.resync(time.monotonic())
         self.stats["restores"] += 1
         log.warning("state folded again from %d events in %.2fs", state.last_seq,
                     time.perf_counter() - t0)
@@ -290,7 +291,11 @@ class Broker:
         self._probe_at = mono + PROBE_EVERY_S
         self._restore([])
         message = f"not recorded: {why}; reads and queries still work"
-        replies[:] = [(ident, p.Error(req=r.req, code="unavailable", message=message))
+        # What the batch's commands were told rested on its events; errors and output chunks
+        # (written beside the log) did not.
+        replies[:] = [(ident, r if isinstance(r, (p.Error, p.LogChunk)) or (
+                           isinstance(r, p.Ok) and "size" in r.data)
+                       else p.Error(req=r.req, code="unavailable", message=message))
                       for ident, r in replies]
 
     def _degraded(self, ident: bytes, cmd: p.Command, mono: float, replies: list,

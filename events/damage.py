@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .codec import EventDecodeError, decode, decode_seq
-from .log import HEADER, SegmentLog, _record_at, _segment_name
+from .log import HEADER, SegmentLog, _record_at, _Scan, _segment_name
 
 RESYNC_MAX_RECORD = 4 << 20  # looking for the next record, longer ones are not considered
 _MAP_HEADERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # an event is a msgpack map
@@ -178,22 +178,33 @@ def projection_seq(home: Path) -> int | None:
         return None
 
 
+def _records(log_dir: Path, upto: int):  # noqa: ANN202 - an iterator of (seq, raw)
+    """The records of seqs 1..``upto``, read segment by segment without opening the log as a
+    writer would (which refuses damage anywhere in its last segment)."""
+    for first in sorted(int(p.stem) for p in log_dir.glob("*.seg") if p.stem.isdigit()):
+        if first > upto:
+            return
+        buf = (log_dir / _segment_name(first)).read_bytes()
+        for seq, a, b in _Scan(_segment_name(first), buf, first):
+            yield seq, buf[a:b]
+            if seq >= upto:
+                return
+
+
 def salvage(log_dir: Path, to: Path, upto: int) -> int:
-    """Copy the records of seqs 1..``upto`` of ``log_dir`` into a new log at ``to`` (which must
-    not hold one), byte for byte, in fsynced batches; returns how many."""
+    """Copy the records of seqs 1..``upto`` of ``log_dir`` (its whole prefix, see ``check``)
+    into a new log at ``to`` (which must not hold one), byte for byte, in fsynced batches;
+    returns how many."""
     if to.exists() and any(to.iterdir()):
         raise FileExistsError(f"{to} is not empty; salvage writes a new log")
-    src = SegmentLog(log_dir, readonly=True)
     dst = SegmentLog(to)
     try:
         batch: list = []
         raws: list[bytes] = []
         n = 0
-        for seq, raw in src.read_raw_from(1, upto):
+        for seq, raw in _records(log_dir, upto):
             batch.append(decode(raw))
             raws.append(raw)
-            if seq == upto:
-                break  # reading on would meet the damage
             if len(batch) >= 4096:
                 dst.append(batch, raws)
                 n += len(batch)
@@ -204,5 +215,4 @@ def salvage(log_dir: Path, to: Path, upto: int) -> int:
         os.sync()
         return n
     finally:
-        src.close()
         dst.close()

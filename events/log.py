@@ -340,8 +340,13 @@ class SegmentLog(EventLog):
             # Nothing of the batch may count as durable, and nothing of it may be read back
             # after a restart: cut the segment back to where the batch began.
             self._cut(start)
-            raise LogWriteError(f"{exc.strerror or exc} writing the event log in {self.dir} "
-                                f"(segment {self._path(self._segments[-1]).name})") from exc
+            why = (f"{exc.strerror or exc} writing the event log in {self.dir} "
+                   f"(segment {self._path(self._segments[-1]).name})")
+            if self.broken:  # cut back it was not: after a restart it may read as written
+                raise LogWriteError(f"{why}; it could not be cut back, so these commands may "
+                                    "still be in the log after a restart (resubmit with the "
+                                    "same --key to be sure)") from exc
+            raise LogWriteError(why) from exc
         self._size += len(data)
         first = events[0].seq
         self._recent.extend(zip(range(first, first + len(encoded)), encoded))

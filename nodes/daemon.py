@@ -118,9 +118,11 @@ class NodeDaemon:
     # --- connection ---------------------------------------------------------------------------
 
     def _running(self) -> list[tuple[str, int]]:
-        held = [*(r.grant for r in self.runs.values()), *self.queued.values(),
-                *(r.grant for r, _ in self.finishing.values())]
-        return [(g.job_id, g.lease_epoch) for g in held]
+        held = {g.job_id: g.lease_epoch for g in
+                [*(r.grant for r in self.runs.values()), *self.queued.values()]}
+        for cmd_run, cmd in self.finishing.values():  # a final report owed (run may be None)
+            held[cmd.job_id] = cmd.lease_epoch
+        return list(held.items())
 
     def connect(self) -> None:
         """(Re)join, with backoff while the broker is away; keeps running jobs running."""
@@ -312,8 +314,11 @@ class NodeDaemon:
 
     def _start(self, grant: p.LeaseGrant) -> None:
         needs_process = grant.spec.command is not None or grant.spec.isolate or self.pool is None
-        run = Run(grant, self.work, self.name, self.pool,
-                  self._keeper() if needs_process else None)
+        keeper = self._keeper() if needs_process else None
+        run = Run(grant, self.work, self.name, self.pool, keeper)
+        if keeper is not None and keeper.gone and run.rc is not None:
+            # the keeper had died while idle (nothing watched it): once more, with a new one
+            run = Run(grant, self.work, self.name, self.pool, self._keeper())
         self.runs[grant.job_id] = run
         if run.rc is not None:
             return  # could not start: reported as failed by _collect
@@ -369,10 +374,9 @@ class NodeDaemon:
                 log.warning("%s: %s", cmd.job_id, reply.message)
                 if run is not None:
                     run.note(reply.message)
-                if final and run is not None and not isinstance(cmd.report, p.FailedReport):
-                    self._report(run, p.FailedReport(
-                        error=f"evo could not record the job's {kind} report: {reply.message}",
-                        retryable=False))
+                if final and run is not None and cmd.report != _REFUSED_FINAL:
+                    # the job must end: with the one report that cannot be refused
+                    self._report(run, _REFUSED_FINAL)
             else:
                 log.error("report %s for %s refused: %s", kind, cmd.job_id, reply.message)
 
@@ -425,9 +429,11 @@ class NodeDaemon:
                     self._ship(run)
                 continue
             if run.final is None:  # it has just ended
+                run.end_leftovers()  # nothing of it writes on while its output is shipped
                 for body in run.reports(final=True):  # whatever it wrote last
                     self._report(run, body)
                 run.final = self._prepared(run, self._final(run, rc))
+                run.freeze()
             # Its output (notes included) lands before its final report, a few MiB a turn.
             did = True
             if not self._ship(run, FINAL_SHIP_BYTES):
@@ -449,7 +455,7 @@ class NodeDaemon:
                                       run.result.get("artifacts", {}),
                                       time.time() - run.started, notes)
         else:
-            error = run.error or f"exit code {rc}"
+            error = (run.error or f"exit code {rc}")[-reports.MAX_TEXT:]
             tail = run.tail("stderr")
             final = p.FailedReport(error=f"{error}: {tail}" if tail else error,
                                    exit_code=max(-(2**31), min(rc, 2**31 - 1)))
@@ -490,6 +496,11 @@ class NodeDaemon:
             except Exception:  # noqa: BLE001 - leaving a broker that is gone
                 pass
             self.client.close()
+
+
+# Sent in place of a final report the broker refused: short, plain, not retried.
+_REFUSED_FINAL = p.FailedReport(error="evo could not record the job's final report (the reason "
+                                "is on its stderr and in the node's log)", retryable=False)
 
 
 def _shipped(run: Run, stream: str, end: int) -> Callable[[p.Reply], None]:

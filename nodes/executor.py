@@ -117,6 +117,7 @@ class Run:
         self._next_look = time.monotonic() + LOOK_EVERY_S
         self.finished = False
         self.final: p.Report | None = None  # once it has ended: its final report, to send
+        self.frozen: dict[str, int] | None = None  # a process's output sizes once it ended
         self._skipping = {"reports": False, "stdout": False}  # inside a line too long to read
         self.result: dict = {}  # a callable's: {"metrics": ..., "artifacts": ...}
         self.kill_at: float | None = None
@@ -130,6 +131,8 @@ class Run:
         base = self.base[stream]
         if self.ends is not None:
             return path, base, self.ends[stream] - base
+        if self.frozen is not None:
+            return path, base, self.frozen[stream]
         try:
             return path, base, max(0, path.stat().st_size - base)
         except FileNotFoundError:
@@ -233,6 +236,8 @@ class Run:
             self.ends["stderr"] += len(line)
             if self.worker is not None:
                 self.worker.ends[1] += len(line)
+        elif self.frozen is not None:
+            self.frozen["stderr"] += len(line)
 
     def poll(self) -> int | None:
         if self.rc is not None:
@@ -282,6 +287,19 @@ class Run:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+    def end_leftovers(self) -> None:
+        """Once the job's own process has exited: what it left running (its group, and for a
+        kept job its orphans) is killed, so that nothing writes on into its output."""
+        if isinstance(self.proc, KeptProcess):
+            self.proc.signal(signal.SIGKILL, orphans=True)
+        elif self.proc is not None:
+            self._signal(signal.SIGKILL)
+
+    def freeze(self) -> None:
+        """Its output as it is now is all there is to ship (a warm task's range is known)."""
+        if self.ends is None:
+            self.frozen = {s: self.span(s)[2] for s in ("stdout", "stderr", "reports")}
 
     def cancel(self, grace_s: float = 5.0) -> None:
         """SIGTERM to the whole process group now, SIGKILL after the grace period."""

@@ -263,8 +263,9 @@ class KeptProcess:
         self.keeper.kill(self.id, sig, orphans)
 
 
-class KeeperGone(Exception):
-    """Raised when the keeper process is not there to start a job (it died)."""
+class KeeperGone(OSError):
+    """Raised when the keeper process is not there to start a job (it died, or stopped
+    answering and was stopped)."""
 
 
 class KeeperClient:
@@ -295,8 +296,12 @@ class KeeperClient:
                           epoch=epoch))
         deadline = time.monotonic() + timeout_s
         while job not in self._answers:
-            if self.gone or time.monotonic() > deadline:
+            if self.gone:
                 raise KeeperGone("the node's keeper process is gone")
+            if time.monotonic() > deadline:  # it hangs: stop it (its jobs with it), say so
+                self.close()
+                self._lost()
+                raise KeeperGone(f"the node's keeper did not answer within {timeout_s:g}s")
             select.select([self.fd], [], [], 0.5)
             self.read()
         answer = self._answers.pop(job)
@@ -327,6 +332,7 @@ class KeeperClient:
         """Take in what the keeper said, without waiting."""
         if self.gone:
             return
+        eof = False
         while True:
             try:
                 chunk = os.read(self.fd, 1 << 16)
@@ -335,9 +341,14 @@ class KeeperClient:
             except OSError:
                 chunk = b""
             if not chunk:
-                self._lost()
-                return
+                eof = True
+                break
             self._buf += chunk
+        self._parse()
+        if eof:  # after what it said last: exits it told are not taken for deaths
+            self._lost()
+
+    def _parse(self) -> None:
         while len(self._buf) >= 4:
             n = int.from_bytes(self._buf[:4], "big")
             if len(self._buf) < 4 + n:
@@ -355,7 +366,7 @@ class KeeperClient:
 
     def _lost(self) -> None:
         """The keeper died (killed on its own): end its jobs' groups, and say so for each."""
-        if self.gone:
+        if self.gone and not self.procs:
             return
         self.gone = True
         for kept in self.procs.values():
@@ -372,7 +383,8 @@ class KeeperClient:
 
     def close(self) -> None:
         """Stop the keeper: closing our end makes it kill whatever is left and exit."""
-        self.sock.close()
+        if self.sock.fileno() != -1:
+            self.sock.close()
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

@@ -112,14 +112,26 @@ def refused(kind: str, why: str, notes: Notes) -> p.RefusedReport:
     return p.RefusedReport(report=kind, reason=why[:2000])
 
 
+MAX_TEXT = 16 << 10  # of an error or a reason: its tail is what tells (the whole is in stderr)
+
+
 def fit(cmd: p.Report, notes: Notes) -> p.Report:
-    """``cmd``, or what to send instead when it is too large to be an event."""
+    """``cmd``, or what to send instead when it is too large to be an event. A final report
+    stays final (the job must end): a completed one becomes a failed attempt that is not
+    retried, a failed or cancelled one keeps the tail of its text."""
     size = len(p.command_encoder.encode(cmd))
     if size <= MAX_EVENT_BYTES - 1024:  # the event adds a little to the report
         return cmd
-    kind = p.report_kind(cmd.report)
+    body = cmd.report
+    kind = p.report_kind(body)
     why = (f"the {kind} report is {size:,} bytes, over evo's limit of {MAX_EVENT_BYTES:,} for "
            "one event: return or report less (write large results to files)")
-    body = failed(why, notes) if isinstance(cmd.report, p.CompletedReport) else \
-        refused(kind, why, notes)
+    if isinstance(body, p.FailedReport):
+        body = msgspec.structs.replace(body, error=body.error[-MAX_TEXT:])
+    elif isinstance(body, p.CancelledReport):
+        body = msgspec.structs.replace(body, reason=body.reason[-MAX_TEXT:])
+    elif isinstance(body, p.CompletedReport):
+        body = failed(why, notes)
+    else:
+        body = refused(kind, why, notes)
     return msgspec.structs.replace(cmd, report=body)

@@ -112,6 +112,7 @@ class Follower(threading.Thread):
         self.pending: list[bytes] = []
         self.fallback = ""  # why answers come from a copy in memory: the file cannot be written
         self._retry_at = 0.0
+        self._file_retry_at = 0.0
         self._ready = threading.Event()
         self._halt = threading.Event()
         self._query = p.Query()
@@ -119,6 +120,7 @@ class Follower(threading.Thread):
         self._wake_at = f"inproc://evo-queries-{next(_ids)}"
         self._answers: queue.SimpleQueue[tuple[bytes, p.Reply]] = queue.SimpleQueue()
         self._cursors: set = set()  # queries running, interrupted at a stop
+        self._shape: set[str] = set()  # the databases the instance has attached, queries or not
 
     def start_and_wait(self, timeout_s: float = 10.0) -> None:
         self.start()
@@ -149,12 +151,19 @@ class Follower(threading.Thread):
     def _open(self, memory: bool = True) -> Projection | None:
         """The projection file caught up to what the broker has handed over; failing that (a
         full disk) a copy in memory caught up from the log, to answer from and apply to
-        (``memory``); failing both, None. Tried again later (RETRY_S, FILE_RETRY_S)."""
-        self._discard()
+        (``memory``); failing both, None. Tried again later (RETRY_S, FILE_RETRY_S).
+
+        With ``memory`` there is no projection yet: what was handed over is dropped and read
+        from the log. Without it a copy in memory goes on meanwhile, with its pending events
+        kept: all were handed over before ``durable`` was read, so the file caught up to it
+        holds them (applying them again is skipped)."""
+        if memory:
+            self._discard()
         upto = self.durable
         try:
             proj = open_projection(self.home, upto)
             sql.secure(proj.con)
+            self._shape = sql.databases(proj.con)
         except Exception as exc:  # noqa: BLE001 - a full disk, a damaged file: try again
             why = f"{type(exc).__name__}: {exc}"
         else:
@@ -162,12 +171,14 @@ class Follower(threading.Thread):
                 log.warning("the projection file is open again (seq %d)", proj.last_seq)
             self.error, self.fallback, self.behind = "", "", ""
             return proj
-        self._retry_at = time.monotonic() + (FILE_RETRY_S if self.fallback else RETRY_S)
         if not memory:
+            self._file_retry_at = time.monotonic() + FILE_RETRY_S
             return None
+        self._retry_at = time.monotonic() + RETRY_S
         try:
             proj = open_projection(self.home, upto, path=":memory:")
             sql.secure(proj.con)
+            self._shape = sql.databases(proj.con)
         except Exception as exc:  # noqa: BLE001
             if not self.error:
                 log.error("the projection cannot be opened (%s), nor made in memory (%s); "
@@ -177,7 +188,7 @@ class Follower(threading.Thread):
         log.error("the projection file cannot be opened for writing (%s); answering from a "
                   "copy in memory, caught up from the log (seq %d)", why, proj.last_seq)
         self.error, self.fallback = "", why
-        self._retry_at = time.monotonic() + FILE_RETRY_S
+        self._file_retry_at = time.monotonic() + FILE_RETRY_S
         return proj
 
     def _note(self) -> str:
@@ -224,6 +235,7 @@ class Follower(threading.Thread):
     def run(self) -> None:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)  # like the broker's own socket
         sock.bind(f"{self.host}:*")
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         wake = self.ctx.socket(zmq.PULL)
@@ -267,7 +279,7 @@ class Follower(threading.Thread):
         """One pass of the loop: (re)open, answer what came, apply when it is time."""
         if proj is None and time.monotonic() >= self._retry_at:
             proj = self._open()
-        elif self.fallback and time.monotonic() >= self._retry_at:  # the file again?
+        elif self.fallback and time.monotonic() >= self._file_retry_at:  # the file again?
             better = self._open(memory=False)
             if better is not None:
                 self._close(proj)
@@ -291,7 +303,7 @@ class Follower(threading.Thread):
                 reply = self._digest(proj)
             if reply is None:  # answered by a query thread, on a cursor made here
                 self.pool.submit(self._answer, proj.con.cursor(), ident, self._query,
-                                 proj.last_seq, self._note())
+                                 proj.last_seq, self._note(), self._shape)
             else:
                 sock.send_multipart([ident, p.reply_encoder.encode(reply)])
             self._asking = None
@@ -331,7 +343,8 @@ class Follower(threading.Thread):
         return p.QueryResult(req=self._query.req, seq=proj.last_seq, digest=digest,
                              tables=tables, behind=self._note())
 
-    def _answer(self, cur, ident: bytes, cmd: p.Query, seq: int, behind: str) -> None:  # noqa: ANN001
+    def _answer(self, cur, ident: bytes, cmd: p.Query, seq: int, behind: str,  # noqa: ANN001
+                shape: set[str]) -> None:
         """Run one query (in a query thread) and hand its answer to the follower's loop."""
         try:
             if cmd.as_of:
@@ -342,7 +355,8 @@ class Follower(threading.Thread):
                 reply: p.Reply = p.QueryResult(req=cmd.req, seq=at, arrow=arrow)
             else:
                 reply = p.QueryResult(req=cmd.req, seq=seq, behind=behind,
-                                      arrow=sql.run(cur, cmd.sql, running=self._cursors))
+                                      arrow=sql.run(cur, cmd.sql, running=self._cursors,
+                                                    shape=shape))
         except SqlError as exc:
             reply = p.Error(req=cmd.req, code="invalid", message=str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad query must not stop the follower

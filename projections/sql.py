@@ -51,12 +51,15 @@ def databases(con: duckdb.DuckDBPyConnection) -> set[str]:
 
 
 def run(cur: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float | None = None,
-        max_bytes: int | None = None, running: set | None = None) -> bytes:
+        max_bytes: int | None = None, running: set | None = None,
+        shape: set[str] | None = None) -> bytes:
     """The result of one read-only statement as an Arrow IPC stream (see the module's rules).
 
     ``cur`` is a cursor of the instance for this query alone (made by the thread that owns the
     connection), so that it can run in a thread beside the connection's other work; it is
-    closed at the end. While it runs it is in ``running``, for whoever must interrupt it."""
+    closed at the end. While it runs it is in ``running``, for whoever must interrupt it.
+    ``shape``: the databases the instance must have attached after it (default: those it has
+    now; the follower gives its own, since queries run side by side)."""
     default_timeout, default_bytes = limits()
     timeout_s = default_timeout if timeout_s is None else timeout_s
     max_bytes = default_bytes if max_bytes is None else max_bytes
@@ -68,7 +71,7 @@ def run(cur: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float | None = N
     if len(statements) != 1:
         cur.close()
         raise SqlError(f"expected one SQL statement, got {len(statements)}")
-    shape = databases(cur)
+    shape = databases(cur) if shape is None else shape
     q, cur = cur.cursor(), cur  # the query's own; ``cur`` keeps what runs around it
     timer = threading.Timer(timeout_s, q.interrupt)
     timer.daemon = True

@@ -95,3 +95,16 @@ def test_a_torn_tail_is_not_damage(tmp_path):
         f.write(b"\x20\x00\x00\x00garbage")
     r = run_evo("log", "check", home=home)
     assert r.returncode == 0 and "no damage" in r.stdout and "torn tail" in r.stdout
+
+
+def test_damage_in_the_only_segment_is_salvaged_too(tmp_path):
+    home, segs = _home(tmp_path, n=30, segment_bytes=1 << 20)
+    (seg,) = segs
+    data = bytearray(seg.read_bytes())
+    offs = record_offsets(bytes(data))
+    data[offs[20] + 10] ^= 0x01
+    seg.write_bytes(bytes(data))
+    r = run_evo("log", "salvage", "--to", str(tmp_path / "saved"), home=home)
+    assert r.returncode == 0 and "1..20" in r.stdout, r.stderr
+    with SegmentLog(tmp_path / "saved" / "log", readonly=True) as lg:
+        assert [e.seq for e in lg.read_from(1)] == list(range(1, 21))

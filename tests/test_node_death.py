@@ -98,3 +98,37 @@ def test_a_killed_keeper_takes_its_jobs_along_and_is_replaced(cluster, tmp_path)
     # the daemon had left the group; with its keeper gone nothing held it: say so, and clean up
     if not _gone(pids[2:]):
         psutil.Process(pids[2]).kill()
+
+
+def test_a_keeper_that_died_idle_is_replaced_at_the_next_job(cluster, tmp_path):
+    home, b, node = cluster
+    n = node("n1")
+    with Client(b.address) as c:
+        first = c.submit([sys.executable, "-c", "print(1)"])
+        wait_for(c, done(first))
+        (keeper,) = [k for k in psutil.Process(n.proc.pid).children()
+                     if "evo.nodes.keeper" in " ".join(k.cmdline())]
+        keeper.kill()
+        wait_until(lambda: _gone([keeper.pid]), what="the keeper to die")
+        again = c.submit([sys.executable, "-c", "print(2)"], max_attempts=1)
+        events = wait_for(c, done(again))
+    assert of(events, "JobCompleted", again), "the job did not run with a new keeper"
+    assert n.proc.poll() is None, "the node died"
+
+
+def test_what_a_job_leaves_writing_is_ended_with_it_and_the_job_completes(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1")
+    pidfile = tmp_path / "writer.pid"
+    code = ("import os, sys, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            f"    open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+            "    while True: sys.stdout.write('x' * 65536 + '\\n')\n"
+            f"while not os.path.exists({str(pidfile)!r}): time.sleep(0.01)\n")
+    with Client(b.address) as c:
+        j = c.submit([sys.executable, "-c", code], max_attempts=1)
+        events = wait_for(c, done(j), timeout=60)
+    assert of(events, "JobCompleted", j)
+    writer = int(pidfile.read_text())
+    wait_until(lambda: _gone([writer]), what="the left-behind writer to be ended")

@@ -130,3 +130,28 @@ def test_a_job_that_prints_much_ships_it_all_before_its_end_and_the_lease_lives(
         size = c.logs(j).size
     assert of(events, "JobCompleted", j) and not of(events, "LeaseExpired")
     assert size == lines * 1024
+
+
+def test_an_oversized_final_report_stays_final():
+    from evo.broker import protocol as p
+    from evo.nodes import reports
+
+    notes = reports.Notes()
+    big = p.Report(node="n", job_id="j1", lease_epoch=3,
+                   report=p.FailedReport(error="x" * (3 << 20), exit_code=1))
+    fitted = reports.fit(big, notes)
+    assert isinstance(fitted.report, p.FailedReport) and fitted.report.exit_code == 1
+    assert len(fitted.report.error) == reports.MAX_TEXT
+    done = reports.fit(p.Report(node="n", job_id="j1", lease_epoch=3, report=p.CompletedReport(
+        artifacts={"a": "y" * (3 << 20)})), notes)
+    assert isinstance(done.report, p.FailedReport) and not done.report.retryable
+
+
+def test_a_cancelled_lease_owed_to_the_broker_is_carried_in_heartbeats():
+    from evo.broker import protocol as p
+    from evo.nodes.daemon import NodeDaemon
+
+    d = NodeDaemon("tcp://127.0.0.1:9", warm_workers=False, name="t")
+    d.finishing["j9"] = (None, p.Report(node="t", job_id="j9", lease_epoch=12,
+                                        report=p.CancelledReport()))
+    assert d._running() == [("j9", 12)]

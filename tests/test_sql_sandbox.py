@@ -119,3 +119,21 @@ def test_a_query_frame_is_bounded_like_a_command(tbroker):
     finally:
         s.close(0)
         ctx.term()
+
+
+def test_an_oversized_frame_to_the_query_socket_drops_only_that_peer(tbroker):
+    b = tbroker()
+    with b.client() as c:
+        endpoint = c.hello().query_endpoint
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send(b"\x91" * (p.MAX_MESSAGE_BYTES + 10))
+        assert not s.poll(500), "an oversized frame must get no answer"
+    finally:
+        s.close(0)
+        ctx.term()
+    with b.client() as c:
+        assert c.sql("SELECT 1 AS one").to_pylist() == [{"one": 1}]

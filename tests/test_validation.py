@@ -229,3 +229,39 @@ def test_a_command_that_fails_midway_leaves_the_state_as_it_was(tbroker):
         events = list(lg.read_from(1))
     assert [e.spec.command for e in events] == [["first"], ["third"]]
     assert fold(events).jobs.keys() == {"j1", "j2"}
+
+
+def test_a_sweep_with_one_bad_job_is_refused_whole_without_folding_anything(tbroker):
+    b = tbroker()
+    jobs = [JobSpec(command=["a"]), JobSpec(command=["b"], params={"x": float("nan")})]
+    with b.client() as c:
+        with pytest.raises(Exception, match=r"\$\.jobs\[1\].*params\.x: expected a finite"):
+            c.submit_sweep("s", jobs)
+        assert c.status().last_seq == 0
+    assert b.broker.stats["restores"] == 0  # refused before any fold, not put back after
+
+
+def test_a_failed_write_of_a_join_leaves_liveness_as_the_state_says(tbroker):
+    from evo import failpoints
+    from tests.conftest import wait_until
+
+    b = tbroker()
+    failpoints.arm("log.write", "ENOSPC")
+    try:
+        ctx, s = raw_dealer(b.address)
+        try:
+            r = ask(s, [p.command_encoder.encode(p.Join(req=1, node="ghost", cpus=2))])
+        finally:
+            s.close(0)
+            ctx.term()
+        assert isinstance(r, p.Error) and r.code == "unavailable"
+    finally:
+        failpoints.disarm()
+    wait_until(lambda: not b.broker.write_error, what="the broker to record again")
+    desk = b.broker.desk
+    assert "ghost" not in desk.last_seen and "ghost" not in desk.state.nodes
+    import time
+
+    desk.tick(time.time(), time.monotonic() + 3600)  # the timer finds nothing it cannot fold
+    with b.client() as c:
+        assert c.submit(["after"]) == "j1"
