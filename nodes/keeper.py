@@ -33,7 +33,7 @@ from typing import Union
 
 import msgspec
 
-from .worker import read_frame, write_frame
+from .worker import FrameReader, read_frame, write_frame
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
@@ -280,7 +280,7 @@ class KeeperClient:
         self.sock = mine
         self.fd = mine.fileno()
         os.set_blocking(self.fd, False)
-        self._buf = bytearray()
+        self._frames = FrameReader(self.fd)
         self._ids = 0
         self.procs: dict[int, KeptProcess] = {}
         self._answers: dict[int, FromKeeper] = {}
@@ -332,29 +332,9 @@ class KeeperClient:
         """Take in what the keeper said, without waiting."""
         if self.gone:
             return
-        eof = False
-        while True:
-            try:
-                chunk = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                break
-            except OSError:
-                chunk = b""
-            if not chunk:
-                eof = True
-                break
-            self._buf += chunk
-        self._parse()
-        if eof:  # after what it said last: exits it told are not taken for deaths
-            self._lost()
-
-    def _parse(self) -> None:
-        while len(self._buf) >= 4:
-            n = int.from_bytes(self._buf[:4], "big")
-            if len(self._buf) < 4 + n:
-                break
-            msg = _from_keeper.decode(bytes(self._buf[4:4 + n]))
-            del self._buf[:4 + n]
+        frames, eof = self._frames.read()
+        for frame in frames:
+            msg = _from_keeper.decode(frame)
             if isinstance(msg, Exited):
                 kept = self.procs.get(msg.id)
                 if kept is not None:
@@ -363,6 +343,8 @@ class KeeperClient:
                     self._exits[msg.id] = msg.code
             else:
                 self._answers[msg.id] = msg
+        if eof:  # after what it said last: exits it told are not taken for deaths
+            self._lost()
 
     def _lost(self) -> None:
         """The keeper died (killed on its own): end its jobs' groups, and say so for each."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from .worker import _LEN, AnyWorkerMessage, Task, TaskDone, WorkerReady, write_frame
+from .worker import AnyWorkerMessage, FrameReader, Task, TaskDone, WorkerReady, write_frame
 
 STREAMS = ("stdout", "stderr", "reports")
 # Native thread pools (OpenMP, BLAS) size themselves to the machine's cores unless told, so
@@ -53,7 +53,7 @@ class Worker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
-        self._buf = bytearray()
+        self._frames = FrameReader(self.fd, MAX_REPLY)
         self.error = ""  # why its answers could not be read, when they could not
         self.ready = False
         self.tasks = 0
@@ -71,28 +71,13 @@ class Worker:
     def replies(self) -> list[TaskDone] | None:
         """Complete answers read so far without blocking; None once the worker is gone (or
         has written something that is not an answer: it is then killed)."""
-        eof = False
-        while True:
-            try:
-                chunk = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                break
-            if not chunk:
-                eof = True
-                break
-            self._buf += chunk
+        try:
+            frames, eof = self._frames.read()
+            msgs = [_dec.decode(f) for f in frames]
+        except (ValueError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+            return self._garbled(str(exc))
         out = []
-        while len(self._buf) >= 4:
-            n = _LEN.unpack_from(self._buf)[0]
-            if n > MAX_REPLY:
-                return self._garbled(f"a {n}-byte message")
-            if len(self._buf) < 4 + n:
-                break
-            try:
-                msg = _dec.decode(bytes(self._buf[4:4 + n]))
-            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
-                return self._garbled(str(exc))
-            del self._buf[:4 + n]
+        for msg in msgs:
             if isinstance(msg, WorkerReady):
                 self.ready = True
             else:
@@ -106,7 +91,7 @@ class Worker:
         the worker cannot be trusted with another task."""
         self.error = f"warm worker {self.pid} wrote {what} on its answer pipe"
         self.kill()
-        self._buf.clear()
+        self._frames.buf.clear()
         return None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -81,6 +81,40 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return bytes(buf)
 
 
+class FrameReader:
+    """The frames of a non-blocking descriptor (4-byte length, payload), as they come."""
+
+    def __init__(self, fd: int, limit: int = 256 << 20) -> None:
+        self.fd, self.limit = fd, limit
+        self.buf = bytearray()
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """(the complete payloads read so far, whether the other end has closed). Raises
+        ValueError for a length over ``limit``: what comes is not frames."""
+        eof = False
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                eof = True
+                break
+            self.buf += chunk
+        out = []
+        while len(self.buf) >= 4:
+            n = _LEN.unpack_from(self.buf)[0]
+            if n > self.limit:
+                raise ValueError(f"a {n}-byte message")
+            if len(self.buf) < 4 + n:
+                break
+            out.append(bytes(self.buf[4:4 + n]))
+            del self.buf[:4 + n]
+        return out, eof
+
+
 def write_frame(fd: int, payload: bytes) -> None:
     data = _LEN.pack(len(payload)) + payload
     while data:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-import zmq
 
 from evo.broker import protocol as p
 from tests.conftest import run_evo
+from tests.test_broker_faults import ask, raw_dealer
 
 HOSTILE = [
     ("EXPLAIN ANALYZE DROP TABLE jobs", "read-only"),
@@ -57,12 +57,8 @@ def test_a_runaway_query_is_stopped_and_delays_no_other_query(tbroker, monkeypat
     with b.client() as c:
         c.submit(["a"])
         endpoint = c.hello().query_endpoint
-    ctx = zmq.Context()
-    slow, quick = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    (ctx, slow), (ctx2, quick) = raw_dealer(endpoint), raw_dealer(endpoint)
     try:
-        for s in (slow, quick):
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
         slow.send(p.command_encoder.encode(p.Query(req=1, sql="SELECT count(*) FROM range(10000000000000)")))
         quick.send(p.command_encoder.encode(p.Query(req=2, sql="SELECT count(*) AS n FROM jobs")))
         assert quick.poll(30_000), "the quick query was not answered"
@@ -76,6 +72,7 @@ def test_a_runaway_query_is_stopped_and_delays_no_other_query(tbroker, monkeypat
         slow.close(0)
         quick.close(0)
         ctx.term()
+        ctx2.term()
 
 
 def test_a_result_past_the_size_limit_is_refused_not_built(tbroker, monkeypatch):
@@ -103,37 +100,18 @@ def test_without_a_broker_the_file_is_opened_read_only(tbroker, tmp_path):
     assert r.returncode == 2 and "reads only the projections" in r.stderr
 
 
-def test_a_query_frame_is_bounded_like_a_command(tbroker):
+def test_query_frames_are_bounded_like_commands(tbroker):
     b = tbroker()
     with b.client() as c:
         endpoint = c.hello().query_endpoint
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
+    ctx, s = raw_dealer(endpoint)
     try:
-        s.send(msgspec.msgpack.encode({"cmd": "query", "req": 3, "sql": "x" * (2 << 20)}))
-        assert s.poll(10_000)
-        r = p.reply_decoder.decode(s.recv())
+        r = ask(s, [msgspec.msgpack.encode({"cmd": "query", "req": 3, "sql": "x" * (2 << 20)})])
         assert isinstance(r, p.Error) and r.req == 3 and "$.sql" in r.message
-    finally:
-        s.close(0)
-        ctx.term()
-
-
-def test_an_oversized_frame_to_the_query_socket_drops_only_that_peer(tbroker):
-    b = tbroker()
-    with b.client() as c:
-        endpoint = c.hello().query_endpoint
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    try:
         s.send(b"\x91" * (p.MAX_MESSAGE_BYTES + 10))
         assert not s.poll(500), "an oversized frame must get no answer"
     finally:
         s.close(0)
         ctx.term()
-    with b.client() as c:
+    with b.client() as c:  # only that peer was dropped
         assert c.sql("SELECT 1 AS one").to_pylist() == [{"one": 1}]

@@ -7,7 +7,6 @@ import copy
 
 import msgspec
 import pytest
-import zmq
 
 from evo.broker import protocol as p
 from evo.broker.desk import Desk
@@ -187,10 +186,7 @@ def test_the_query_socket_answers_malformed_frames_and_keeps_the_projection(tbro
     with b.client() as c:
         c.submit(["a"])
         endpoint = c.hello().query_endpoint
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
+    ctx, s = raw_dealer(endpoint)
     try:
         for frames in ([b"a", b"b"], [b"\xa2\xff\xfe"], [_nested(5000)], [b"\xc1"],
                        [msgspec.msgpack.encode({"cmd": "query", "kind": "drop"})],
