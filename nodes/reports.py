@@ -33,11 +33,6 @@ class Notes(list):
     """Lines for the job's stderr, about what of its reports evo could not record."""
 
 
-class ResultRecord(msgspec.Struct, frozen=True, kw_only=True, tag="result", tag_field="kind"):
-    """A callable's return value, written by the runner of isolated jobs (EVO_RESULT_FILE)."""
-
-    metrics: dict[str, Any] = {}
-    artifacts: dict[str, str] = {}
 
 
 _RECORD = Union[p.ProgressReport, p.CheckpointReport]
