@@ -182,9 +182,12 @@ def submit(
     seed: Optional[int] = typer.Option(None, "--seed"),
     name: Optional[str] = typer.Option(None, "--name"),
     isolate: bool = typer.Option(False, "--isolate", help="fresh process instead of a warm worker"),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="where the job runs (default: here, the current directory)"),
     broker: Optional[str] = BrokerOpt,
 ) -> None:
-    """Submit a job; prints its id."""
+    """Submit a job; prints its id. It runs in the directory it was submitted from (or
+    --workdir): relative paths in its command, and a callable's module, are found there."""
     from evo.cli.client import make_spec
 
     if trainer and callable_:
@@ -213,7 +216,7 @@ def submit(
                      gpus=gpus, vram_gb=vram_gb, model_type=model_type, priority=priority,
                      after=list(after or []), max_attempts=max_attempts, key=key,
                      tags=_kv(tag, "--tag", False), params=params, data=data,
-                     seed=seed, name=name, isolate=isolate)
+                     seed=seed, name=name, isolate=isolate, workdir=_workdir(workdir))
     with _client(broker) as c:
         reply = c.submit_reply(spec)
     if reply.warning:
@@ -221,6 +224,14 @@ def submit(
     if reply.duplicate:
         _err(f"key {key!r} was submitted before as {reply.job_id}; nothing new was queued")
     typer.echo(reply.job_id)
+
+
+def _workdir(given: Path | None) -> str:
+    """The folder a job runs in: as given (made absolute), else the current directory."""
+    d = (given or Path.cwd()).expanduser().absolute()
+    if not d.is_dir():
+        raise BadInput(f"--workdir: {str(d)!r} is not a directory")
+    return str(d)
 
 
 @app.command()

@@ -12,6 +12,7 @@ reply that arrives after its request timed out is recognised by its number and d
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -49,11 +50,13 @@ def make_spec(
     vram_gb: float = 0.0,
     **fields: Any,
 ) -> JobSpec:
-    """A JobSpec from keyword arguments; unknown names raise TypeError naming them."""
+    """A JobSpec from keyword arguments; unknown names raise TypeError naming them. The job
+    runs in ``workdir``, by default the current directory (where it is submitted from)."""
     unknown = set(fields) - set(JobSpec.__struct_fields__)
     if unknown:
         raise TypeError(f"unknown job spec field(s): {', '.join(sorted(unknown))}")
     res = Resources(cpus=cpus, mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb)
+    fields["workdir"] = os.path.abspath(fields.get("workdir") or os.getcwd())
     return JobSpec(command=list(command) if command is not None else None, callable=callable,
                    resources=res, **fields)
 

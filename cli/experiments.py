@@ -65,16 +65,24 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         metric = spec.metric
         table = leaderboard_table(reply.sweep_id, metric, top, broker)
         print_table(table, "table", title=f"{reply.sweep_id} ({spec.name}): top {top} by {metric}")
-        best = _best(reply.sweep_id, sql, broker)
-        if best is not None:
-            out = evo_home() / "sweeps" / reply.sweep_id / "best.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(best, indent=2, sort_keys=True) + "\n")
-            typer.echo(f"best: {best['job_id']} {metric}={best['metrics'].get(metric)} "
-                       f"params={json.dumps(best['params'], sort_keys=True)}")
-            typer.echo(f"best configuration written to {out}")
         if not done.get("completed"):
             raise EvoError(f"sweep {reply.sweep_id}: no job completed ({done})")
+        best = _best(reply.sweep_id, sql, broker)
+        if best is None:
+            got = sorted({r["metric"] for r in sql(
+                f"SELECT DISTINCT m.name AS metric FROM metrics m JOIN jobs j USING (job_id) "
+                f"WHERE j.sweep_id = {_q(reply.sweep_id)} AND m.kind = 'final'",
+                broker).to_pylist()})
+            raise EvoError(f"sweep {reply.sweep_id}: no completed job reported the sweep's "
+                           f"metric {metric!r} (they reported: {', '.join(got) or 'nothing'}); "
+                           "no best configuration. Set `metric:` in the sweep file, or report "
+                           "it with evo.report / evo.result")
+        out = evo_home() / "sweeps" / reply.sweep_id / "best.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(best, indent=2, sort_keys=True) + "\n")
+        typer.echo(f"best: {best['job_id']} {metric}={best['metrics'].get(metric)} "
+                   f"params={json.dumps(best['params'], sort_keys=True)}")
+        typer.echo(f"best configuration written to {out}")
 
     @app.command()
     def data(kind: str = typer.Argument(..., help="games: the synthetic games dataset"),
@@ -103,9 +111,11 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         and utilization per node."""
         from evo.trainers.report import write_report
 
-        paths = write_report(sweep, lambda q: sql(q, broker), out)
+        paths, missing = write_report(sweep, lambda q: sql(q, broker), out)
         for p in paths:
             typer.echo(str(p))
+        for why in missing:
+            typer.echo(f"note: {why}", err=True)
 
     @app.command()
     def audit(job: str = typer.Argument(..., help="a completed job's id"),

@@ -57,6 +57,7 @@ class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
     priority: int = 0
     max_attempts: int = 3
     tags: dict[str, str] = {}
+    workdir: str | None = None  # where its jobs run: relative to the sweep file's folder
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -79,6 +80,11 @@ def load_sweep(path: Path) -> SweepSpec:
     except msgspec.ValidationError as exc:
         raise BadInput(f"{path}: {exc}") from None
     check(spec, str(path))
+    # Its jobs run where it is submitted from, unless it says where (relative to itself).
+    workdir = (path.parent / spec.workdir).expanduser() if spec.workdir else Path.cwd()
+    if not workdir.is_dir():
+        raise BadInput(f"{path}: $.workdir: {str(workdir)!r} is not a directory")
+    spec.workdir = str(workdir.absolute())
     return spec
 
 
@@ -214,7 +220,7 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
         params = {**spec.params, **conf}
         trainer = params.pop("trainer", None) or spec.trainer
         common = dict(resources=res, priority=spec.priority, max_attempts=spec.max_attempts,
-                      seed=spec.seed, tags=dict(spec.tags))
+                      seed=spec.seed, tags=dict(spec.tags), workdir=spec.workdir)
         if spec.command is not None:
             values = {**params, "seed": spec.seed}
             argv = [_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), a) for a in spec.command]

@@ -451,14 +451,16 @@ class NodeDaemon:
         if run.cancelled:
             final: p.ReportBody = p.CancelledReport(reason="stopped by the node")
         elif rc == 0:
-            final = reports.completed(run.result.get("metrics", {}),
-                                      run.result.get("artifacts", {}),
+            # What it returned or gave evo.result; else the last value it reported of each.
+            metrics = run.result.get("metrics") or run.last_metrics
+            final = reports.completed(metrics, run.result.get("artifacts", {}),
                                       time.time() - run.started, notes)
         else:
             error = (run.error or f"exit code {rc}")[-reports.MAX_TEXT:]
             tail = run.tail("stderr")
             final = p.FailedReport(error=f"{error}: {tail}" if tail else error,
-                                   exit_code=max(-(2**31), min(rc, 2**31 - 1)))
+                                   exit_code=max(-(2**31), min(rc, 2**31 - 1)),
+                                   retryable=run.retryable)
         for text in notes:
             run.note(text)
         return final

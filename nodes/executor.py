@@ -48,7 +48,18 @@ class Run:
         self.job_dir = root / "jobs" / grant.job_id
         self.ckpt = self.job_dir / "checkpoints"
         self.worker: Worker | None = None
-        warm = spec.callable is not None and not spec.isolate and pool is not None
+        self.retryable = True  # False: the same attempt anywhere would fail the same way
+        self.error = ""
+        self.rc: int | None = None
+        workdir = Path(spec.workdir) if spec.workdir else None
+        if workdir is not None and not workdir.is_dir():
+            # Until files are staged between machines, a job runs where its files are.
+            self.error = (f"the job's working directory {workdir} is not on node {node}: run "
+                          f"a node where the files are (evo does not copy them yet), or submit "
+                          f"with --workdir set to a folder this node has")
+            self.rc, self.retryable = 127, False
+        warm = (spec.callable is not None and not spec.isolate and pool is not None
+                and self.rc is None)
         if warm:
             # No files or folders per attempt: the worker's own files hold this task's output
             # from the current ends on, and its folder is the working directory.
@@ -67,7 +78,7 @@ class Run:
             self.base = {"stdout": 0, "stderr": 0, "reports": 0}
             self.stderr_path.touch()  # notes may come before the job writes anything
         self.ends: dict[str, int] | None = None  # a warm task's ends, once it has answered
-        workdir = Path(spec.workdir) if spec.workdir else self.dir
+        workdir = workdir or self.dir  # a job of no folder of its own: the attempt folder
         env = {
             "EVO_JOB_ID": grant.job_id, "EVO_ATTEMPT": str(grant.attempt),
             "EVO_LEASE_EPOCH": str(grant.lease_epoch), "EVO_NODE": node,
@@ -77,12 +88,12 @@ class Run:
         if spec.seed is not None:
             env["EVO_SEED"] = str(spec.seed)
         self.started = time.time()
-        self.error = ""
         self.proc: subprocess.Popen | KeptProcess | None = None
         self.pool = pool
-        self.rc: int | None = None
         threads = max(1, int(spec.resources.cpus))  # native thread pools get the job's CPUs
-        if self.worker is not None:
+        if self.rc is not None:
+            pass  # it cannot start here (said in self.error)
+        elif self.worker is not None:
             self.worker.send(Task(callable=spec.callable or "", params=spec.params,
                                   seed=spec.seed, cwd=str(workdir), env=env, threads=threads))
         else:
@@ -119,7 +130,9 @@ class Run:
         self.final: p.Report | None = None  # once it has ended: its final report, to send
         self.frozen: dict[str, int] | None = None  # a process's output sizes once it ended
         self._skipping = {"reports": False, "stdout": False}  # inside a line too long to read
-        self.result: dict = {}  # a callable's: {"metrics": ..., "artifacts": ...}
+        self.result: dict = {}  # {"metrics": ..., "artifacts": ...}: returned or evo.result()
+        self.reported = False  # it called evo.report (or evo.result): its prints are output only
+        self.last_metrics: dict[str, float] = {}  # the last reported value of each metric
         self.kill_at: float | None = None
         self.cancelled = False
         self.shipped: dict[str, int] = {}  # stream -> bytes sent to the broker
@@ -184,14 +197,26 @@ class Run:
             ckpt = str(self.ckpt)
             for line in self._lines(self._reports, "reports", REPORT_BYTES * grow, notes):
                 if line.strip():
-                    out.append(reports.from_line(line, notes, ckpt))
+                    self.reported = True
+                    body = reports.from_line(line, notes, ckpt)
+                    if isinstance(body, reports.Result):
+                        self.result = {"metrics": {**self.result.get("metrics", {}),
+                                                   **body.metrics}}
+                    else:
+                        out.append(body)
         if self._stdout is None and self._wrote("stdout"):
             self._stdout = self._open("stdout")
         if self._stdout is not None:
+            # Printed lines are progress only for a job that does not call evo.report.
             for line in self._lines(self._stdout, "stdout", OUTPUT_BYTES * grow // 2, None):
+                if self.reported:
+                    continue
                 rec = parse_line(line.decode("utf-8", "replace")) if len(line) <= MAX_LINE else None
                 if rec is not None:
                     out.append(reports.from_record(rec, notes))
+        for body in out:
+            if isinstance(body, p.ProgressReport):  # the last value of each is its final one
+                self.last_metrics.update(body.metrics)
         for text in notes:
             self.note(text)
         return out
@@ -253,7 +278,8 @@ class Run:
                 done = msgs[0]
                 self.worker.ends = list(done.ends)
                 self.ends = dict(zip(("stdout", "stderr", "reports"), done.ends))
-                self.result = {"metrics": done.metrics, "artifacts": done.artifacts}
+                if done.metrics or done.artifacts:  # a returned dict; else evo.result's
+                    self.result = {"metrics": done.metrics, "artifacts": done.artifacts}
                 self.rc = 0 if done.ok else (done.exit_code or 1)
                 self.error = done.error
         elif self.proc is not None:
@@ -261,7 +287,9 @@ class Run:
             if self.rc is not None and self.kept and self.proc.keeper.gone:  # type: ignore[union-attr]
                 self.error = self.error or "the node's keeper of job processes died"
             if self.rc is not None and self.grant.spec.callable is not None:
-                self.result = self._result_file()
+                returned = self._result_file()
+                if returned.get("metrics") or returned.get("artifacts"):
+                    self.result = returned
         if self.rc is None and self.kill_at is not None and time.time() >= self.kill_at:
             self._signal(signal.SIGKILL)
         return self.rc

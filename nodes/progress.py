@@ -1,8 +1,10 @@
 """Progress from inside a job, and from its log lines as a fallback.
 
-Inside a job, ``evo.report(step=3, loss=0.41)`` and ``evo.checkpoint(path)`` append one JSON
-line to the file named by EVO_REPORT_FILE, which the node tails. Jobs that do not use evo are
-still tracked through lines such as ``epoch 3/10 loss=0.41 auc=0.61``.
+Inside a job, ``evo.report(step=3, loss=0.41)``, ``evo.result(auc=0.7)`` and
+``evo.checkpoint(path)`` append one JSON line to the file named by EVO_REPORT_FILE, which the
+node tails. Jobs that do not use evo are still tracked through lines such as
+``epoch 3/10 loss=0.41 auc=0.61``; a job that calls evo.report or evo.result is not (its prints
+are output only, so nothing is counted twice).
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ def report(step: int | None = None, *, epoch: int | None = None, eta_s: float | 
            **metrics: float) -> None:
     """Report progress from inside a job."""
     _write({"kind": "progress", "step": step, "epoch": epoch, "eta_s": eta_s, "t": time.time(),
+            "metrics": {k: float(v) for k, v in metrics.items()}})
+
+
+def result(**metrics: float) -> None:
+    """Record this job's final metrics (a command's, or a callable's that returns nothing).
+
+    Several calls add up, a later value of a name replacing an earlier one. A job that neither
+    returns metrics nor calls this has the last value it reported of each metric as its final
+    one."""
+    _write({"kind": "result", "t": time.time(),
             "metrics": {k: float(v) for k, v in metrics.items()}})
 
 

@@ -35,7 +35,13 @@ class Notes(list):
 
 
 
-_RECORD = Union[p.ProgressReport, p.CheckpointReport]
+class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result", tag_field="kind"):
+    """A job's final metrics, from ``evo.result()`` (not a report: the completed one says them)."""
+
+    metrics: dict[str, p.Finite] = {}
+
+
+_RECORD = Union[p.ProgressReport, p.CheckpointReport, Result]
 
 
 def finite_metrics(metrics: dict, notes: Notes, where: str) -> dict:
@@ -53,7 +59,8 @@ def _where(rec: dict) -> str:
     return f"{rec.get('kind', 'progress')} report" + (f" at step {step}" if step is not None else "")
 
 
-def from_record(rec: Any, notes: Notes, checkpoints: str | None = None) -> p.ReportBody:
+def from_record(rec: Any, notes: Notes, checkpoints: str | None = None
+                ) -> p.ReportBody | Result:
     """One record of the job's report file (or a parsed output line) as a report body."""
     kind = str(rec.get("kind", "progress"))[:40] if isinstance(rec, dict) else ""
     try:
@@ -75,7 +82,8 @@ def from_record(rec: Any, notes: Notes, checkpoints: str | None = None) -> p.Rep
     return refused(kind, bad, notes) if bad else body
 
 
-def from_line(line: bytes, notes: Notes, checkpoints: str | None = None) -> p.ReportBody:
+def from_line(line: bytes, notes: Notes, checkpoints: str | None = None
+              ) -> p.ReportBody | Result:
     """A line of the report file: JSON (NaN and Infinity as Python writes them)."""
     try:
         rec = json.loads(line)

@@ -186,6 +186,7 @@ def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
     done: dict = {"ok": False}
+    sys.path.insert(0, task.cwd)  # the job's own modules are imported from its folder
     try:
         os.environ.update(task.env)
         os.chdir(task.cwd)
@@ -211,6 +212,8 @@ def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
         os.close(keep_out)
         os.close(keep_err)
         os.chdir(saved_cwd)
+        if task.cwd in sys.path:
+            sys.path.remove(task.cwd)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

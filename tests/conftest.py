@@ -126,14 +126,14 @@ def pbroker(tmp_path):
 
 
 def run_evo(*args: str, home: Path | None = None, timeout: float = 60, input: str | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+            env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.pop("EVO_BROKER", None)
     if home is not None:
         e["EVO_HOME"] = str(home)
     e.update(env or {})
     return subprocess.run(evo_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          input=input, env=e)
+                          input=input, env=e, cwd=cwd)
 
 
 def wait_until(cond, timeout: float = 30.0, what: str = "a condition", every: float = 0.02):  # noqa: ANN001, ANN201

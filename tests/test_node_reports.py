@@ -44,14 +44,16 @@ def test_non_finite_metrics_are_left_out_and_said_on_stderr(cluster):
     home, b, node = cluster
     node("n1")
     with Client(b.address) as c:
-        j = _job(c, "import evo\nevo.report(step=1, loss=float('nan'), auc=0.5)\n"
-                    "print('epoch 2 loss=1e999 acc=0.7', flush=True)\n")
-        events = wait_for(c, done(j))
+        j = _job(c, "import evo\nevo.report(step=1, loss=float('nan'), auc=0.5)\n")
+        printed = _job(c, "print('epoch 2 loss=1e999 acc=0.7', flush=True)\n")
+        events = wait_for(c, lambda evs: done(j)(evs) and done(printed)(evs))
     assert [(e.step, e.epoch, e.metrics) for e in of(events, "Progress", j)] == [
-        (1, None, {"auc": 0.5}), (None, 2, {"acc": 0.7})]
+        (1, None, {"auc": 0.5})]
+    assert [(e.epoch, e.metrics) for e in of(events, "Progress", printed)] == [(2, {"acc": 0.7})]
     assert not of(events, "ReportRejected", j)
     err = run_evo("logs", j, "--stream", "stderr", home=home).stderr
     assert "loss=nan not recorded (metrics must be finite numbers)" in err
+    err = run_evo("logs", printed, "--stream", "stderr", home=home).stderr
     assert "loss=inf not recorded" in err
 
 

@@ -18,10 +18,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from evo.broker.desk import metric_mode
 from evo.errors import EvoError
 
 METRICS = ("auc", "brier", "logloss", "roi")
-LOWER = {"brier", "logloss"}
 MAX_CURVES = 12
 
 
@@ -66,7 +66,8 @@ def latex_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, i
     return "\n".join(lines)
 
 
-def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
+def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list[str]]:
+    """The files written, and what could not be drawn and why (no empty figures)."""
     rows = sql(f"SELECT job_id, model_type, state, node, params, metrics, artifacts, "
                f"started_at, finished_at FROM jobs WHERE sweep_id = {_q(sweep)} "
                f"ORDER BY submitted_seq").to_pylist()
@@ -83,7 +84,14 @@ def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
     written: list[Path] = []
     keys = sorted({k for r in done for k in r["params"]})
     varying = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in done}) > 1]
-    metrics = [m for m in METRICS if any(m in r["metrics"] for r in done)]
+    # the comparison's metrics: the built-in trainers', else whatever the jobs reported
+    metrics = [m for m in METRICS if any(m in r["metrics"] for r in done)] or sorted(
+        {m for r in done for m in r["metrics"]})
+    missing: list[str] = []
+    if not metrics:
+        missing.append("no completed experiment reported a metric: the comparison lists only "
+                       "parameters (a job reports with evo.report or evo.result, or returns "
+                       "a dict)")
 
     # per experiment
     for r in done:
@@ -105,10 +113,14 @@ def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
                         r["metrics"].get("bets"), r["metrics"].get("n_test")])
         written += [pj, pc]
 
-    # comparison, best first by the first metric
-    first = metrics[0] if metrics else None
+    # comparison, best first by the sweep's metric (else the first), in its direction
+    spec = sql(f"SELECT spec FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
+    spec = (_json(spec[0]["spec"]) or {}) if spec else {}
+    first = spec.get("metric") if spec.get("metric") in metrics else (metrics[0] if metrics else None)
     if first:
-        done.sort(key=lambda r: (r["metrics"].get(first, float("nan")) * (1 if first in LOWER else -1),
+        sign = -1 if metric_mode(first, spec.get("mode") if first == spec.get("metric") else None) \
+            == "max" else 1
+        done.sort(key=lambda r: (first not in r["metrics"], sign * r["metrics"].get(first, 0.0),
                                  r["job_id"]))
     comp = out / "comparison.csv"
     with open(comp, "w", newline="") as f:
@@ -121,7 +133,7 @@ def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
 
     shown = done[:40]  # a dissertation table, not the whole grid
     header = ["Model", *[k for k in varying if k != "trainer"],
-              *[{"auc": "AUC", "brier": "Brier", "logloss": "Log loss", "roi": "ROI"}[m]
+              *[{"auc": "AUC", "brier": "Brier", "logloss": "Log loss", "roi": "ROI"}.get(m, m)
                 for m in metrics]]
     table_rows, bold = [], set()
     offset = 1 + len([k for k in varying if k != "trainer"])
@@ -135,7 +147,7 @@ def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
         vals = [r["metrics"].get(m) for r in shown]
         present = [v for v in vals if v is not None]
         if present:
-            best = min(present) if m in LOWER else max(present)
+            best = min(present) if metric_mode(m) == "min" else max(present)
             for i, v in enumerate(vals):
                 if v == best:
                     bold.add((i, offset + j))
@@ -145,12 +157,15 @@ def write_report(sweep: str, sql: Callable, out: Path) -> list[Path]:
                                + (f" (top {len(shown)} of {len(done)})" if len(done) > len(shown) else ""),
                                f"tab:{sweep}", "l" * offset + "r" * len(metrics)))
     written.append(tex)
-    written += _plots(done[:MAX_CURVES], varying, out)
+    plots = _plots(done[:MAX_CURVES], varying, out)
+    written += [p for p in plots if isinstance(p, Path)]
+    missing += [p for p in plots if isinstance(p, str)]
     written += _utilization(sweep, sql, out)
-    return written
+    return written, missing
 
 
-def _plots(rows: list[dict], varying: list[str], out: Path) -> list[Path]:
+def _plots(rows: list[dict], varying: list[str], out: Path) -> list[Path | str]:
+    """The curve PDFs, or for each that has no curve to draw, why it was not drawn."""
     return [
         _curves(rows, varying, out / "roc.pdf", "roc", ("fpr", "tpr"), ("auc", "AUC", ".3f"),
                 ("False positive rate", "True positive rate"),
@@ -163,8 +178,12 @@ def _plots(rows: list[dict], varying: list[str], out: Path) -> list[Path]:
 
 def _curves(rows: list[dict], varying: list[str], path: Path, artifact: str,
             xy: tuple[str, str], metric: tuple[str, str, str], labels: tuple[str, str],
-            title: str, legend: str, marker: str | None) -> Path:
+            title: str, legend: str, marker: str | None) -> Path | str:
     """One PDF page: a curve per experiment from one of its artifacts, and the diagonal."""
+    if not any((_json(r["artifacts"].get(artifact, "{}")) or {}).get(xy[0]) for r in rows):
+        return (f"{path.name} not drawn: no experiment returned a {artifact!r} artifact (the "
+                f"built-in trainers do; a job may return its own as a JSON string with "
+                f"{xy[0]!r} and {xy[1]!r} lists)")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,0 +1,154 @@
+"""Users' own code, submitted as a new user would: from its own folder, by relative paths,
+reporting with evo.report and evo.result, as commands and as module:function callables."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+from evo.cli.client import Client
+from tests.conftest import run_evo
+from tests.test_nodes import cluster, done, of, wait_for  # noqa: F401 - the fixture
+
+TRAIN = textwrap.dedent("""
+    import sys
+    import evo
+    lr = float(sys.argv[1]) if len(sys.argv) > 1 else 0.1
+    for epoch in range(1, 6):
+        loss = 1.0 / (epoch * lr * 10)
+        print(f"epoch {epoch}/5 loss={loss:.4f}")  # printed too: must not count twice
+        evo.report(step=epoch, loss=loss, auc=0.5 + lr * epoch / 10)
+""")
+
+MODULE = textwrap.dedent("""
+    import evo
+    def train(x: float = 1.0) -> dict:
+        evo.report(step=1, seen=x)
+        return {"y": x * 3}
+""")
+
+
+def _project(tmp_path):
+    d = tmp_path / "my-project"
+    d.mkdir()
+    (d / "train.py").write_text(TRAIN)
+    (d / "mymod.py").write_text(MODULE)
+    (d / "data.txt").write_text("relative data\n")
+    return d
+
+
+def _env() -> dict:
+    e = dict(os.environ)
+    e.pop("PYTHONPATH", None)  # the user's folder is not on any path: evo must find it
+    return e
+
+
+def test_a_script_submitted_by_a_relative_path_runs_where_it_was_submitted(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1")
+    proj = _project(tmp_path)
+    r = run_evo("submit", "--", sys.executable, "train.py", "0.2", home=home, cwd=proj,
+                env=_env())
+    assert r.returncode == 0, r.stderr
+    j = r.stdout.strip()
+    with Client(b.address) as c:
+        events = wait_for(c, done(j))
+    (sub,) = of(events, "JobSubmitted", j)
+    assert sub.spec.workdir == str(proj)
+    steps = [e.step for e in of(events, "Progress", j)]
+    assert steps == [1, 2, 3, 4, 5], "a job that calls evo.report has its prints parsed too"
+    (fin,) = of(events, "JobCompleted", j)  # no evo.result: the last reported values
+    assert fin.metrics == {"loss": 1.0 / (5 * 0.2 * 10), "auc": 0.5 + 0.2 * 5 / 10}
+
+
+def test_a_module_function_is_imported_from_the_folder_it_was_submitted_from(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1")
+    proj = _project(tmp_path)
+    ids = []
+    for extra in ((), ("--isolate",)):
+        r = run_evo("submit", "--callable", "mymod:train", "--param", "x=2", *extra,
+                    home=home, cwd=proj, env=_env())
+        assert r.returncode == 0, r.stderr
+        ids.append(r.stdout.strip())
+    with Client(b.address) as c:
+        events = wait_for(c, lambda evs: all(done(j)(evs) for j in ids))
+    for j in ids:
+        (fin,) = of(events, "JobCompleted", j)
+        assert fin.metrics == {"y": 6.0}
+    r = run_evo("audit", ids[0], home=home, cwd=tmp_path, env=_env())  # from elsewhere
+    assert r.returncode == 0 and "identical" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_workdir_missing_on_the_node_fails_once_with_a_clear_error(cluster, tmp_path):
+    home, b, node = cluster
+    gone = tmp_path / "elsewhere"
+    gone.mkdir()
+    r = run_evo("submit", "--workdir", str(gone), "--", "true", home=home)
+    j = r.stdout.strip()
+    gone.rmdir()  # as on a second machine that does not have the folder
+    node("n1")
+    with Client(b.address) as c:
+        events = wait_for(c, done(j))
+    fails = of(events, "JobFailed", j)
+    assert len(fails) == 1, [(e.error, e.final, e.retryable) for e in fails]
+    (failed,) = fails
+    assert failed.final and not failed.retryable and str(gone) in failed.error
+    assert len(of(events, "JobLeased", j)) == 1, "retried although it cannot run there"
+
+
+def test_evo_result_gives_a_command_job_its_final_metrics(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1")
+    code = ("import evo\nevo.report(step=1, loss=0.9)\nevo.result(auc=0.61, loss=0.4)\n"
+            "evo.result(auc=0.62)\n")
+    with Client(b.address) as c:
+        j = c.submit([sys.executable, "-c", code])
+        events = wait_for(c, done(j))
+    (fin,) = of(events, "JobCompleted", j)
+    assert fin.metrics == {"auc": 0.62, "loss": 0.4}
+
+
+def test_a_command_sweep_ranks_by_the_last_reported_metric(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1", "--slots", "2")
+    proj = _project(tmp_path)
+    spec = proj / "sweep.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: my-lr-search
+        command: ["{sys.executable}", "train.py", "{{lr}}"]
+        metric: loss
+        space:
+          lr: [0.1, 0.3, 0.2]
+    """))
+    r = run_evo("sweep", str(spec), "--wait", home=home, cwd=proj, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep = r.stdout.split()[0]
+    best = json.loads((home / "sweeps" / sweep / "best.json").read_text())
+    assert best["params"] == {"lr": 0.3}  # lowest final loss: loss is minimised
+    r = run_evo("leaderboard", sweep, "--metric", "loss", "--format", "json", home=home)
+    order = [json.loads(line)["lr"] for line in r.stdout.splitlines()]
+    assert order == ["0.3", "0.2", "0.1"], r.stdout
+
+
+def test_a_sweep_whose_metric_nobody_reported_says_so_and_exits_1(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1")
+    proj = _project(tmp_path)
+    spec = proj / "sweep.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: no-auc-here
+        command: ["{sys.executable}", "-c", "import evo; evo.result(loss={{x}})"]
+        space:
+          x: [1, 2]
+    """))
+    r = run_evo("sweep", str(spec), "--wait", home=home, cwd=proj, env=_env(), timeout=120)
+    assert r.returncode == 1
+    assert "no completed job reported the sweep's metric 'auc' (they reported: loss)" in r.stderr
+    assert not list((home / "sweeps").glob("*/best.json")) if (home / "sweeps").exists() else True
+    out = tmp_path / "report"
+    r = run_evo("report", r.stdout.split()[0], "--out", str(out), home=home)
+    assert r.returncode == 0 and "roc.pdf not drawn" in r.stderr, r.stderr
+    assert not (out / "roc.pdf").exists() and "loss" in (out / "comparison.csv").read_text()
