@@ -231,6 +231,14 @@ class Desk:
         if spec.key is not None and spec.key in self.state.keys:
             job_id = self.state.keys[spec.key]
             job = self.state.jobs[job_id]
+            differs = [f for f in JobSpec.__struct_fields__
+                       if getattr(spec, f) != getattr(job.spec, f)]
+            if differs:  # a changed resubmit must not pass for the job that has the key
+                return Outcome(reply=p.Error(
+                    req=cmd.req, code="conflict",
+                    message=f"key {spec.key!r} belongs to job {job_id} ({job.state}), whose "
+                            f"spec differs in {', '.join(differs)}: use another key, or "
+                            f"`evo retry {job_id}` to run it again"))
             return Outcome(reply=p.Submitted(req=cmd.req, job_id=job_id, seq=job.submitted_seq,
                                              duplicate=True))
         try:
@@ -246,6 +254,35 @@ class Desk:
         if r.gpus or r.cpus > 1 or r.mem_gb:  # a 1-CPU job fits anything: skip the scan
             warning = never_fits(spec, self.state, self.cluster) or ""
         out.reply = p.Submitted(req=cmd.req, job_id=job_id, seq=seq, warning=warning)
+        return out
+
+    def on_retry(self, cmd: p.Retry, now: float, cause: str) -> Outcome:
+        sweep = self.state.sweeps.get(cmd.target)
+        if sweep is not None:
+            olds = [j for j in sweep.job_ids if self.state.jobs[j].state in ("failed", "cancelled")]
+            if not olds:
+                return Outcome(reply=p.Error(req=cmd.req, code="conflict", message=(
+                    f"sweep {cmd.target} has no failed or cancelled job to run again")))
+        elif cmd.target in self.state.jobs:
+            job = self.state.jobs[cmd.target]
+            if job.state not in TERMINAL:
+                return Outcome(reply=p.Error(req=cmd.req, code="conflict", message=(
+                    f"job {cmd.target} is {job.state}: only a finished job runs again "
+                    f"(cancel it first)")))
+            olds = [cmd.target]
+        else:
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"no job or sweep {cmd.target!r}"))
+        out = Outcome()
+        first = self.state.last_seq + 1
+        events: list[Event] = []
+        for i, old in enumerate(olds):  # the same spec, without the key the old job holds
+            spec = msgspec.structs.replace(self.state.jobs[old].spec, key=None, retry_of=old)
+            events.append(JobSubmitted(seq=first + i, time=now, cause=cause,
+                                       job_id=f"j{first + i}", spec=spec))
+        self._emit_all(out, events)
+        out.reply = p.Retried(req=cmd.req, job_ids=[e.job_id for e in events], of=olds,
+                              seq=self.state.last_seq)
         return out
 
     def on_cancel(self, cmd: p.Cancel, now: float, cause: str) -> Outcome:

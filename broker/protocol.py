@@ -58,6 +58,13 @@ class Cancel(Command, tag="cancel"):
     reason: Annotated[str, Meta(max_length=2000)] = ""
 
 
+class Retry(Command, tag="retry"):
+    """Run finished jobs again, as new jobs with the same spec (params, seed, ...) linked to the
+    old ones (``retry_of``): one job, or a sweep's failed and cancelled jobs."""
+
+    target: str  # a job id or a sweep id
+
+
 class Read(Command, tag="read"):
     from_seq: Int64 = 1
     limit: Annotated[int, Meta(ge=0, le=2**31)] = 10_000
@@ -229,7 +236,7 @@ class Query(Command, tag="query"):
 
 
 AnyCommand = Union[Hello, Submit, SubmitSweep, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
-                   Output, Logs, Query]
+                   Output, Logs, Query, Retry]
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
@@ -260,6 +267,12 @@ class SweepAccepted(Reply, tag="sweep_accepted"):
     job_ids: list[str]
     seq: int
     warning: str = ""
+
+
+class Retried(Reply, tag="retried"):
+    job_ids: list[str]  # the new jobs, in the order of
+    of: list[str]  # the jobs they run again
+    seq: int = 0
 
 
 class Cancelled(Reply, tag="cancelled"):
@@ -323,7 +336,7 @@ class QueryResult(Reply, tag="query_result"):
 
 
 AnyReply = Union[Error, Welcome, Submitted, SweepAccepted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
-                 LogChunk, QueryResult]
+                 LogChunk, QueryResult, Retried]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(AnyCommand)

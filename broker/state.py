@@ -177,6 +177,11 @@ class BrokerState:
         if ev.spec.key is not None:
             self.keys[ev.spec.key] = ev.job_id
         self.counts[QUEUED] = self.counts.get(QUEUED, 0) + 1
+        sweep = self.sweeps.get(ev.spec.sweep_id) if ev.spec.sweep_id else None
+        if sweep is not None and ev.spec.retry_of is not None:  # a retry rejoins its sweep
+            sweep.job_ids.append(ev.job_id)
+            sweep.open += 1
+            sweep.done = False
 
     def _apply_job(self, event: Event) -> None:
         job_id = event.job_id  # type: ignore[attr-defined]

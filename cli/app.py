@@ -222,7 +222,8 @@ def submit(
     if reply.warning:
         _err(f"warning: {reply.warning}")
     if reply.duplicate:
-        _err(f"key {key!r} was submitted before as {reply.job_id}; nothing new was queued")
+        _err(f"key {key!r} was submitted before as {reply.job_id} with the same spec; nothing "
+             f"new was queued (`evo retry {reply.job_id}` runs it again)")
     typer.echo(reply.job_id)
 
 
@@ -232,6 +233,23 @@ def _workdir(given: Path | None) -> str:
     if not d.is_dir():
         raise BadInput(f"--workdir: {str(d)!r} is not a directory")
     return str(d)
+
+
+@app.command()
+def retry(target: str = typer.Argument(..., help="a finished job's id, or a sweep's with --failed"),
+          failed: bool = typer.Option(False, "--failed",
+                                      help="a sweep's failed and cancelled jobs"),
+          broker: Optional[str] = BrokerOpt) -> None:
+    """Run a finished job again as a new job, with the same spec, params and seed (linked to
+    the old one: retry_of); prints the new id (one per line for a sweep)."""
+    if target.startswith("s") and not failed:
+        raise BadInput(f"{target} is a sweep: `evo retry {target} --failed` runs its failed and "
+                       "cancelled jobs again")
+    with _client(broker) as c:
+        reply = c.retry(target)
+    for new, old in zip(reply.job_ids, reply.of):
+        typer.echo(new)
+        _err(f"{new}: {old} again")
 
 
 @app.command()

@@ -165,6 +165,12 @@ class Client:
             ids.append(self.receive(req).job_id)  # type: ignore[attr-defined]
         return ids
 
+    def retry(self, target: str) -> p.Retried:
+        """Run a finished job again (or a sweep's failed and cancelled jobs), as new jobs."""
+        reply = self.request(p.Retry(target=target))
+        assert isinstance(reply, p.Retried)
+        return reply
+
     def cancel(self, target: str, reason: str = "") -> list[str]:
         reply = self.request(p.Cancel(target=target, reason=reason))
         assert isinstance(reply, p.Cancelled)

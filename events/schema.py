@@ -54,6 +54,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     isolate: bool = False  # a fresh process instead of a warm worker
     name: str | None = None
     workdir: str | None = None
+    retry_of: str | None = None  # the finished job this one runs again (`evo retry`)
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -48,8 +48,10 @@ def test_idempotency_key_returns_the_original_job(tbroker):
     b = tbroker()
     with b.client() as c:
         first = c.submit_reply(["train"], key="exp-1")
-        again = c.submit_reply(["train", "--other"], key="exp-1")
+        again = c.submit_reply(["train"], key="exp-1")
         assert again.job_id == first.job_id and again.duplicate and not first.duplicate
+        with pytest.raises(CommandRejected, match="belongs to job j1 .* differs in command"):
+            c.submit_reply(["train", "--other"], key="exp-1")  # a changed spec: refused
         # inside one pipelined batch too
         ids = c.submit_many([JobSpec(command=["x"], key="exp-2")] * 20, window=20)
         assert set(ids) == {ids[0]}

@@ -152,3 +152,57 @@ def test_a_sweep_whose_metric_nobody_reported_says_so_and_exits_1(cluster, tmp_p
     r = run_evo("report", r.stdout.split()[0], "--out", str(out), home=home)
     assert r.returncode == 0 and "roc.pdf not drawn" in r.stderr, r.stderr
     assert not (out / "roc.pdf").exists() and "loss" in (out / "comparison.csv").read_text()
+
+
+def test_a_key_with_another_spec_is_refused_and_retry_runs_a_job_again(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1")
+    first = run_evo("submit", "--key", "exp-1", "--max-attempts", "1", "--", "false", home=home)
+    j = first.stdout.strip()
+    with Client(b.address) as c:
+        wait_for(c, done(j))
+    same = run_evo("submit", "--key", "exp-1", "--max-attempts", "1", "--", "false", home=home)
+    assert same.returncode == 0 and same.stdout.strip() == j and "same spec" in same.stderr
+    other = run_evo("submit", "--key", "exp-1", "--", "true", home=home)
+    assert other.returncode == 2 and f"belongs to job {j} (failed)" in other.stderr
+    assert "command" in other.stderr and f"evo retry {j}" in other.stderr
+    again = run_evo("retry", j, home=home)
+    assert again.returncode == 0, again.stderr
+    new = again.stdout.strip()
+    with Client(b.address) as c:
+        events = wait_for(c, done(new))
+    (sub,) = of(events, "JobSubmitted", new)
+    assert sub.spec.retry_of == j and sub.spec.key is None and sub.spec.command == ["false"]
+    running = run_evo("retry", "j999", home=home)
+    assert running.returncode == 2 and "no job or sweep" in running.stderr
+
+
+def test_retry_of_a_sweep_runs_its_failed_jobs_again_within_it(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1", "--slots", "2")
+    flag = tmp_path / "second-time"
+    code = (f"import os, sys, evo\nx = int(sys.argv[1])\n"
+            f"if x == 2 and not os.path.exists({str(flag)!r}): sys.exit(3)\n"
+            "evo.result(auc=x / 10)\n")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: flaky
+        command: ["{sys.executable}", "-c", {json.dumps(code)}, "{{x}}"]
+        max_attempts: 1
+        space:
+          x: [1, 2]
+    """))
+    r = run_evo("sweep", str(spec), "--wait", home=home, cwd=tmp_path, timeout=120)
+    sweep = r.stdout.split()[0]
+    assert "best: " in r.stdout and "auc=0.1" in r.stdout, r.stdout + r.stderr
+    flag.write_text("now it works")
+    assert run_evo("retry", sweep, home=home).returncode == 2  # a sweep needs --failed
+    r = run_evo("retry", sweep, "--failed", home=home)
+    assert r.returncode == 0 and len(r.stdout.split()) == 1, r.stderr
+    new = r.stdout.strip()
+    with Client(b.address) as c:
+        events = wait_for(c, lambda evs: done(new)(evs) and [
+            e for e in of(evs, "SweepCompleted") if e.sweep_id == sweep and e.best_job == new])
+    lb = run_evo("leaderboard", sweep, "--format", "json", home=home)
+    rows = [json.loads(line) for line in lb.stdout.splitlines()]
+    assert [row["job_id"] for row in rows] == [new, rows[1]["job_id"]] and rows[0]["auc"] == 0.2
