@@ -61,6 +61,22 @@ def make_spec(
                    resources=res, **fields)
 
 
+def with_code(specs: list[JobSpec]) -> list[JobSpec]:
+    """``specs`` with the fingerprint of their code (``JobSpec.code``) where they have none,
+    taken once per folder, now (a later edit shows up in `evo audit`)."""
+    from evo.nodes.environment import code_fingerprint
+
+    prints: dict[str, dict[str, str]] = {}
+    out = []
+    for spec in specs:
+        if spec.workdir and not spec.code:
+            if spec.workdir not in prints:
+                prints[spec.workdir] = code_fingerprint(spec.workdir)
+            spec = msgspec.structs.replace(spec, code=prints[spec.workdir])
+        out.append(spec)
+    return out
+
+
 class Client:
     def __init__(self, broker: str | None = None, *, home: Any = None,
                  timeout_s: float = 10.0) -> None:
@@ -142,14 +158,14 @@ class Client:
     def submit_reply(self, command: Sequence[str] | JobSpec | None = None,
                      **fields: Any) -> p.Submitted:
         spec = command if isinstance(command, JobSpec) else make_spec(command, **fields)
-        reply = self.request(p.Submit(spec=spec))
+        reply = self.request(p.Submit(spec=with_code([spec])[0]))
         assert isinstance(reply, p.Submitted)
         return reply
 
     def submit_sweep(self, name: str, jobs: list[JobSpec], spec: dict | None = None
                      ) -> p.SweepAccepted:
         """A sweep and its jobs in one durable batch."""
-        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=jobs))
+        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=with_code(jobs)))
         assert isinstance(reply, p.SweepAccepted)
         return reply
 

@@ -55,6 +55,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     name: str | None = None
     workdir: str | None = None
     retry_of: str | None = None  # the finished job this one runs again (`evo retry`)
+    code: dict[str, str] = {}  # what code it runs: git commit and changes, or files (at submit)
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):

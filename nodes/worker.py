@@ -10,8 +10,10 @@ task wrote is the byte range of each file between the previous reply's ends and 
 reply carries the ends (stdout, stderr, reports), and a task makes no files or folders of its
 own, which keeps a no-op trial off the disk.
 
-A task sets the job's EVO_* variables and working directory for its duration and seeds
-``random`` and numpy when the job has a seed. CUDA_VISIBLE_DEVICES is fixed when the worker
+A task sets the job's EVO_* variables and working directory (first on ``sys.path``) for its
+duration and seeds ``random`` and numpy when the job has a seed. What it imported of the job's
+own code is forgotten after it, so every task runs the code as it is on disk now; the standard
+library, installed packages and evo stay imported (that is what the worker is warm for). CUDA_VISIBLE_DEVICES is fixed when the worker
 starts, because CUDA reads it once per process: the node keeps workers per device set.
 """
 
@@ -24,6 +26,7 @@ import random
 import signal
 import struct
 import sys
+import sysconfig
 import traceback
 
 from typing import Any, Union
@@ -173,6 +176,28 @@ def _thread_limit(threads: int):  # noqa: ANN202 - a context manager
     return threadpool_limits(limits=threads)
 
 
+_KEPT_ROOTS = tuple(os.path.realpath(p) for p in {
+    sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def _is_users(module: object) -> bool:
+    """A module of the job's own code: neither the standard library, nor an installed
+    package, nor evo itself (those are what a warm worker keeps warm)."""
+    path = getattr(module, "__file__", None)
+    if not path or getattr(module, "__name__", "").split(".")[0] == "evo":
+        return False
+    return not os.path.realpath(path).startswith(_KEPT_ROOTS)
+
+
+def forget_users_modules(before: set[str]) -> None:
+    """Drop from sys.modules the job's own modules a task imported, so the next task imports
+    them anew from disk (an edited train.py runs as edited; third-party imports stay warm)."""
+    for name in set(sys.modules) - before:
+        if _is_users(sys.modules.get(name)):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+
+
 def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
     """Run one task with fds 1/2 on the worker's output files; never raises."""
     saved_cwd = os.getcwd()
@@ -187,6 +212,7 @@ def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
     os.dup2(err_fd, 2)
     done: dict = {"ok": False}
     sys.path.insert(0, task.cwd)  # the job's own modules are imported from its folder
+    before = set(sys.modules)
     try:
         os.environ.update(task.env)
         os.chdir(task.cwd)
@@ -214,6 +240,7 @@ def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
         os.chdir(saved_cwd)
         if task.cwd in sys.path:
             sys.path.remove(task.cwd)
+        forget_users_modules(before)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -206,3 +206,33 @@ def test_retry_of_a_sweep_runs_its_failed_jobs_again_within_it(cluster, tmp_path
     lb = run_evo("leaderboard", sweep, "--format", "json", home=home)
     rows = [json.loads(line) for line in lb.stdout.splitlines()]
     assert [row["job_id"] for row in rows] == [new, rows[1]["job_id"]] and rows[0]["auc"] == 0.2
+
+
+def test_warm_workers_run_the_code_as_it_is_now_and_audit_sees_the_change(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1", "--slots", "2")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "helper.py").write_text("VERSION = 1\n")
+    (proj / "trial.py").write_text("import helper\ndef run(i: int = 0) -> dict:\n"
+                                   "    return {'version': helper.VERSION, 'i': i}\n")
+
+    def sweep(tag: str) -> list[float]:
+        spec = proj / f"{tag}.yaml"
+        spec.write_text(f"name: {tag}\ncallable: trial:run\nmetric: version\n"
+                        f"space:\n  i: [1, 2, 3, 4, 5, 6]\n")
+        r = run_evo("sweep", str(spec), "--wait", home=home, cwd=proj, env=_env(), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = run_evo("sql", "SELECT j.metrics ->> 'version' AS v FROM jobs j JOIN sweeps s "
+                       f"USING (sweep_id) WHERE s.name = '{tag}'", "--format", "csv",
+                       home=home).stdout.split()[1:]
+        return [float(v) for v in rows]
+
+    assert sweep("before") == [1.0] * 6
+    (proj / "helper.py").write_text("VERSION = 2\n")  # an edit while the workers are warm
+    assert sweep("after") == [2.0] * 6, "a warm worker ran the old code"
+    first = run_evo("sql", "SELECT job_id FROM jobs ORDER BY submitted_seq LIMIT 1",
+                    "--format", "csv", home=home).stdout.split()[1]
+    r = run_evo("audit", first, home=home, cwd=proj, env=_env())
+    assert "code changed since it was submitted: the folder's source files differ" in r.stdout
+    assert r.returncode == 1  # version was 1, the re-run says 2

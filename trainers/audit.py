@@ -4,8 +4,9 @@ The record is the log: the JobSubmitted spec (callable, params, seed, data finge
 JobStarted environment and the JobCompleted metrics. The job runs again here, in a fresh
 process on the CPU (``python -m evo.nodes.runner``, the runner of ``isolate: true`` jobs), and
 every metric must match bit for bit; timings (``train_s``) are not compared. The data is
-fingerprinted again: a changed or missing file is named. Environment differences (python,
-package versions, git commit) are listed; they explain a mismatch but are not one.
+fingerprinted again: a changed or missing file is named. Environment differences (the job's
+code against its fingerprint at submit, python, package versions, git commit) are listed;
+they explain a mismatch but are not one.
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ def audit_job(job: str, sql: Callable) -> tuple[bool, list[str]]:
         elif not same(a, b):
             diffs.append(f"  {name}: recorded {a!r}, re-run {b!r} (diff {b - a:+.3g})")
     env_diff = env_differences(env)
+    if spec.get("code") and spec.get("workdir"):
+        from evo.nodes.environment import code_changes, code_fingerprint
+
+        changed = code_changes(spec["code"], code_fingerprint(spec["workdir"]))
+        if changed:  # the likeliest reason for a mismatch; by itself not one
+            env_diff.insert(0, f"code changed since it was submitted: {changed}")
     ok = not diffs and not data_diff
     compared = len([n for n in recorded if n not in VOLATILE])
     if ok:
@@ -146,5 +153,6 @@ def audit_job(job: str, sql: Callable) -> tuple[bool, list[str]]:
         lines.append("environment differences (recorded -> now):")
         lines += [f"  {d}" for d in env_diff]
     else:
-        lines.append("environment: same python and package versions")
+        lines.append("environment: same code, python and package versions"
+                     if spec.get("code") else "environment: same python and package versions")
     return ok, lines
