@@ -37,9 +37,19 @@ def _client(broker: str | None, timeout_s: float | None = None):
     return Client(broker, timeout_s=timeout_s)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from evo import __version__
+
+        typer.echo(f"evo {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(home: Optional[Path] = typer.Option(None, "--home", envvar="EVO_HOME",
-                                              help="evo's home folder (default ./.evo)")) -> None:
+                                              help="evo's home folder (default ./.evo)"),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print evo's version and exit")) -> None:
     if home is not None:
         os.environ["EVO_HOME"] = str(home)
 
@@ -573,9 +583,11 @@ def replay(to: Optional[int] = typer.Option(None, "--to", help="stop at this seq
 
 
 from evo.cli import experiments as _experiments  # noqa: E402 - registers on `app`
+from evo.cli import jobs as _jobs  # noqa: E402
 from evo.cli.damage import log_app as _log_app  # noqa: E402
 
 _experiments.register(app, _sql, _print_table, _client, BrokerOpt)
+_jobs.register(app, _sql, _print_table, BrokerOpt)
 app.add_typer(_log_app, name="log")
 
 

@@ -236,3 +236,32 @@ def test_warm_workers_run_the_code_as_it_is_now_and_audit_sees_the_change(cluste
     r = run_evo("audit", first, home=home, cwd=proj, env=_env())
     assert "code changed since it was submitted: the folder's source files differ" in r.stdout
     assert r.returncode == 1  # version was 1, the re-run says 2
+
+
+def test_jobs_show_and_version(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1")
+    proj = _project(tmp_path)
+    r = run_evo("submit", "--name", "lr-0.2", "--", sys.executable, "train.py", "0.2",
+                home=home, cwd=proj, env=_env())
+    ok = r.stdout.strip()
+    bad = run_evo("submit", "--max-attempts", "1", "--", "false", home=home).stdout.strip()
+    with Client(b.address) as c:
+        wait_for(c, lambda evs: done(ok)(evs) and done(bad)(evs))
+    rows = [json.loads(line) for line in run_evo("jobs", "--json", home=home).stdout.splitlines()]
+    assert [r["id"] for r in rows] == [bad, ok]
+    mine = rows[1]
+    assert (mine["name"], mine["state"], mine["node"], mine["try"], mine["step"]) == (
+        "lr-0.2", "completed", "n1", 1, 5)
+    assert "auc=" in mine["metrics"] and mine["elapsed_s"] >= 0
+    failed = run_evo("jobs", "--state", "failed", "--json", home=home).stdout.splitlines()
+    assert [json.loads(line)["id"] for line in failed] == [bad]
+    assert run_evo("jobs", "--state", "nope", home=home).returncode == 2
+    doc = json.loads(run_evo("show", ok, "--json", home=home).stdout)
+    assert doc["workdir"] == str(proj) and doc["code"]["files"] == "2"
+    assert doc["attempts"][0]["outcome"] == "completed" and doc["metrics"]["loss"] > 0
+    text = run_evo("show", bad, home=home).stdout
+    assert "attempt 1 on n1: failed" in text and "exit 1" in text
+    assert run_evo("show", "j999", home=home).returncode == 2
+    v = run_evo("--version")
+    assert v.returncode == 0 and v.stdout.startswith("evo ")

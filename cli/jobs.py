@@ -1,0 +1,122 @@
+"""`evo jobs` and `evo show`: the job list (like squeue) and one job in full, from the projections.
+
+Registered on the main typer app by ``register`` (as cli/experiments.py is), so that the
+queries work with a broker (through its projection) and without one (from the files).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Optional
+
+import typer
+
+from evo.errors import BadInput
+
+STATES = ("queued", "leased", "running", "completed", "failed", "cancelled")
+
+
+def _q(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _j(v):  # noqa: ANN001, ANN202 - JSON columns come back as text
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v if v is not None else {}
+
+
+def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt) -> None:  # noqa: ANN001
+    @app.command()
+    def jobs(state: Optional[str] = typer.Option(None, "--state", help="|".join(STATES)),
+             sweep: Optional[str] = typer.Option(None, "--sweep", help="a sweep id"),
+             node: Optional[str] = typer.Option(None, "--node", help="the node it ran on"),
+             limit: int = typer.Option(50, "--limit", help="rows, newest first"),
+             as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+             broker: Optional[str] = broker_opt) -> None:
+        """Jobs, newest first: id, name, state, node, attempt, elapsed, last step and metrics."""
+        where = []
+        if state is not None:
+            if state not in STATES:
+                raise BadInput(f"--state: expected one of {', '.join(STATES)}, got {state!r}")
+            where.append(f"state = {_q(state)}")
+        if sweep is not None:
+            where.append(f"sweep_id = {_q(sweep)}")
+        if node is not None:
+            where.append(f"node = {_q(node)}")
+        if limit < 1:
+            raise BadInput(f"--limit: expected >= 1, got {limit}")
+        cond = f"WHERE {' AND '.join(where)}" if where else ""
+        table = sql(f"""
+            WITH j AS (SELECT * FROM jobs {cond} ORDER BY submitted_seq DESC LIMIT {int(limit)}),
+            last AS (SELECT m.job_id, max(m.seq) AS seq FROM metrics m
+                     WHERE m.kind = 'progress' AND m.job_id IN (SELECT job_id FROM j)
+                     GROUP BY m.job_id),
+            shown AS (SELECT m.job_id, any_value(m.step) AS step,
+                      string_agg(m.name || '=' || CAST(round(m.value, 4) AS VARCHAR), ' '
+                                 ORDER BY m.name) AS metrics
+                      FROM metrics m JOIN last USING (job_id, seq) GROUP BY m.job_id)
+            SELECT j.job_id AS id, j.name, j.state,
+                CASE WHEN j.state = 'queued' THEN NULL ELSE j.node END AS node,
+                j.attempts AS try,
+                round(CASE WHEN j.started_at IS NULL OR j.state IN ('queued', 'leased') THEN NULL
+                      ELSE coalesce(j.finished_at, epoch(current_timestamp)) - j.started_at
+                      END, 1) AS elapsed_s,
+                s.step, s.metrics
+            FROM j LEFT JOIN shown s USING (job_id) ORDER BY j.submitted_seq DESC""", broker)
+        print_table(table, "json" if as_json else "table")
+
+    @app.command()
+    def show(job: str = typer.Argument(..., help="a job id"),
+             as_json: bool = typer.Option(False, "--json", help="one JSON document"),
+             broker: Optional[str] = broker_opt) -> None:
+        """One job in full: spec, every attempt (node, times, exit, error), checkpoints, final
+        metrics, and the fingerprints of its code and data."""
+        rows = sql(f"SELECT * FROM jobs WHERE job_id = {_q(job)}", broker).to_pylist()
+        if not rows:
+            raise BadInput(f"no job {job!r}")
+        row = rows[0]
+        spec = _j(row["spec"])
+        attempts = sql(
+            f"SELECT attempt, node, leased_at, started_at, ended_at, outcome, exit_code, error, "
+            f"pid FROM attempts WHERE job_id = {_q(job)} ORDER BY attempt, lease_epoch",
+            broker).to_pylist()
+        checkpoints = sql(
+            f"SELECT seq, payload ->> '$.path' AS path, payload ->> '$.step' AS step FROM events "
+            f"WHERE job_id = {_q(job)} AND type = 'Checkpointed' ORDER BY seq", broker).to_pylist()
+        doc = {"job_id": job, "name": row["name"], "state": row["state"],
+               "sweep_id": row["sweep_id"], "model_type": row["model_type"],
+               "node": row["node"], "error": row["error"] or None,
+               "retry_of": spec.get("retry_of"), "workdir": spec.get("workdir"),
+               "command": spec.get("command"), "callable": spec.get("callable"),
+               "params": _j(row["params"]), "seed": spec.get("seed"),
+               "resources": spec.get("resources"), "metrics": _j(row["metrics"]),
+               "code": spec.get("code") or {}, "data": spec.get("data") or {},
+               "attempts": attempts, "checkpoints": checkpoints}
+        if as_json:
+            typer.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+            return
+        what = " ".join(doc["command"]) if doc["command"] else doc["callable"]
+        typer.echo(f"{job} {doc['name'] or ''}: {doc['state']}"
+                   + (f" (sweep {doc['sweep_id']})" if doc["sweep_id"] else "")
+                   + (f", a retry of {doc['retry_of']}" if doc["retry_of"] else ""))
+        for key in ("workdir", "model_type", "seed", "error"):
+            if doc[key] is not None:
+                typer.echo(f"  {key}: {doc[key]}")
+        typer.echo(f"  runs: {what}")
+        for key in ("params", "resources", "metrics", "code", "data"):
+            if doc[key]:
+                typer.echo(f"  {key}: {json.dumps(doc[key], sort_keys=True)}")
+        for a in attempts:
+            took = (f"{a['ended_at'] - a['started_at']:.1f}s" if a["ended_at"] and a["started_at"]
+                    else "-")
+            typer.echo(f"  attempt {a['attempt']} on {a['node']}: {a['outcome'] or 'running'} "
+                       f"after {took}" + (f", exit {a['exit_code']}" if a["exit_code"] is not None
+                                          else "")
+                       + (f": {a['error']}" if a["error"] else ""))
+        for c in checkpoints:
+            typer.echo(f"  checkpoint {c['path']} (step {c['step']})")
