@@ -21,8 +21,9 @@ import msgspec
 from evo.errors import BadInput
 from evo.events.codec import InvalidEvent, check
 from evo.events.schema import (
-    CancelRequested, Checkpointed, Event, JobCancelled, JobCompleted, JobFailed, JobLeased,
-    JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeJoined, NodeLeft, NodeLost, Progress,
+    CancelRequested, Checkpointed, Event, JobCancelled, JobCompleted, JobFailed, JobHeld,
+    JobLeased, JobReleased, JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeDrained,
+    NodeJoined, NodeLeft, NodeLost, NodeResumed, Progress,
     ReportRejected, RetryScheduled, SweepCompleted, SweepSubmitted, UtilizationSampled,
 )
 
@@ -282,6 +283,43 @@ class Desk:
                                        job_id=f"j{first + i}", spec=spec))
         self._emit_all(out, events)
         out.reply = p.Retried(req=cmd.req, job_ids=[e.job_id for e in events], of=olds,
+                              seq=self.state.last_seq)
+        return out
+
+    def on_drain(self, cmd: p.Drain, now: float, cause: str) -> Outcome:
+        node = self.state.nodes.get(cmd.node)
+        if node is None:
+            known = ", ".join(sorted(self.state.nodes)) or "none has joined"
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"no node {cmd.node!r} (known: {known})"))
+        out = Outcome()
+        if node.drained == cmd.resume:  # it changes
+            self._emit(out, NodeResumed if cmd.resume else NodeDrained, now, cause, node=cmd.node)
+        out.reply = p.Changed(req=cmd.req, ids=[cmd.node] if out.events else [],
+                              seq=self.state.last_seq)
+        return out
+
+    def on_hold(self, cmd: p.Hold, now: float, cause: str) -> Outcome:
+        sweep = self.state.sweeps.get(cmd.target)
+        if sweep is not None:
+            targets = [j for j in sweep.job_ids if self.state.jobs[j].state == QUEUED]
+        elif cmd.target in self.state.jobs:
+            job = self.state.jobs[cmd.target]
+            if job.state != QUEUED:
+                return Outcome(reply=p.Error(req=cmd.req, code="conflict", message=(
+                    f"job {cmd.target} is {job.state}: only a queued job can be "
+                    f"{'released' if cmd.release else 'held'}")))
+            targets = [cmd.target]
+        else:
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"no job or sweep {cmd.target!r}"))
+        out = Outcome()
+        kind = JobReleased if cmd.release else JobHeld
+        for job_id in targets:
+            if self.state.jobs[job_id].held != cmd.release:
+                continue  # so already
+            self._emit(out, kind, now, cause, job_id=job_id)
+        out.reply = p.Changed(req=cmd.req, ids=[e.job_id for e in out.events],
                               seq=self.state.last_seq)
         return out
 
@@ -568,7 +606,8 @@ def best_job(jobs: list[Job], metric: str, mode: str | None = None) -> str | Non
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50) -> p.StatusReply:
     nodes = [
         {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
-         "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "running": len(n.running)}
+         "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
+         "running": sum(not state.jobs[j].ahead for j in n.running)}
         for n in state.nodes.values()
     ]
     running, queued = [], []

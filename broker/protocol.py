@@ -65,6 +65,20 @@ class Retry(Command, tag="retry"):
     target: str  # a job id or a sweep id
 
 
+class Drain(Command, tag="drain"):
+    """A node finishes what it runs and takes nothing new (``resume``: takes work again)."""
+
+    node: str
+    resume: bool = False
+
+
+class Hold(Command, tag="hold"):
+    """Queued jobs kept from starting (a job, or a sweep's queued jobs); ``release``: let go."""
+
+    target: str
+    release: bool = False
+
+
 class Read(Command, tag="read"):
     from_seq: Int64 = 1
     limit: Annotated[int, Meta(ge=0, le=2**31)] = 10_000
@@ -236,7 +250,7 @@ class Query(Command, tag="query"):
 
 
 AnyCommand = Union[Hello, Submit, SubmitSweep, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
-                   Output, Logs, Query, Retry]
+                   Output, Logs, Query, Retry, Drain, Hold]
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
@@ -267,6 +281,13 @@ class SweepAccepted(Reply, tag="sweep_accepted"):
     job_ids: list[str]
     seq: int
     warning: str = ""
+
+
+class Changed(Reply, tag="changed"):
+    """What a Drain or Hold changed (ids of nodes or jobs; empty: it was so already)."""
+
+    ids: list[str]
+    seq: int = 0
 
 
 class Retried(Reply, tag="retried"):
@@ -336,7 +357,7 @@ class QueryResult(Reply, tag="query_result"):
 
 
 AnyReply = Union[Error, Welcome, Submitted, SweepAccepted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
-                 LogChunk, QueryResult, Retried]
+                 LogChunk, QueryResult, Retried, Changed]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(AnyCommand)

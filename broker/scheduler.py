@@ -160,6 +160,8 @@ def blocked(job: Job, state: BrokerState, now: float) -> str | None:
     """Why a queued job cannot run anywhere now, or None."""
     if job.cancel_requested:
         return "a cancel was requested"
+    if job.held:
+        return f"held (`evo release {job.job_id}` lets it run)"
     if job.not_before > now:
         return f"retry {job.attempt + 1} is not before {job.not_before - now:.1f}s from now"
     for dep in job.spec.after:
@@ -175,7 +177,7 @@ def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: flo
     if rule is None or set(rule.route_to) & set(node.labels):
         return True, ""
     preferred_alive = [n.node for n in state.nodes.values()
-                       if n.alive and set(rule.route_to) & set(n.labels)]
+                       if n.alive and not n.drained and set(rule.route_to) & set(n.labels)]
     if not preferred_alive:
         return True, f"no node labelled {'/'.join(rule.route_to)} is present"
     waited = now - job.queued_at
@@ -264,7 +266,7 @@ def decide(state: BrokerState, node_name: str, now: float, cluster: Cluster,
     such leases outstanding on it: the node starts them itself as its slots free.
     """
     node = state.nodes.get(node_name)
-    if node is None or not node.alive or not state.queue:
+    if node is None or not node.alive or node.drained or not state.queue:
         return []
     free = free_of(state, node)
     room = ahead - sum(1 for j in node.running if state.jobs[j].ahead) if ahead > 0 else 0
@@ -308,6 +310,10 @@ def explain(state: BrokerState, job_id: str, now: float, cluster: Cluster) -> st
     lines = [f"{job_id} is queued; per node:"]
     rule = cluster.rule_for(job.spec.model_type)
     for node in alive:
+        if node.drained:
+            lines.append(f"  {node.node}: drained, takes nothing new (`evo node resume "
+                         f"{node.node}`)")
+            continue
         ok, fallback = routing(job, node, state, cluster, now)
         if not ok:
             assert rule is not None

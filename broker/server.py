@@ -51,7 +51,8 @@ log = logging.getLogger("evo.broker")
 READ_BYTES = 4 << 20  # cap on the events one Read reply carries
 PROBE_EVERY_S = 1.0  # how often a degraded broker tries the disk again
 # Commands that record something: refused while the log cannot be written.
-_WRITES = (p.Submit, p.SubmitSweep, p.Cancel, p.Retry, p.Join, p.Report, p.Leave)
+_WRITES = (p.Submit, p.SubmitSweep, p.Cancel, p.Retry, p.Drain, p.Hold, p.Join, p.Report,
+           p.Leave)
 # Plain ints: combining pyzmq's enum flags per message costs more than the send itself.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 

@@ -23,14 +23,18 @@ from evo.events.schema import (
     JobCancelled,
     JobCompleted,
     JobFailed,
+    JobHeld,
     JobLeased,
+    JobReleased,
     JobSpec,
     JobStarted,
     JobSubmitted,
     LeaseExpired,
+    NodeDrained,
     NodeJoined,
     NodeLeft,
     NodeLost,
+    NodeResumed,
     Progress,
     ReportRejected,
     RetryScheduled,
@@ -68,6 +72,8 @@ TRANSITIONS: dict[tuple[str | None, str], str] = {
     (LEASED, "CancelRequested"): LEASED,
     (RUNNING, "CancelRequested"): RUNNING,
     (QUEUED, "JobCancelled"): CANCELLED,
+    (QUEUED, "JobHeld"): QUEUED,  # a held job stays queued, and is not leased
+    (QUEUED, "JobReleased"): QUEUED,
     (LEASED, "JobCancelled"): CANCELLED,
     (RUNNING, "JobCancelled"): CANCELLED,
 }
@@ -108,6 +114,7 @@ class Job:
     last_progress_seq: int = 0
     queued_at: float = 0.0  # when it (re)entered the queue: the fallback wait counts from here
     ahead: bool = False  # leased ahead and not started: holds none of the node's resources yet
+    held: bool = False  # kept queued until released (`evo hold`)
 
 
 @dataclass(slots=True)
@@ -125,6 +132,7 @@ class Node:
     last_seen: float = 0.0
     running: set[str] = field(default_factory=set)
     last_util: UtilizationSampled | None = None
+    drained: bool = False  # takes nothing new (`evo node drain`)
 
 
 @dataclass(slots=True)
@@ -268,6 +276,9 @@ class BrokerState:
     def _rejected(self, job: Job, ev: ReportRejected) -> None:
         pass
 
+    def _held(self, job: Job, ev: JobHeld | JobReleased) -> None:
+        job.held = type(ev) is JobHeld
+
     # --- nodes and sweeps ---------------------------------------------------------------------
 
     def _node_joined(self, ev: NodeJoined) -> None:
@@ -277,12 +288,18 @@ class BrokerState:
                     capabilities=list(ev.capabilities), joined_at=ev.time, last_seen=ev.time)
         if old is not None:  # a node that reconnects keeps the jobs it still runs
             node.running = old.running
+            node.drained = old.drained  # and a drain: it was asked for the machine, not a run
         self.nodes[ev.node] = node
 
     def _node_gone(self, ev: NodeLost | NodeLeft) -> None:
         node = self.nodes.get(ev.node)
         if node is not None:
             node.alive = False
+
+    def _drained(self, ev: NodeDrained | NodeResumed) -> None:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.drained = type(ev) is NodeDrained
 
     def _utilization(self, ev: UtilizationSampled) -> None:
         node = self.nodes.get(ev.node)
@@ -313,6 +330,8 @@ _JOB_HANDLERS = {
     CancelRequested: BrokerState._cancel_requested,
     JobCancelled: BrokerState._cancelled,
     ReportRejected: BrokerState._rejected,
+    JobHeld: BrokerState._held,
+    JobReleased: BrokerState._held,
 }
 
 _NODE_HANDLERS = {
@@ -322,6 +341,8 @@ _NODE_HANDLERS = {
     UtilizationSampled: BrokerState._utilization,
     SweepSubmitted: BrokerState._sweep_submitted,
     SweepCompleted: BrokerState._sweep_completed,
+    NodeDrained: BrokerState._drained,
+    NodeResumed: BrokerState._drained,
 }
 
 

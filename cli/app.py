@@ -87,8 +87,13 @@ def _labels(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
-@app.command()
+node_app = typer.Typer(help="Run a node daemon (no subcommand), or drain or resume one.")
+app.add_typer(node_app, name="node")
+
+
+@node_app.callback(invoke_without_command=True)
 def node(
+    ctx: typer.Context,
     name: Optional[str] = typer.Option(None, "--name", help="default: the hostname"),
     labels: Optional[str] = typer.Option(None, "--labels", help="a,b (routing rules match these)"),
     slots: Optional[int] = typer.Option(None, "--slots", help="jobs at once (default: cores)"),
@@ -103,7 +108,10 @@ def node(
 ) -> None:
     """Run a node daemon: lease the jobs that fit this machine, run them, report back.
 
-    Declared values override the probe (reserve headroom, or simulate a machine)."""
+    Declared values override the probe (reserve headroom, or simulate a machine).
+    `evo node drain NAME` / `evo node resume NAME` stop and restart a node taking work."""
+    if ctx.invoked_subcommand is not None:
+        return
     from evo.home import find_broker, normalize_address
     from evo.nodes.daemon import run_node
 
@@ -115,6 +123,52 @@ def node(
              slots=slots, cpus=cpus,
              mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb, heartbeat_s=heartbeat_s,
              lease_ahead=lease_ahead)
+
+
+def _changed(reply, what: str, already: str) -> None:  # noqa: ANN001
+    typer.echo(f"{what}: {' '.join(reply.ids)}" if reply.ids else already)
+
+
+@node_app.command("drain")
+def node_drain(name: str = typer.Argument(..., help="a node's name"),
+               broker: Optional[str] = BrokerOpt) -> None:
+    """The node finishes what it runs and takes nothing new, until `evo node resume`."""
+    from evo.broker import protocol as p
+
+    with _client(broker) as c:
+        _changed(c.request(p.Drain(node=name)), "drained", f"{name} was drained already")
+
+
+@node_app.command("resume")
+def node_resume(name: str = typer.Argument(..., help="a node's name"),
+                broker: Optional[str] = BrokerOpt) -> None:
+    """A drained node takes work again."""
+    from evo.broker import protocol as p
+
+    with _client(broker) as c:
+        _changed(c.request(p.Drain(node=name, resume=True)), "resumed",
+                 f"{name} was not drained")
+
+
+@app.command()
+def hold(target: str = typer.Argument(..., help="a queued job, or a sweep (its queued jobs)"),
+         broker: Optional[str] = BrokerOpt) -> None:
+    """Keep queued jobs from starting until `evo release`."""
+    from evo.broker import protocol as p
+
+    with _client(broker) as c:
+        _changed(c.request(p.Hold(target=target)), "held", f"nothing to hold in {target}")
+
+
+@app.command()
+def release(target: str = typer.Argument(..., help="a held job, or a sweep"),
+            broker: Optional[str] = BrokerOpt) -> None:
+    """Let held jobs run."""
+    from evo.broker import protocol as p
+
+    with _client(broker) as c:
+        _changed(c.request(p.Hold(target=target, release=True)), "released",
+                 f"nothing held in {target}")
 
 
 @app.command()

@@ -172,6 +172,16 @@ class JobCancelled(Event, tag="JobCancelled"):
     reason: str = ""
 
 
+class JobHeld(Event, tag="JobHeld"):
+    """A queued job is kept from starting until it is released (`evo hold`)."""
+
+    job_id: str
+
+
+class JobReleased(Event, tag="JobReleased"):
+    job_id: str
+
+
 # --- nodes ------------------------------------------------------------------------------------
 
 
@@ -192,6 +202,17 @@ class NodeLost(Event, tag="NodeLost"):
 
 
 class NodeLeft(Event, tag="NodeLeft"):
+    node: str
+
+
+class NodeDrained(Event, tag="NodeDrained"):
+    """The node finishes what it runs and takes nothing new (`evo node drain`), until resumed;
+    a drained node that restarts stays drained."""
+
+    node: str
+
+
+class NodeResumed(Event, tag="NodeResumed"):
     node: str
 
 
@@ -240,6 +261,10 @@ AnyEvent = Union[
     UtilizationSampled,
     SweepSubmitted,
     SweepCompleted,
+    JobHeld,
+    JobReleased,
+    NodeDrained,
+    NodeResumed,
 ]
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in AnyEvent.__args__}  # type: ignore[attr-defined]

@@ -54,12 +54,19 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
                            resources=Resources(cpus=1, gpus=1 if model == "XGBoost" else 0,
                                                vram_gb=2.0 if model == "XGBoost" else 0.0))
             run(p.Submit(spec=spec))
+        if sweeps % 7 == 0:  # now and then a job is held, and let go a little later
+            held = f"j{desk.state.last_seq}"
+            run(p.Hold(target=held))
         # run until the queue is drained
         for _ in range(200):
             if not desk.state.queue and not any(n.running for n in desk.state.nodes.values()):
                 break
             now += rng.uniform(0.5, 3.0)
             mono += 1.0
+            if sweeps % 7 == 0 and rng.random() < 0.2:
+                run(p.Hold(target=held, release=True))
+            if sweeps % 11 == 0:  # and a node is drained for a while
+                run(p.Drain(node="gpu-1", resume=rng.random() < 0.3))
             for j in NODES:
                 node = desk.state.nodes[j.node]
                 if not node.alive:

@@ -12,7 +12,8 @@ came before it.
 
 from __future__ import annotations
 
-VERSION = 3  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics
+VERSION = 4  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics;
+# 4: jobs.held and nodes.drained
 
 # What the digest covers (final_metrics is a view, but it is what leaderboards are made of).
 TABLES = ("events", "jobs", "attempts", "metrics", "final_metrics", "nodes", "utilization",
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     artifacts JSON, error VARCHAR, submitted_seq BIGINT, submitted_at DOUBLE,
     started_at DOUBLE, finished_at DOUBLE, duration_s DOUBLE, trainer VARCHAR,
     callable VARCHAR, command JSON, seed BIGINT, tags JSON,
-    spec JSON USING COMPRESSION zstd);  -- long documents: zstd checkpoints faster than FSST
+    spec JSON USING COMPRESSION zstd,  -- long documents: zstd checkpoints faster than FSST
+    held BOOLEAN);
 CREATE TABLE IF NOT EXISTS attempts (
     job_id VARCHAR, attempt INTEGER, lease_epoch BIGINT, node VARCHAR, devices JSON,
     ahead BOOLEAN, fallback VARCHAR, leased_at DOUBLE, started_at DOUBLE, ended_at DOUBLE,
@@ -58,7 +60,7 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS nodes (
     node VARCHAR, hostname VARCHAR, labels JSON, cpus DOUBLE, mem_gb DOUBLE, gpus INTEGER,
     vram_gb DOUBLE, slots INTEGER, state VARCHAR, joined_at DOUBLE, last_event_at DOUBLE,
-    joins INTEGER);
+    joins INTEGER, drained BOOLEAN);
 CREATE TABLE IF NOT EXISTS utilization (
     seq BIGINT, time DOUBLE, node VARCHAR, cpu DOUBLE, mem DOUBLE, running INTEGER);
 CREATE TABLE IF NOT EXISTS gpu_utilization (
@@ -187,8 +189,10 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
         count(*) FILTER (WHERE type = 'JobLeased') AS leases,
         max(time) FILTER (WHERE type = 'JobStarted') AS started_at,
         max(time) FILTER (WHERE type IN ('JobCompleted', 'JobCancelled')
-                          OR (type = 'JobFailed' AND final)) AS finished_at
-    FROM _b WHERE job_id IS NOT NULL AND type IN ({_LIFECYCLE}) GROUP BY job_id),
+                          OR (type = 'JobFailed' AND final)) AS finished_at,
+        arg_max(type, seq) FILTER (WHERE type IN ('JobHeld', 'JobReleased')) AS hold
+    FROM _b WHERE job_id IS NOT NULL AND type IN ({_LIFECYCLE}, 'JobHeld', 'JobReleased')
+    GROUP BY job_id),
 n AS (
     SELECT a.*, s.payload -> '$.spec' AS spec_json,
         json_transform(s.payload, '{_SPEC}').spec AS sp, s.time AS submitted_at,
@@ -211,7 +215,8 @@ SELECT n.job_id, o.job_id IS NOT NULL AS has_old,
         WHEN 'JobFailed' THEN CASE WHEN n.last_final THEN 'failed' ELSE 'queued' END
         ELSE 'queued' END AS state,
     n.node, CAST(n.leases AS INTEGER) AS leases, n.metrics, n.artifacts, n.error, n.started_at,
-    n.finished_at, n.duration_s, n.sp, n.spec_json, n.sub_seq, n.submitted_at
+    n.finished_at, n.duration_s, n.sp, n.spec_json, n.sub_seq, n.submitted_at,
+    CASE n.hold WHEN 'JobHeld' THEN true WHEN 'JobReleased' THEN false END AS held
 FROM n LEFT JOIN o USING (job_id)
 WHERE o.job_id IS NOT NULL OR n.spec_json IS NOT NULL;
 UPDATE jobs SET state = u.state, node = coalesce(u.node, jobs.node),
@@ -219,13 +224,13 @@ UPDATE jobs SET state = u.state, node = coalesce(u.node, jobs.node),
     artifacts = coalesce(u.artifacts, jobs.artifacts), error = coalesce(u.error, jobs.error),
     started_at = greatest(jobs.started_at, u.started_at),
     finished_at = greatest(jobs.finished_at, u.finished_at),
-    duration_s = coalesce(u.duration_s, jobs.duration_s)
+    duration_s = coalesce(u.duration_s, jobs.duration_s), held = coalesce(u.held, jobs.held)
 FROM _jobs u WHERE u.has_old AND jobs.job_id = u.job_id;
 INSERT INTO jobs
 SELECT job_id, sweep_id, sp.model_type, sp.name, state, node, leases, coalesce(sp.priority, 0),
     coalesce(sp.params, '{{}}'), metrics, artifacts, error, sub_seq, submitted_at, started_at,
     finished_at, duration_s, sp.trainer, sp.callable, sp.command, sp.seed,
-    coalesce(sp.tags, '{{}}'), spec_json
+    coalesce(sp.tags, '{{}}'), spec_json, coalesce(held, false)
 FROM _jobs WHERE NOT has_old;
 """),
     ("attempts", f"""
@@ -318,9 +323,11 @@ WITH n AS (
         arg_max(seq, seq) FILTER (WHERE type = 'NodeJoined') AS join_seq,
         arg_max(type, seq) FILTER (WHERE type IN ('NodeJoined', 'NodeLost', 'NodeLeft')) AS last,
         min(time) FILTER (WHERE type = 'NodeJoined') AS joined_at, max(time) AS last_event_at,
-        count(*) FILTER (WHERE type = 'NodeJoined') AS joins
+        count(*) FILTER (WHERE type = 'NodeJoined') AS joins,
+        arg_max(type, seq) FILTER (WHERE type IN ('NodeDrained', 'NodeResumed')) AS drain
     FROM _b WHERE node IS NOT NULL
-      AND type IN ('NodeJoined', 'NodeLost', 'NodeLeft', 'UtilizationSampled', 'JobLeased')
+      AND type IN ('NodeJoined', 'NodeLost', 'NodeLeft', 'UtilizationSampled', 'JobLeased',
+                   'NodeDrained', 'NodeResumed')
     GROUP BY node),
 j AS (  -- the node's latest NodeJoined in this batch
     SELECT node, b.hostname, coalesce(b.labels, '[]') AS labels, b.cpus, b.mem_gb,
@@ -340,7 +347,9 @@ SELECT n.node,
         WHEN 'NodeLost' THEN 'lost' ELSE 'left' END AS state,
     coalesce(o.joined_at, n.joined_at) AS joined_at,
     greatest(o.last_event_at, n.last_event_at) AS last_event_at,
-    CAST(coalesce(o.joins, 0) + n.joins AS INTEGER) AS joins
+    CAST(coalesce(o.joins, 0) + n.joins AS INTEGER) AS joins,
+    coalesce(CASE n.drain WHEN 'NodeDrained' THEN true WHEN 'NodeResumed' THEN false END,
+             o.drained, false) AS drained
 FROM n LEFT JOIN j USING (node) LEFT JOIN nodes o USING (node)
 WHERE o.node IS NOT NULL OR j.node IS NOT NULL;
 DELETE FROM nodes WHERE node IN (SELECT node FROM _nodes);

@@ -265,3 +265,33 @@ def test_jobs_show_and_version(cluster, tmp_path):
     assert run_evo("show", "j999", home=home).returncode == 2
     v = run_evo("--version")
     assert v.returncode == 0 and v.stdout.startswith("evo ")
+
+
+def test_drain_and_resume_a_node_hold_and_release_a_job(cluster, tmp_path):
+    home, b, node = cluster
+    with Client(b.address) as c:
+        held = c.submit([sys.executable, "-c", "print('held')"])
+    assert run_evo("hold", held, home=home).stdout.strip() == f"held: {held}"
+    node("n1", "--slots", "2")
+    with Client(b.address) as c:
+        long = c.submit([sys.executable, "-c", "import time; time.sleep(1.5)"])
+        wait_for(c, lambda evs: of(evs, "JobStarted", long))
+        r = run_evo("node", "drain", "n1", home=home)
+        assert r.returncode == 0 and r.stdout.strip() == "drained: n1", r.stderr
+        later = c.submit([sys.executable, "-c", "print('later')"])
+        events = wait_for(c, done(long))  # what it runs, it finishes
+        assert not of(events, "JobLeased", later) and not of(events, "JobLeased", held)
+        why = run_evo("why", later, home=home).stdout
+        assert "n1: drained, takes nothing new" in why
+        assert "held (`evo release" in run_evo("why", held, home=home).stdout
+        st = json.loads(run_evo("status", "--json", home=home).stdout)
+        assert st["nodes"][0]["drained"] is True
+        assert run_evo("node", "resume", "n1", home=home).stdout.strip() == "resumed: n1"
+        wait_for(c, done(later))
+        assert run_evo("release", held, home=home).stdout.strip() == f"released: {held}"
+        events = wait_for(c, done(held))
+    assert of(events, "JobCompleted", held) and of(events, "NodeDrained") and of(events, "NodeResumed")
+    rows = run_evo("sql", "SELECT node, drained FROM nodes", "--format", "csv", home=home).stdout
+    assert rows.split() == ["node,drained", "n1,False"]
+    assert run_evo("node", "drain", "nope", home=home).returncode == 2
+    assert run_evo("hold", long, home=home).returncode == 2  # it has completed
