@@ -19,8 +19,12 @@ def test_submit_tail_status_cancel(pbroker, tmp_path):
                 "--", "python", "train.py", "--lr", "0.1", home=home)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "j1"
-    r = run_evo("submit", "--key", "k1", "--", "python", "train.py", home=home)
+    r = run_evo("submit", "--model-type", "XGBoost", "--gpus", "1", "--vram-gb", "8",
+                "--priority", "5", "--tag", "grid=xgb", "--max-attempts", "2", "--key", "k1",
+                "--", "python", "train.py", "--lr", "0.1", home=home)
     assert r.stdout.strip() == "j1" and "submitted before" in r.stderr
+    r = run_evo("submit", "--key", "k1", "--", "python", "train.py", home=home)
+    assert r.returncode == 2 and "belongs to job j1" in r.stderr
     r = run_evo("tail", "--json", home=home)
     (ev,) = [json.loads(line) for line in r.stdout.splitlines()]
     spec = ev["spec"]
