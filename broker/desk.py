@@ -203,18 +203,26 @@ class Desk:
                 return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=msg))
         out = Outcome()
         first = self.state.last_seq + 1
-        sweep_id = f"s{first}"
-        job_ids = [f"j{first + 1 + i}" for i in range(len(cmd.jobs))]
-        events: list[Event] = [SweepSubmitted(seq=first, time=now, cause=cause,
-                                              sweep_id=sweep_id, spec=dict(cmd.spec),
-                                              job_ids=job_ids, name=cmd.name)]
-        events += [JobSubmitted(seq=first + 1 + i, time=now, cause=cause, job_id=job_id,
+        events: list[Event] = []
+        if cmd.into:  # more configurations for a sweep there is: its jobs join it
+            if cmd.into not in self.state.sweeps:
+                return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                             message=f"no sweep {cmd.into!r} to add jobs to"))
+            sweep_id, start = cmd.into, first
+        else:
+            sweep_id, start = f"s{first}", first + 1
+        job_ids = [f"j{start + i}" for i in range(len(cmd.jobs))]
+        if not cmd.into:
+            events.append(SweepSubmitted(seq=first, time=now, cause=cause, sweep_id=sweep_id,
+                                         spec=dict(cmd.spec), job_ids=job_ids, name=cmd.name))
+        events += [JobSubmitted(seq=start + i, time=now, cause=cause, job_id=job_id,
                                 spec=msgspec.structs.replace(spec, sweep_id=sweep_id))
                    for i, (job_id, spec) in enumerate(zip(job_ids, cmd.jobs))]
         try:
             self._emit_all(out, events)
         except InvalidEvent as exc:  # nothing folded: all are checked first
-            where = f"$.jobs[{events.index(exc.event) - 1}]" if exc.event in events[1:] else "$"
+            jobs = [e for e in events if isinstance(e, JobSubmitted)]
+            where = f"$.jobs[{jobs.index(exc.event)}]" if exc.event in jobs else "$"
             return Outcome(reply=p.Error(req=cmd.req, code="invalid",
                                          message=f"sweep {cmd.name!r}: {where}: {exc}"))
         spec = cmd.jobs[0]

@@ -51,6 +51,7 @@ class SubmitSweep(Command, tag="submit_sweep"):
     name: Annotated[str, Meta(max_length=200)]
     spec: dict[str, Any] = {}  # the sweep as the user wrote it, for the record
     jobs: Annotated[list[JobSpec], Meta(max_length=100_000)] = []
+    into: str = ""  # a sweep the jobs join (`evo sweep --resume`) instead of a new one
 
 
 class Cancel(Command, tag="cancel"):

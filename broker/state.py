@@ -143,6 +143,7 @@ class Sweep:
     job_ids: list[str]
     done: bool = False
     open: int = 0  # jobs not yet completed, failed for good or cancelled
+    members: set[str] = field(default_factory=set)  # job_ids, for a lookup
 
 
 @dataclass(slots=True)
@@ -186,8 +187,9 @@ class BrokerState:
             self.keys[ev.spec.key] = ev.job_id
         self.counts[QUEUED] = self.counts.get(QUEUED, 0) + 1
         sweep = self.sweeps.get(ev.spec.sweep_id) if ev.spec.sweep_id else None
-        if sweep is not None and ev.spec.retry_of is not None:  # a retry rejoins its sweep
+        if sweep is not None and ev.job_id not in sweep.members:  # a retry, or a resume
             sweep.job_ids.append(ev.job_id)
+            sweep.members.add(ev.job_id)
             sweep.open += 1
             sweep.done = False
 
@@ -309,7 +311,7 @@ class BrokerState:
 
     def _sweep_submitted(self, ev: SweepSubmitted) -> None:
         self.sweeps[ev.sweep_id] = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids),
-                                         open=len(ev.job_ids))
+                                         open=len(ev.job_ids), members=set(ev.job_ids))
 
     def _sweep_completed(self, ev: SweepCompleted) -> None:
         sweep = self.sweeps.get(ev.sweep_id)

@@ -162,10 +162,11 @@ class Client:
         assert isinstance(reply, p.Submitted)
         return reply
 
-    def submit_sweep(self, name: str, jobs: list[JobSpec], spec: dict | None = None
-                     ) -> p.SweepAccepted:
-        """A sweep and its jobs in one durable batch."""
-        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=with_code(jobs)))
+    def submit_sweep(self, name: str, jobs: list[JobSpec], spec: dict | None = None,
+                     into: str = "") -> p.SweepAccepted:
+        """A sweep and its jobs in one durable batch (``into``: jobs that join that sweep)."""
+        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=with_code(jobs),
+                                           into=into))
         assert isinstance(reply, p.SweepAccepted)
         return reply
 

@@ -45,6 +45,9 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
               wait: bool = typer.Option(False, "--wait", help="show progress; end with the leaderboard"),
               plan: bool = typer.Option(False, "--plan", help="print the execution plan; submit nothing"),
               top: int = typer.Option(10, "--top", help="leaderboard rows with --wait"),
+              resume: bool = typer.Option(
+                  False, "--resume", help="add to the last sweep of this name only the "
+                  "configurations it has not completed (nor is running)"),
               broker: Optional[str] = broker_opt) -> None:
         """Run a grid or random sweep; prints the sweep id."""
         from evo.cli.sweeps import job_specs, load_sweep, record
@@ -54,8 +57,19 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         if plan:
             _plan(spec, jobs, sql, client, broker)
             return
+        into = ""
+        if resume:
+            into, jobs = _missing(spec.name, jobs, sql, broker)
+            if not jobs:
+                typer.echo(into)
+                typer.echo(f"sweep {into} ({spec.name}) has every configuration completed or "
+                           "under way: nothing to resume", err=True)
+                return
         with client(broker) as c:
-            reply = c.submit_sweep(spec.name, jobs, record(spec, spec_file))
+            reply = c.submit_sweep(spec.name, jobs, record(spec, spec_file), into=into)
+        if resume:
+            typer.echo(f"resuming {reply.sweep_id}: {len(jobs)} configuration(s) not completed",
+                       err=True)
         if reply.warning:
             typer.echo(f"warning: {reply.warning}", err=True)
         typer.echo(reply.sweep_id)
@@ -132,6 +146,21 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
             raise typer.Exit(1)
 
 
+def _missing(name: str, jobs: list, sql: Callable, broker: str | None) -> tuple[str, list]:  # noqa: ANN001
+    """The last sweep named ``name``, and those of ``jobs`` whose parameters none of its jobs
+    completed or is running: a configuration is its sweep's name and its parameters."""
+    rows = sql(f"SELECT sweep_id FROM sweeps WHERE name = {_q(name)} "
+               "ORDER BY submitted_at DESC, sweep_id DESC LIMIT 1", broker).to_pylist()
+    if not rows:
+        raise BadInput(f"--resume: no sweep named {name!r} to resume (submit it without --resume)")
+    sweep = rows[0]["sweep_id"]
+    seen = {json.dumps(json.loads(r["params"]) if isinstance(r["params"], str) else r["params"],
+                       sort_keys=True)
+            for r in sql(f"SELECT params FROM jobs WHERE sweep_id = {_q(sweep)} AND state IN "
+                         "('completed', 'queued', 'leased', 'running')", broker).to_pylist()}
+    return sweep, [j for j in jobs if json.dumps(j.params, sort_keys=True) not in seen]
+
+
 def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  # noqa: ANN001
     """Follow the sweep's events with a progress bar (stderr) until SweepCompleted."""
     from rich.console import Console
@@ -148,7 +177,7 @@ def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  #
     with client(broker, timeout_s=30) as c, Progress(*cols, console=console,
                                                       transient=False) as bar:
         task = bar.add_task(reply.sweep_id, total=total, detail="")
-        for ev in c.follow(reply.seq - len(ids), idle_s=0.5):
+        for ev in c.follow(reply.seq - len(ids) + 1, idle_s=0.5):  # its first job on
             name = type(ev).__name__
             if name == "SweepCompleted" and ev.sweep_id == reply.sweep_id:
                 break

@@ -295,3 +295,34 @@ def test_drain_and_resume_a_node_hold_and_release_a_job(cluster, tmp_path):
     assert rows.split() == ["node,drained", "n1,False"]
     assert run_evo("node", "drain", "nope", home=home).returncode == 2
     assert run_evo("hold", long, home=home).returncode == 2  # it has completed
+
+
+def test_a_cancelled_sweep_resumes_with_only_its_missing_configurations(cluster, tmp_path):
+    home, b, node = cluster
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: resumable
+        command: ["{sys.executable}", "-c", "import evo; evo.result(auc={{x}} / 10)"]
+        space:
+          x: [1, 2, 3, 4]
+    """))
+    assert "no sweep named" in run_evo("sweep", str(spec), "--resume", home=home).stderr
+    r = run_evo("sweep", str(spec), home=home, cwd=tmp_path)
+    sweep = r.stdout.strip()
+    with Client(b.address) as c:
+        ids = c.status().queued  # nothing runs yet: no node
+        first_two = [q["job_id"] for q in ids][:2]
+        for j in [q["job_id"] for q in ids][2:]:
+            c.cancel(j)
+    node("n1", "--slots", "2")
+    with Client(b.address) as c:
+        wait_for(c, lambda evs: all(done(j)(evs) for j in first_two))
+    r = run_evo("sweep", str(spec), "--resume", "--wait", home=home, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[0] == sweep, r.stdout + r.stderr
+    assert "2 configuration(s) not completed" in r.stderr and "auc=0.4" in r.stdout
+    rows = run_evo("sql", f"SELECT params ->> 'x' AS x, state FROM jobs WHERE sweep_id = '{sweep}' "
+                   "ORDER BY submitted_seq", "--format", "csv", home=home).stdout.split()[1:]
+    assert rows == ["1,completed", "2,completed", "3,cancelled", "4,cancelled",
+                    "3,completed", "4,completed"]
+    again = run_evo("sweep", str(spec), "--resume", home=home, cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to resume" in again.stderr
