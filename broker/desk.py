@@ -574,7 +574,7 @@ class Desk:
                                            text=explain(self.state, cmd.job_id, now, self.cluster)))
 
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
-        return Outcome(reply=status_of(self.state, cmd.req))
+        return Outcome(reply=status_of(self.state, cmd.req, now=now))
 
 
 def _handlers_of(cls: type) -> dict[type, object]:
@@ -611,24 +611,39 @@ def best_job(jobs: list[Job], metric: str, mode: str | None = None) -> str | Non
 
 
 
-def status_of(state: BrokerState, req: int = 0, *, limit: int = 50) -> p.StatusReply:
+def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
+              now: float = 0.0) -> p.StatusReply:
+    """Counts, nodes, and the newest jobs running, queued and failed (a lease taken ahead of a
+    free slot is queued on its node, not running: it is listed with the queued)."""
     nodes = [
         {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
          "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
          "running": sum(not state.jobs[j].ahead for j in n.running)}
         for n in state.nodes.values()
     ]
-    running, queued = [], []
-    for job in state.jobs.values():
-        if job.state in ACTIVE and len(running) < limit:
+    running, queued, failed = [], [], []
+    for job in reversed(state.jobs.values()):  # newest first
+        if job.state in ACTIVE and not job.ahead and len(running) < limit:
             running.append({"job_id": job.job_id, "state": job.state, "node": job.node,
-                            "attempt": job.attempt, "name": _name(job.spec)})
-        elif job.state == QUEUED and len(queued) < limit:
+                            "attempt": job.attempt, "name": _name(job.spec),
+                            "elapsed_s": round(now - job.started_at, 1) if job.started_at else None,
+                            "last": _last(job.metrics)})
+        elif (job.state == QUEUED or job.ahead) and len(queued) < limit:
             queued.append({"job_id": job.job_id, "priority": job.spec.priority,
-                           "attempt": job.attempt, "name": _name(job.spec)})
+                           "attempt": job.attempt, "name": _name(job.spec),
+                           "held": job.held, "on": job.node if job.ahead else None})
+        elif job.state == "failed" and len(failed) < limit:
+            failed.append({"job_id": job.job_id, "attempt": job.attempt, "name": _name(job.spec),
+                           "error": job.error[-200:]})
+    running.reverse()
+    queued.reverse()
     counts = {k: v for k, v in state.counts.items() if v}
     return p.StatusReply(req=req, last_seq=state.last_seq, jobs=counts, nodes=nodes,
-                         running=running, queued=queued)
+                         running=running, queued=queued, failed=failed)
+
+
+def _last(metrics: dict[str, float], n: int = 2) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[-n:])
 
 
 def _name(spec: JobSpec) -> str:

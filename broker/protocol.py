@@ -313,6 +313,7 @@ class StatusReply(Reply, tag="status"):
     nodes: list[dict[str, Any]] = []
     running: list[dict[str, Any]] = []
     queued: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []  # the newest jobs that failed for good
 
 
 class Explanation(Reply, tag="why"):

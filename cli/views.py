@@ -21,23 +21,33 @@ def status_view(st: p.StatusReply, show: int = 10) -> Group:
         for col in ("node", "alive", "labels", "slots", "running", "cpus", "mem GB", "GPUs"):
             t.add_column(col)
         for n in st.nodes:
-            t.add_row(n["node"], "yes" if n["alive"] else "no", ",".join(n["labels"]),
+            alive = ("drained" if n.get("drained") else "yes") if n["alive"] else "no"
+            t.add_row(n["node"], alive, ",".join(n["labels"]),
                       str(n["slots"]), str(n["running"]), f"{n['cpus']:g}",
                       f"{n['mem_gb']:.1f}", str(n["gpus"]))
         parts.append(t)
-    for title, rows, cols in (("running", st.running, ("job_id", "state", "node", "attempt", "name")),
-                              ("queued", st.queued, ("job_id", "priority", "attempt", "name"))):
+    for title, rows, cols in (
+            ("running", st.running, ("job_id", "node", "attempt", "elapsed_s", "last", "name")),
+            ("queued", st.queued, ("job_id", "priority", "attempt", "held", "on", "name")),
+            ("failed", st.failed, ("job_id", "attempt", "name", "error"))):
         if rows:
             t = Table(title=title, title_justify="left")
             for col in cols:
                 t.add_column(col)
-            total = st.jobs.get("queued", 0) if title == "queued" else len(rows)
+            total = {"queued": st.jobs.get("queued", 0), "failed": st.jobs.get("failed", 0)}.get(
+                title, len(rows))
             for r in rows[:show]:
-                t.add_row(*(str(r.get(c, "")) for c in cols))
+                t.add_row(*(_cell(r.get(c)) for c in cols))
             if total > show:
                 t.caption = f"... and {total - show} more {title}"
             parts.append(t)
     return Group(*parts)
+
+
+def _cell(v: object) -> str:
+    if v is None or v is False:
+        return ""
+    return "yes" if v is True else str(v)
 
 
 def render_status(st: p.StatusReply, show: int = 10) -> None:

@@ -263,6 +263,9 @@ def test_jobs_show_and_version(cluster, tmp_path):
     text = run_evo("show", bad, home=home).stdout
     assert "attempt 1 on n1: failed" in text and "exit 1" in text
     assert run_evo("show", "j999", home=home).returncode == 2
+    st = json.loads(run_evo("status", "--json", home=home).stdout)
+    assert [f["job_id"] for f in st["failed"]] == [bad] and "exit code 1" in st["failed"][0]["error"]
+    assert "failed" in run_evo("status", home=home).stdout
     v = run_evo("--version")
     assert v.returncode == 0 and v.stdout.startswith("evo ")
 
