@@ -329,3 +329,20 @@ def test_a_cancelled_sweep_resumes_with_only_its_missing_configurations(cluster,
                     "3,completed", "4,completed"]
     again = run_evo("sweep", str(spec), "--resume", home=home, cwd=tmp_path)
     assert again.returncode == 0 and "nothing to resume" in again.stderr
+
+
+def test_the_packaged_command_and_callable_example_sweeps_run(cluster, tmp_path, monkeypatch):
+    from tests.conftest import ROOT
+
+    home, b, node = cluster
+    # as in a shell with evo's virtualenv active: `python` in a command is that interpreter
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    node("n1", "--slots", "2")
+    for name, metric in (("command_example", "loss"), ("callable_example", "auc")):
+        spec = ROOT / "configs" / "sweeps" / f"{name}.yaml"
+        r = run_evo("sweep", str(spec), "--wait", home=home, cwd=tmp_path, env=_env(),
+                    timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        sweep = r.stdout.split()[0]
+        best = json.loads((home / "sweeps" / sweep / "best.json").read_text())
+        assert metric in best["metrics"], best
