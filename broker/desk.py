@@ -210,8 +210,9 @@ class Desk:
                                              message=f"no sweep {cmd.into!r} to add jobs to"))
             sweep_id, start = cmd.into, first
         else:
-            sweep_id, start = f"s{first}", first + 1
-        job_ids = [f"j{start + i}" for i in range(len(cmd.jobs))]
+            sweep_id, start = f"s{self.state.sweep_number + 1}", first + 1
+        n = self.state.job_number
+        job_ids = [f"j{n + 1 + i}" for i in range(len(cmd.jobs))]
         if not cmd.into:
             events.append(SweepSubmitted(seq=first, time=now, cause=cause, sweep_id=sweep_id,
                                          spec=dict(cmd.spec), job_ids=job_ids, name=cmd.name))
@@ -256,7 +257,7 @@ class Desk:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=str(exc)))
         out = Outcome()
         seq = self.state.last_seq + 1
-        job_id = f"j{seq}"
+        job_id = f"j{self.state.job_number + 1}"
         self._emit(out, JobSubmitted, now, cause, job_id=job_id, spec=spec)
         r = spec.resources
         warning = ""
@@ -288,7 +289,7 @@ class Desk:
         for i, old in enumerate(olds):  # the same spec, without the key the old job holds
             spec = msgspec.structs.replace(self.state.jobs[old].spec, key=None, retry_of=old)
             events.append(JobSubmitted(seq=first + i, time=now, cause=cause,
-                                       job_id=f"j{first + i}", spec=spec))
+                                       job_id=f"j{self.state.job_number + 1 + i}", spec=spec))
         self._emit_all(out, events)
         out.reply = p.Retried(req=cmd.req, job_ids=[e.job_id for e in events], of=olds,
                               seq=self.state.last_seq)

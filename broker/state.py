@@ -155,6 +155,8 @@ class BrokerState:
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
     queue: dict[str, None] = field(default_factory=dict)  # queued job ids, in submit order
     counts: dict[str, int] = field(default_factory=dict)  # jobs per state
+    job_number: int = 0  # the highest n of the job ids jN so far: new ids count on from it
+    sweep_number: int = 0  # and of the sweep ids sN
     # The scheduler's index of the queue in its order: derived from ``queue``, never folded.
     order_index: object = field(default=None, repr=False, compare=False)
     # Sweeps whose every job has ended and which await their SweepCompleted (the desk adds it).
@@ -182,6 +184,7 @@ class BrokerState:
             raise IllegalTransition(ev.job_id, self.jobs[ev.job_id].state, ev)
         self.jobs[ev.job_id] = Job(job_id=ev.job_id, spec=ev.spec, submitted_seq=ev.seq,
                                    submitted_at=ev.time, queued_at=ev.time)
+        self.job_number = max(self.job_number, _number(ev.job_id))
         self.queue[ev.job_id] = None
         if ev.spec.key is not None:
             self.keys[ev.spec.key] = ev.job_id
@@ -310,6 +313,7 @@ class BrokerState:
             node.last_seen = ev.time
 
     def _sweep_submitted(self, ev: SweepSubmitted) -> None:
+        self.sweep_number = max(self.sweep_number, _number(ev.sweep_id))
         self.sweeps[ev.sweep_id] = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids),
                                          open=len(ev.job_ids), members=set(ev.job_ids))
 
@@ -318,6 +322,12 @@ class BrokerState:
         if sweep is not None:
             sweep.done = True
         self.closable.discard(ev.sweep_id)
+
+
+def _number(ident: str) -> int:
+    """n of an id "jn" or "sn" (older logs numbered them by seq: they keep those), else 0."""
+    tail = ident[1:]
+    return int(tail) if tail.isdigit() else 0
 
 
 _JOB_HANDLERS = {

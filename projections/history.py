@@ -53,9 +53,9 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
                            sweep_id=sweep_id, seed=i, priority=rng.choice([0, 0, 0, 1]),
                            resources=Resources(cpus=1, gpus=1 if model == "XGBoost" else 0,
                                                vram_gb=2.0 if model == "XGBoost" else 0.0))
-            run(p.Submit(spec=spec))
+            last = run(p.Submit(spec=spec))
         if sweeps % 7 == 0:  # now and then a job is held, and let go a little later
-            held = f"j{desk.state.last_seq}"
+            held = last.job_id  # type: ignore[union-attr]
             run(p.Hold(target=held))
         # run until the queue is drained
         for _ in range(200):
