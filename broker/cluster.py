@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from evo.errors import BadInput
+from evo.errors import BadInput, yaml_problem
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -67,7 +67,7 @@ def load_cluster(path: str | os.PathLike[str] | None = None, home: Path | None =
     except msgspec.ValidationError as exc:
         raise BadInput(f"{where}: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise BadInput(f"{where}: not valid YAML ({exc})") from None
+        raise BadInput(f"{where}: not valid YAML at {yaml_problem(exc)}") from None
     seen: set[str] = set()
     for i, rule in enumerate(cluster.rules):
         if rule.model_type in seen:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from evo.direction import mode_in_sweep
 from evo.errors import BadInput
 from evo.events.codec import InvalidEvent, check
 from evo.events.schema import (
@@ -67,11 +68,6 @@ def validate_spec(spec: JobSpec, state: BrokerState | None = None,
     bad = _text_error(spec)
     if bad:
         raise InvalidSpec(bad)
-    if cluster is not None and spec.model_type is not None and cluster.rules \
-            and cluster.rule_for(spec.model_type) is None:
-        known = ", ".join(r.model_type for r in cluster.rules)
-        raise InvalidSpec(f"$.spec.model_type: unknown model type {spec.model_type!r} "
-                          f"(the cluster file knows {known})")
     if state is not None and spec.after:
         for i, dep in enumerate(spec.after):
             if dep not in state.jobs:
@@ -95,6 +91,28 @@ def _text_error(spec: JobSpec) -> str | None:
         if text is not None and (bad := nul_error(text, where)):
             return bad
     return None
+
+
+def _fits_somewhere(spec: JobSpec, state: BrokerState, cluster: Cluster) -> None:
+    """Refuse a job that no known machine (a node that ever joined, or one the cluster file
+    declares) could ever run; with none known yet there is nothing to judge by."""
+    r = spec.resources
+    if not (r.gpus or r.cpus > 1 or r.mem_gb):
+        return  # a 1-CPU job fits anything: skip the scan
+    why = never_fits(spec, state, cluster)
+    if why is not None:
+        raise InvalidSpec(f"$.spec.resources: {why.split('; it waits')[0]}; to queue it for a "
+                          "machine that has not joined yet, declare that machine under "
+                          "`machines:` in the cluster file")
+
+
+def _unrouted(spec: JobSpec, cluster: Cluster) -> str:
+    """What to say of a model type that no routing rule names (it runs wherever it fits)."""
+    if spec.model_type is None or not cluster.rules or cluster.rule_for(spec.model_type):
+        return ""
+    known = ", ".join(r.model_type for r in cluster.rules)
+    return (f"model type {spec.model_type!r} has no routing rule (the cluster file has {known}): "
+            "any node that fits runs it")
 
 
 @dataclass
@@ -186,7 +204,7 @@ class Desk:
             jobs = [self.state.jobs[j] for j in sweep.job_ids if j in self.state.jobs]
             counts = {s: sum(j.state == s for j in jobs) for s in TERMINAL}
             metric = str(sweep.spec.get("metric") or "auc")
-            best = best_job(jobs, metric, sweep.spec.get("mode"))
+            best = best_job(jobs, metric, mode_in_sweep(metric, sweep.spec))
             self._emit(out, SweepCompleted, now, cause, sweep_id=sweep_id,
                        completed=counts[COMPLETED], failed=counts["failed"],
                        cancelled=counts["cancelled"], best_job=best)
@@ -198,6 +216,8 @@ class Desk:
         for i, spec in enumerate(cmd.jobs):
             try:
                 validate_spec(spec, self.state, self.cluster)
+                if i == 0 or spec.resources != cmd.jobs[i - 1].resources:
+                    _fits_somewhere(spec, self.state, self.cluster)
             except InvalidSpec as exc:
                 msg = str(exc).replace("$.spec", f"$.jobs[{i}]", 1)
                 return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=msg))
@@ -226,10 +246,7 @@ class Desk:
             where = f"$.jobs[{jobs.index(exc.event)}]" if exc.event in jobs else "$"
             return Outcome(reply=p.Error(req=cmd.req, code="invalid",
                                          message=f"sweep {cmd.name!r}: {where}: {exc}"))
-        spec = cmd.jobs[0]
-        r = spec.resources
-        warning = never_fits(spec, self.state, self.cluster) or "" if (
-            r.gpus or r.cpus > 1 or r.mem_gb) else ""
+        warning = "; ".join(sorted({w for s in cmd.jobs if (w := _unrouted(s, self.cluster))}))
         out.reply = p.SweepAccepted(req=cmd.req, sweep_id=sweep_id, job_ids=job_ids,
                                     seq=self.state.last_seq, warning=warning)
         return out
@@ -253,17 +270,15 @@ class Desk:
                                              duplicate=True))
         try:
             validate_spec(spec, self.state, self.cluster)
+            _fits_somewhere(spec, self.state, self.cluster)
         except InvalidSpec as exc:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=str(exc)))
         out = Outcome()
         seq = self.state.last_seq + 1
         job_id = f"j{self.state.job_number + 1}"
         self._emit(out, JobSubmitted, now, cause, job_id=job_id, spec=spec)
-        r = spec.resources
-        warning = ""
-        if r.gpus or r.cpus > 1 or r.mem_gb:  # a 1-CPU job fits anything: skip the scan
-            warning = never_fits(spec, self.state, self.cluster) or ""
-        out.reply = p.Submitted(req=cmd.req, job_id=job_id, seq=seq, warning=warning)
+        out.reply = p.Submitted(req=cmd.req, job_id=job_id, seq=seq,
+                                warning=_unrouted(spec, self.cluster))
         return out
 
     def on_retry(self, cmd: p.Retry, now: float, cause: str) -> Outcome:
@@ -592,19 +607,9 @@ Desk._handlers = _handlers_of(Desk)
 _NODE_COMMANDS = {p.Join, p.Heartbeat, p.Ready, p.Report, p.Leave}
 
 
-LOWER_IS_BETTER = frozenset({"brier", "logloss", "loss", "error", "rmse", "mae"})
-
-
-def metric_mode(metric: str, mode: str | None = None) -> str:
-    """'max' or 'min': as given, else 'min' for losses and errors."""
-    if mode in ("max", "min"):
-        return mode
-    return "min" if metric.lower() in LOWER_IS_BETTER or "loss" in metric.lower() else "max"
-
-
-def best_job(jobs: list[Job], metric: str, mode: str | None = None) -> str | None:
+def best_job(jobs: list[Job], metric: str, mode: str) -> str | None:
     """The completed job with the best value of ``metric`` (ties: the earliest submitted)."""
-    sign = -1.0 if metric_mode(metric, mode) == "max" else 1.0
+    sign = -1.0 if mode == "max" else 1.0
     scored = [(sign * j.metrics[metric], j.submitted_seq, j.job_id) for j in jobs
               if j.state == COMPLETED and metric in j.metrics and j.metrics[metric] == j.metrics[metric]]
     return min(scored)[2] if scored else None

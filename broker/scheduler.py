@@ -163,7 +163,9 @@ def blocked(job: Job, state: BrokerState, now: float) -> str | None:
     if job.held:
         return f"held (`evo release {job.job_id}` lets it run)"
     if job.not_before > now:
-        return f"retry {job.attempt + 1} is not before {job.not_before - now:.1f}s from now"
+        failed = f" (attempt {job.attempt} failed: {job.error[-300:]})" if job.error else ""
+        return (f"retry {job.attempt + 1} is not before {job.not_before - now:.1f}s from now "
+                f"(backoff){failed}")
     for dep in job.spec.after:
         d = state.jobs.get(dep)
         if d is None or d.state != COMPLETED:
@@ -297,8 +299,9 @@ def explain(state: BrokerState, job_id: str, now: float, cluster: Cluster) -> st
     if job is None:
         return f"no job {job_id!r}"
     if job.state in TERMINAL:
-        extra = f": {job.error}" if job.error else ""
-        return f"{job_id} is {job.state}{extra}"
+        extra = f": {job.error}" if job.error and job.state != COMPLETED else ""
+        tries = f" after {job.attempt} attempts" if job.attempt > 1 else ""
+        return f"{job_id} is {job.state}{tries}{extra}"
     if job.state in ACTIVE:
         return f"{job_id} is {job.state} on {job.node} (attempt {job.attempt})"
     why = blocked(job, state, now)

@@ -369,13 +369,17 @@ class Broker:
     def _output(self, cmd: p.Output | p.Logs) -> p.Reply:
         job = self.desk.state.jobs.get(cmd.job_id)
         if job is None:
-            return p.Error(req=cmd.req, code="unknown", message=f"no job {cmd.job_id!r}")
+            return p.Error(req=cmd.req, code="invalid", message=f"no job {cmd.job_id!r}")
         try:
             if isinstance(cmd, p.Output):
                 size = self.outputs.write(cmd.job_id, cmd.attempt, cmd.stream, cmd.offset,
                                           cmd.data)
                 return p.Ok(req=cmd.req, data={"size": size})
             attempts = self.outputs.attempts(cmd.job_id)
+            if cmd.attempt and cmd.attempt not in attempts and cmd.attempt > job.attempt:
+                return p.Error(req=cmd.req, code="invalid", message=(
+                    f"job {cmd.job_id} has no attempt {cmd.attempt} (it has had {job.attempt}"
+                    f"{': ' + ', '.join(map(str, attempts)) + ' with output' if attempts else ''})"))
             attempt = cmd.attempt or max([job.attempt, *attempts, 1])
             data, size = self.outputs.read(cmd.job_id, attempt, cmd.stream, cmd.offset,
                                            cmd.limit)
@@ -411,6 +415,9 @@ class Broker:
             except FileNotFoundError:
                 pass
         os.close(self._lock_fd)
+        # What the freeze hid from the collector is collected at exit again: frozen, DuckDB's
+        # bindings would outlive the interpreter and print "nanobind: leaked ..." as it ends.
+        gc.unfreeze()
 
 
 def run_broker(home: str | os.PathLike[str], bind: str = "tcp://127.0.0.1:*", **kw: Any) -> None:

@@ -256,6 +256,7 @@ class BrokerState:
     def _completed(self, job: Job, ev: JobCompleted) -> None:
         job.metrics.update(ev.metrics)
         job.finished_at = ev.time
+        job.error = ""  # an earlier attempt's, no longer the job's
         self._release(job)
 
     def _failed(self, job: Job, ev: JobFailed) -> None:

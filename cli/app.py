@@ -19,7 +19,21 @@ import yaml
 from evo.errors import BadInput, EvoError
 from evo.home import evo_home
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+def _flags_without_metavar() -> None:
+    """Help shows `--wait`, not `--wait <bool>`: a flag takes no value (typer prints its type)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display(self, ctx):  # noqa: ANN001, ANN202
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = display
+
+
+_flags_without_metavar()
+# markdown: a docstring's first paragraph reads as one line in the command list
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="evo: event-sourced orchestration of ML training across machines.")
 
 BrokerOpt = typer.Option(None, "--broker", help="broker address (else EVO_BROKER, else EVO_HOME/broker.json)")
@@ -115,6 +129,11 @@ def node(
     from evo.home import find_broker, normalize_address
     from evo.nodes.daemon import run_node
 
+    for flag, value, least in (("--slots", slots, 1), ("--cpus", cpus, 0), ("--mem-gb", mem_gb, 0),
+                               ("--gpus", gpus, 0), ("--vram-gb", vram_gb, 0),
+                               ("--lease-ahead", lease_ahead, 0), ("--heartbeat-s", heartbeat_s, 0.01)):
+        if value is not None and not value >= least:  # not >=: NaN is refused too
+            raise BadInput(f"{flag}: expected >= {least}, got {value}")
     _setup_logging()
     find_broker(broker)  # none to be found: say so now, not in a retry loop
     # Without an explicit address the node looks again at each reconnect, so it finds a
@@ -385,7 +404,7 @@ def tail(
 @app.command()
 def status(broker: Optional[str] = BrokerOpt,
            as_json: bool = typer.Option(False, "--json"),
-           watch: bool = typer.Option(False, "--watch", "-w", help="refresh live until Ctrl-C"),
+           watch: bool = typer.Option(False, "--watch", "-w", help="refresh live until Ctrl-C (on a terminal; else print once)"),
            interval: float = typer.Option(1.0, "--interval", help="seconds between refreshes"),
            as_of: int = typer.Option(0, "--as-of", help="the state at this seq (from the projection)")) -> None:
     """Queue and nodes: job counts by state, nodes, running and queued jobs."""
@@ -404,7 +423,7 @@ def status(broker: Optional[str] = BrokerOpt,
         return
 
     with _client(broker) as c:
-        if watch:
+        if watch and not as_json and console.is_terminal:  # piped or logged: one print
             import time
 
             from rich.live import Live
@@ -487,6 +506,8 @@ def _sql(sql: str, broker: str | None, as_of: int = 0):  # noqa: ANN202 - a pyar
     from evo.home import NoBroker
     from evo.projections.follower import from_ipc
 
+    if as_of < 0:
+        raise BadInput(f"--as-of: expected a seq >= 0, got {as_of}")
     try:
         c = _client(broker)
     except NoBroker:
@@ -556,40 +577,6 @@ def sql(query: str = typer.Argument(..., help="one read-only SQL statement"),
         _err(f"{table.num_rows} rows written to {out}")
         return
     _print_table(table, fmt)
-
-
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
-@app.command()
-def leaderboard(sweep: str = typer.Argument(..., help="sweep id"),
-                metric: Optional[str] = typer.Option(None, "--metric", help="default: auc if present, else the first"),
-                top: int = typer.Option(10, "--top"),
-                fmt: str = typer.Option("table", "--format", help="table, csv or json"),
-                broker: Optional[str] = BrokerOpt) -> None:
-    """The best configurations of a sweep by one metric, each parameter a column."""
-    metrics = [r["metric"] for r in _sql(
-        f"SELECT DISTINCT metric FROM leaderboard WHERE sweep_id = {_quote(sweep)} ORDER BY 1",
-        broker).to_pylist()]
-    if not metrics:
-        raise EvoError(f"no completed jobs with metrics in sweep {sweep!r}")
-    if metric is None:
-        metric = "auc" if "auc" in metrics else metrics[0]
-    if metric not in metrics:
-        raise BadInput(f"--metric: sweep {sweep} has no metric {metric!r} (it has {', '.join(metrics)})")
-    keys = [r["k"] for r in _sql(
-        f"SELECT DISTINCT unnest(json_keys(params)) AS k FROM leaderboard "
-        f"WHERE sweep_id = {_quote(sweep)} ORDER BY 1", broker).to_pylist()]
-    cols = "".join(f", params ->> {_quote(k)} AS {_ident(k)}" for k in keys)
-    table = _sql(f"SELECT rank, job_id, model_type, value AS {_ident(metric)}{cols} "
-                 f"FROM leaderboard WHERE sweep_id = {_quote(sweep)} AND metric = {_quote(metric)} "
-                 f"ORDER BY rank LIMIT {int(top)}", broker)
-    _print_table(table, fmt, title=f"{sweep}: top {top} by {metric}")
-
-
-def _ident(s: str) -> str:
-    return '"' + s.replace('"', '""') + '"'
 
 
 @app.command()

@@ -23,6 +23,10 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+def _ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
 def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Callable,
              broker_opt) -> None:  # noqa: ANN001
     def leaderboard_table(sweep: str, metric: str, top: int, broker: str | None):  # noqa: ANN202
@@ -35,10 +39,37 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
                     f"WHERE sweep_id = {_q(sweep)}", broker).to_pylist()[0]["n"]
             if n > 1:
                 varying.append(k)
-        cols = "".join(f', params ->> {_q(k)} AS "{k}"' for k in varying)
-        return sql(f'SELECT rank, job_id, model_type, value AS "{metric}"{cols} '
+        cols = "".join(f', params ->> {_q(k)} AS {_ident(k)}' for k in varying)
+        return sql(f"SELECT rank, job_id, model_type, value AS {_ident(metric)}{cols} "
                    f"FROM leaderboard WHERE sweep_id = {_q(sweep)} AND metric = {_q(metric)} "
                    f"ORDER BY rank LIMIT {int(top)}", broker)
+
+    @app.command()
+    def leaderboard(sweep: str = typer.Argument(..., help="sweep id"),
+                    metric: Optional[str] = typer.Option(
+                        None, "--metric", help="default: the sweep's metric (ranked by its mode)"),
+                    top: int = typer.Option(10, "--top"),
+                    fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+                    broker: Optional[str] = broker_opt) -> None:
+        """The best configurations of a sweep by one metric, each varying parameter a column."""
+        rows = sql(f"SELECT spec FROM sweeps WHERE sweep_id = {_q(sweep)}", broker).to_pylist()
+        if not rows:
+            raise BadInput(f"no sweep {sweep!r} (see `evo sql \"SELECT sweep_id, name FROM sweeps\"`)")
+        spec = rows[0]["spec"]
+        spec = (json.loads(spec) if isinstance(spec, str) else spec) or {}
+        metrics = [r["metric"] for r in sql(
+            f"SELECT DISTINCT metric FROM leaderboard WHERE sweep_id = {_q(sweep)} ORDER BY 1",
+            broker).to_pylist()]
+        if not metrics:
+            raise EvoError(f"sweep {sweep}: no completed job reported a metric")
+        if metric is None:
+            own = spec.get("metric")
+            metric = own if own in metrics else ("auc" if "auc" in metrics else metrics[0])
+        if metric not in metrics:
+            raise BadInput(f"--metric: sweep {sweep} has no metric {metric!r} "
+                           f"(it has {', '.join(metrics)})")
+        table = leaderboard_table(sweep, metric, top, broker)
+        print_table(table, fmt, title=f"{sweep}: top {top} by {metric}")
 
     @app.command()
     def sweep(spec_file: Path = typer.Argument(..., help="sweep spec (YAML)"),

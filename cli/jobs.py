@@ -45,8 +45,12 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
                 raise BadInput(f"--state: expected one of {', '.join(STATES)}, got {state!r}")
             where.append(f"state = {_q(state)}")
         if sweep is not None:
+            if not sql(f"SELECT 1 FROM sweeps WHERE sweep_id = {_q(sweep)}", broker).num_rows:
+                raise BadInput(f"--sweep: no sweep {sweep!r}")
             where.append(f"sweep_id = {_q(sweep)}")
         if node is not None:
+            if not sql(f"SELECT 1 FROM nodes WHERE node = {_q(node)}", broker).num_rows:
+                raise BadInput(f"--node: no node {node!r} has joined")
             where.append(f"node = {_q(node)}")
         if limit < 1:
             raise BadInput(f"--limit: expected >= 1, got {limit}")

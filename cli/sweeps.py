@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from evo.errors import BadInput
+from evo.errors import BadInput, yaml_problem
 from evo.events.schema import JobSpec, Resources
 
 
@@ -74,7 +74,7 @@ def load_sweep(path: Path) -> SweepSpec:
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML: {exc}") from None
+        raise BadInput(f"{path}: not valid YAML at {yaml_problem(exc)}") from None
     try:
         spec = msgspec.convert(data, SweepSpec)
     except msgspec.ValidationError as exc:

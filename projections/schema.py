@@ -12,6 +12,8 @@ came before it.
 
 from __future__ import annotations
 
+from evo.direction import lower_is_better_sql
+
 VERSION = 4  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics;
 # 4: jobs.held and nodes.drained
 
@@ -72,16 +74,12 @@ CREATE TABLE IF NOT EXISTS sweeps (
     submitted_at DOUBLE, finished_at DOUBLE, spec JSON);
 """
 
-# Lower is better for these metric names (and any name ending in loss or error).
-LOWER_IS_BETTER = ("brier", "logloss", "log_loss", "loss", "rmse", "mse", "mae", "error",
-                   "duration_s", "ece")
-
 VIEWS = f"""
 CREATE OR REPLACE VIEW final_metrics AS  -- a completed job's metrics, from its JobCompleted
     SELECT m.job_id, j.sweep_id, j.model_type, m.name AS metric, m.value,
-        (m.name IN {LOWER_IS_BETTER!r} OR m.name LIKE '%loss' OR m.name LIKE '%error')
-            AS lower_is_better
-    FROM metrics m JOIN jobs j USING (job_id)
+        {lower_is_better_sql("m.name", "CASE WHEN m.name = s.spec ->> '$.metric' "
+                                       "THEN s.spec ->> '$.mode' END")} AS lower_is_better
+    FROM metrics m JOIN jobs j USING (job_id) LEFT JOIN sweeps s ON s.sweep_id = j.sweep_id
     WHERE m.kind = 'final' AND j.state = 'completed' AND m.value IS NOT NULL;
 CREATE OR REPLACE VIEW queue AS
     SELECT job_id, sweep_id, model_type, name, priority, attempts, submitted_at, params
@@ -221,14 +219,16 @@ FROM n LEFT JOIN o USING (job_id)
 WHERE o.job_id IS NOT NULL OR n.spec_json IS NOT NULL;
 UPDATE jobs SET state = u.state, node = coalesce(u.node, jobs.node),
     attempts = jobs.attempts + u.leases, metrics = coalesce(u.metrics, jobs.metrics),
-    artifacts = coalesce(u.artifacts, jobs.artifacts), error = coalesce(u.error, jobs.error),
+    artifacts = coalesce(u.artifacts, jobs.artifacts),
+    error = CASE WHEN u.state = 'completed' THEN NULL ELSE coalesce(u.error, jobs.error) END,
     started_at = greatest(jobs.started_at, u.started_at),
     finished_at = greatest(jobs.finished_at, u.finished_at),
     duration_s = coalesce(u.duration_s, jobs.duration_s), held = coalesce(u.held, jobs.held)
 FROM _jobs u WHERE u.has_old AND jobs.job_id = u.job_id;
 INSERT INTO jobs
 SELECT job_id, sweep_id, sp.model_type, sp.name, state, node, leases, coalesce(sp.priority, 0),
-    coalesce(sp.params, '{{}}'), metrics, artifacts, error, sub_seq, submitted_at, started_at,
+    coalesce(sp.params, '{{}}'), metrics, artifacts,
+    CASE WHEN state = 'completed' THEN NULL ELSE error END, sub_seq, submitted_at, started_at,
     finished_at, duration_s, sp.trainer, sp.callable, sp.command, sp.seed,
     coalesce(sp.tags, '{{}}'), spec_json, coalesce(held, false)
 FROM _jobs WHERE NOT has_old;
@@ -376,7 +376,8 @@ js AS (
         count(*) FILTER (WHERE state = 'completed') AS completed,
         count(*) FILTER (WHERE state = 'failed') AS failed,
         count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
-        min(submitted_at) AS first_submitted_at
+        min(submitted_at) AS first_submitted_at, max(submitted_at) AS last_submitted_at,
+        max(finished_at) FILTER (WHERE state = 'cancelled') AS last_cancelled_at
     FROM jobs j WHERE j.sweep_id IN (SELECT sweep_id FROM touched) GROUP BY j.sweep_id),
 m AS (  -- the SweepSubmitted fields: the latest submit's, its first time (o.spec: one was seen)
     SELECT t.sweep_id,
@@ -387,7 +388,9 @@ m AS (  -- the SweepSubmitted fields: the latest submit's, its first time (o.spe
         coalesce(n.best_job, o.best_job) AS best_job
     FROM touched t LEFT JOIN n USING (sweep_id) LEFT JOIN sweeps o USING (sweep_id))
 SELECT m.sweep_id, m.name,
-    CASE WHEN m.finished_at IS NOT NULL THEN 'completed'
+    CASE WHEN m.finished_at IS NOT NULL AND js.last_cancelled_at >= js.last_submitted_at
+             THEN 'cancelled'  -- ended by a cancel, and nothing was added to it since
+         WHEN m.finished_at IS NOT NULL THEN 'completed'
          WHEN coalesce(js.queued, 0) + coalesce(js.running, 0) = 0 AND js.jobs > 0 THEN 'finished'
          ELSE 'running' END AS state,
     CAST(coalesce(js.jobs, 0) AS INTEGER), CAST(coalesce(js.queued, 0) AS INTEGER),

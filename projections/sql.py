@@ -67,7 +67,7 @@ def run(cur: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float | None = N
         statements = cur.extract_statements(sql)
     except duckdb.Error as exc:
         cur.close()
-        raise SqlError(f"SQL error: {exc}") from exc
+        raise SqlError(_say(exc)) from exc
     if len(statements) != 1:
         cur.close()
         raise SqlError(f"expected one SQL statement, got {len(statements)}")

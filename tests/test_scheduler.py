@@ -217,3 +217,14 @@ def test_lease_ahead_queues_cpu_jobs_beyond_free_slots_up_to_the_offer():
     assert big not in [g.job_id for g in nxt] and gpu not in [g.job_id for g in nxt]
     # without an offer the node gets only what fits its free resources
     assert w.decide("n") == []
+
+
+def test_why_names_a_retrys_backoff_and_the_attempt_that_failed():
+    from evo.broker.scheduler import blocked
+    from evo.broker.state import Job
+
+    job = Job(job_id="j1", spec=JobSpec(command=["x"]), attempt=1, not_before=110.0,
+              error="exit code 3: CUDA out of memory")
+    assert blocked(job, __import__("evo.broker.state", fromlist=["x"]).BrokerState(), 100.0) == (
+        "retry 2 is not before 10.0s from now (backoff) (attempt 1 failed: exit code 3: CUDA "
+        "out of memory)")

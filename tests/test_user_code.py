@@ -128,9 +128,22 @@ def test_a_command_sweep_ranks_by_the_last_reported_metric(cluster, tmp_path):
     sweep = r.stdout.split()[0]
     best = json.loads((home / "sweeps" / sweep / "best.json").read_text())
     assert best["params"] == {"lr": 0.3}  # lowest final loss: loss is minimised
-    r = run_evo("leaderboard", sweep, "--metric", "loss", "--format", "json", home=home)
+    r = run_evo("leaderboard", sweep, "--format", "json", home=home)  # the sweep's own metric
     order = [json.loads(line)["lr"] for line in r.stdout.splitlines()]
     assert order == ["0.3", "0.2", "0.1"], r.stdout
+    # the sweep's mode rules its metric everywhere: best.json, the leaderboard, the report
+    spec.write_text(spec.read_text().replace("name: my-lr-search", "name: most-loss")
+                    .replace("metric: loss", "metric: loss\nmode: max"))
+    r = run_evo("sweep", str(spec), "--wait", home=home, cwd=proj, env=_env(), timeout=120)
+    sweep = r.stdout.split()[0]
+    best = json.loads((home / "sweeps" / sweep / "best.json").read_text())
+    assert best["params"] == {"lr": 0.1}
+    r = run_evo("leaderboard", sweep, "--format", "json", home=home)
+    order = [json.loads(line)["lr"] for line in r.stdout.splitlines()]
+    assert order == ["0.1", "0.2", "0.3"], r.stdout
+    run_evo("report", sweep, "--out", str(tmp_path / "rep"), home=home)
+    rows = (tmp_path / "rep" / "comparison.csv").read_text().splitlines()
+    assert rows[1].startswith(best["job_id"] + ","), rows
 
 
 def test_a_sweep_whose_metric_nobody_reported_says_so_and_exits_1(cluster, tmp_path):
@@ -320,8 +333,11 @@ def test_a_cancelled_sweep_resumes_with_only_its_missing_configurations(cluster,
     node("n1", "--slots", "2")
     with Client(b.address) as c:
         wait_for(c, lambda evs: all(done(j)(evs) for j in first_two))
+    state = f"SELECT state FROM sweeps WHERE sweep_id = '{sweep}'"
+    assert run_evo("sql", state, "--format", "csv", home=home).stdout.split()[1] == "cancelled"
     r = run_evo("sweep", str(spec), "--resume", "--wait", home=home, cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and r.stdout.split()[0] == sweep, r.stdout + r.stderr
+    assert run_evo("sql", state, "--format", "csv", home=home).stdout.split()[1] == "completed"
     assert "2 configuration(s) not completed" in r.stderr and "auc=0.4" in r.stdout
     rows = run_evo("sql", f"SELECT params ->> 'x' AS x, state FROM jobs WHERE sweep_id = '{sweep}' "
                    "ORDER BY submitted_seq", "--format", "csv", home=home).stdout.split()[1:]
@@ -346,3 +362,45 @@ def test_the_packaged_command_and_callable_example_sweeps_run(cluster, tmp_path,
         sweep = r.stdout.split()[0]
         best = json.loads((home / "sweeps" / sweep / "best.json").read_text())
         assert metric in best["metrics"], best
+
+
+def test_small_things_users_hit(cluster, tmp_path):
+    home, b, node = cluster
+    node("n1", "--cpus", "2")
+    r = run_evo("submit", "--model-type", "MyTransformer", "--", "true", home=home)
+    assert r.returncode == 0 and "'MyTransformer' has no routing rule" in r.stderr
+    r = run_evo("submit", "--cpus", "64", "--", "true", home=home)
+    assert r.returncode == 2 and "no known machine fits this job: n1 has 2 CPUs" in r.stderr
+    flag = tmp_path / "flag"
+    code = (f"import os, sys\nif not os.path.exists({str(flag)!r}):\n"
+            f"    open({str(flag)!r}, 'w').write('x'); sys.exit('first try fails')\n")
+    j = run_evo("submit", "--", sys.executable, "-c", code, home=home).stdout.strip()
+    with Client(b.address) as c:
+        wait_for(c, done(j))
+    why = run_evo("why", j, home=home).stdout.strip()
+    assert why == f"{j} is completed after 2 attempts", why  # no stale error of attempt 1
+    assert json.loads(run_evo("show", j, "--json", home=home).stdout)["error"] is None
+    assert run_evo("logs", j, "--attempt", "5", home=home).returncode == 2
+    for args in (("leaderboard", "s99"), ("report", "s99", "--out", str(tmp_path / "r")),
+                 ("why", "j999"), ("cancel", "s99"), ("show", "j999"), ("retry", "j999"),
+                 ("jobs", "--sweep", "s99"), ("hold", "s99"), ("logs", "j999")):
+        r = run_evo(*args, home=home)
+        assert r.returncode == 2 and ("s99" in r.stderr or "j999" in r.stderr), (args, r.stderr)
+    # one print when not on a terminal (a pipe, a log), not a live view that never ends
+    r = run_evo("status", "--watch", home=home)
+    assert r.returncode == 0 and "jobs:" in r.stdout and "n1" in r.stdout, r.stdout
+    for args in (("node", "--slots", "0"), ("sql", "SELECT 1", "--as-of", "-1")):
+        r = run_evo(*args, home=home)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nspace: [\n")
+    for args in (("sweep", str(bad)), ("sql", "SELEC")):  # libraries' multi-line messages
+        r = run_evo(*args, home=home)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert "not valid YAML at line 3, column 1" in run_evo("sweep", str(bad), home=home).stderr
+    assert "<bool>" not in run_evo("sweep", "--help", home=home).stdout
+    # a broker that stops cleanly closes DuckDB cleanly: no "nanobind: leaked ..." at its exit
+    assert b.stop() == 0
+    from pathlib import Path
+    out = Path(b.logfile.name).read_text()
+    assert "leaked" not in out and "broker at" in out, out[-2000:]

@@ -113,7 +113,7 @@ def test_logs_follow_prints_lines_as_they_come_and_ends_with_the_job(cluster):
 def test_logs_of_an_unknown_job_is_an_error(cluster):
     home, b, node = cluster
     r = run_evo("logs", "j999", home=home)
-    assert r.returncode == 1 and "no job 'j999'" in r.stderr
+    assert r.returncode == 2 and "no job 'j999'" in r.stderr
 
 
 def test_short_trials_are_leased_ahead_but_never_run_past_the_slots(cluster):

@@ -18,8 +18,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from evo.broker.desk import metric_mode
-from evo.errors import EvoError
+from evo.direction import mode_in_sweep
+from evo.errors import BadInput, EvoError
 
 METRICS = ("auc", "brier", "logloss", "roi")
 MAX_CURVES = 12
@@ -72,7 +72,7 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
                f"started_at, finished_at FROM jobs WHERE sweep_id = {_q(sweep)} "
                f"ORDER BY submitted_seq").to_pylist()
     if not rows:
-        raise EvoError(f"no sweep {sweep!r} in the projections (see `evo sql \"SELECT * FROM sweeps\"`)")
+        raise BadInput(f"no sweep {sweep!r} in the projections (see `evo sql \"SELECT * FROM sweeps\"`)")
     done = [r for r in rows if r["state"] == "completed"]
     if not done:
         raise EvoError(f"sweep {sweep}: no completed experiment to report on")
@@ -84,9 +84,14 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
     written: list[Path] = []
     keys = sorted({k for r in done for k in r["params"]})
     varying = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in done}) > 1]
-    # the comparison's metrics: the built-in trainers', else whatever the jobs reported
-    metrics = [m for m in METRICS if any(m in r["metrics"] for r in done)] or sorted(
-        {m for r in done for m in r["metrics"]})
+    spec = sql(f"SELECT spec FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
+    spec = (_json(spec[0]["spec"]) or {}) if spec else {}
+    # the comparison's metrics: the sweep's own first, then the built-in trainers', else
+    # whatever the jobs reported
+    reported = {m for r in done for m in r["metrics"]}
+    metrics = [m for m in METRICS if m in reported] or sorted(reported)
+    if spec.get("metric") in reported:
+        metrics = [spec["metric"], *(m for m in metrics if m != spec["metric"])]
     missing: list[str] = []
     if not metrics:
         missing.append("no completed experiment reported a metric: the comparison lists only "
@@ -114,12 +119,9 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
         written += [pj, pc]
 
     # comparison, best first by the sweep's metric (else the first), in its direction
-    spec = sql(f"SELECT spec FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
-    spec = (_json(spec[0]["spec"]) or {}) if spec else {}
-    first = spec.get("metric") if spec.get("metric") in metrics else (metrics[0] if metrics else None)
+    first = metrics[0] if metrics else None
     if first:
-        sign = -1 if metric_mode(first, spec.get("mode") if first == spec.get("metric") else None) \
-            == "max" else 1
+        sign = -1 if mode_in_sweep(first, spec) == "max" else 1
         done.sort(key=lambda r: (first not in r["metrics"], sign * r["metrics"].get(first, 0.0),
                                  r["job_id"]))
     comp = out / "comparison.csv"
@@ -147,7 +149,7 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
         vals = [r["metrics"].get(m) for r in shown]
         present = [v for v in vals if v is not None]
         if present:
-            best = min(present) if metric_mode(m) == "min" else max(present)
+            best = min(present) if mode_in_sweep(m, spec) == "min" else max(present)
             for i, v in enumerate(vals):
                 if v == best:
                     bold.add((i, offset + j))
