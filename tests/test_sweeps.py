@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from evo.broker import protocol as p
 from evo.broker.desk import Desk
@@ -175,6 +176,17 @@ space:
     assert len(list((out / "experiments").glob("*.json"))) == 4
     util = (out / "utilization.csv").read_text().splitlines()
     assert util[1].startswith("solo,2,")
+    assert f"sweep e2e ({sweep_id})" in tex and tex.startswith("% Needs \\usepackage{booktabs}")
+    summary = yaml.safe_load((out / "summary.yaml").read_text())  # the handoff
+    assert summary["sweep_id"] == sweep_id and summary["name"] == "e2e"
+    assert summary["models_trained"] == ["GLM", "XGBoost"] and summary["mode"] == "max"
+    assert summary["experiments"] == {"total": 4, "completed": 4, "failed": 0, "cancelled": 0}
+    assert summary["wall_time_s"] > 0 and summary["utilization"]["solo"]["experiments"] == 4
+    assert summary["best"]["job_id"] == best["job_id"]
+    assert summary["best"]["metrics"]["auc"] == best["metrics"]["auc"]
+    files = summary["deliverables"]
+    assert {"comparison.tex", "roc.pdf", "calibration.pdf", "utilization.csv"} <= set(files)
+    assert all(Path(f).is_file() for f in files.values())
 
     r = run_evo("audit", best["job_id"], home=home, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -7,8 +7,12 @@ gone. Written:
 - ``experiments/<job>.json`` and ``experiments/<job>.csv``: one experiment, overall and per season
 - ``comparison.csv``: one row per experiment, parameters and metrics
 - ``comparison.tex``: the same as a booktabs table, the best value of each metric in bold
-- ``roc.pdf`` and ``calibration.pdf``: curves of the top experiments (at most 12)
+- ``roc.pdf`` and ``calibration.pdf``: curves of the top experiments (at most 12), colour by
+  model, line style by calibration, legend outside the axes, forecasts per bin below the
+  calibration curves, TrueType fonts
 - ``utilization.csv`` and ``utilization.tex``: per node, busy fraction, jobs, GPU use
+- ``summary.yaml``: the handoff: sweep, models trained, experiments, wall time, utilization per
+  node, the best model with its metrics, and the path of every file above
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def latex_escape(s: str) -> str:
 
 def latex_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]],
                 caption: str, label: str, align: str) -> str:
-    lines = [r"\begin{table}[ht]", r"\centering", f"\\caption{{{latex_escape(caption)}}}",
+    lines = [r"% Needs \usepackage{booktabs} (for \toprule, \midrule, \bottomrule).",
+             r"\begin{table}[ht]", r"\centering", f"\\caption{{{latex_escape(caption)}}}",
              f"\\label{{{label}}}", f"\\begin{{tabular}}{{{align}}}", r"\toprule",
              " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
     for i, row in enumerate(rows):
@@ -84,8 +89,9 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
     written: list[Path] = []
     keys = sorted({k for r in done for k in r["params"]})
     varying = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in done}) > 1]
-    spec = sql(f"SELECT spec FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
-    spec = (_json(spec[0]["spec"]) or {}) if spec else {}
+    found = sql(f"SELECT name, spec FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
+    spec = (_json(found[0]["spec"]) or {}) if found else {}
+    title = f"{found[0]['name']} ({sweep})" if found and found[0]["name"] else sweep
     # the comparison's metrics: the sweep's own first, then the built-in trainers', else
     # whatever the jobs reported
     reported = {m for r in done for m in r["metrics"]}
@@ -155,15 +161,63 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
                     bold.add((i, offset + j))
     tex = out / "comparison.tex"
     tex.write_text(latex_table(header, table_rows, bold,
-                               f"Walk-forward comparison, sweep {sweep}"
+                               f"Walk-forward comparison, sweep {title}"
                                + (f" (top {len(shown)} of {len(done)})" if len(done) > len(shown) else ""),
                                f"tab:{sweep}", "l" * offset + "r" * len(metrics)))
     written.append(tex)
     plots = _plots(done[:MAX_CURVES], varying, out)
     written += [p for p in plots if isinstance(p, Path)]
     missing += [p for p in plots if isinstance(p, str)]
-    written += _utilization(sweep, sql, out)
+    util_paths, util = _utilization(sweep, title, sql, out)
+    written += util_paths
+    written.append(_summary(sweep, found[0] if found else {}, spec, rows, done, util, sql, out,
+                            written))
     return written, missing
+
+
+def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[dict],
+             util: list[dict], sql: Callable, out: Path, written: list[Path]) -> Path:
+    """summary.yaml, the handoff: what ran, where, how long, the best model, every file."""
+    import yaml
+
+    best = sql(f"SELECT best_job FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
+    best_id = best[0]["best_job"] if best else None
+    best_row = next((r for r in done if r["job_id"] == best_id), None)
+    starts = [r["started_at"] for r in done if r["started_at"] is not None]
+    ends = [r["finished_at"] for r in done if r["finished_at"] is not None]
+    models = list(dict.fromkeys(r["model_type"] or "-" for r in done))
+    states = [r["state"] for r in rows]
+    doc = {
+        "sweep_id": sweep,
+        "name": found.get("name") or "",
+        "metric": spec.get("metric"),
+        "mode": mode_in_sweep(spec["metric"], spec) if spec.get("metric") else None,
+        "models_trained": models,
+        "experiments": {"total": len(rows), **{s: states.count(s) for s in
+                                               ("completed", "failed", "cancelled")}},
+        # from the first experiment's start to the last one's end
+        "wall_time_s": round(max(ends) - min(starts), 3) if starts and ends else None,
+        "utilization": {u["node"]: {
+            "slots": u["slots"], "busy_fraction": _round(u["busy_fraction"]),
+            "experiments": u["sweep_jobs"] or 0,
+            "models": list(dict.fromkeys(r["model_type"] or "-" for r in done
+                                         if r["node"] == u["node"])),
+            "mean_cpu_percent": _round(u["mean_cpu"]),
+            "mean_gpu_percent": _round(u["mean_gpu_util"])} for u in util if u["sweep_jobs"]},
+        "best": None if best_row is None else {
+            "job_id": best_id, "model_type": best_row["model_type"],
+            "params": best_row["params"], "node": best_row["node"],
+            "metrics": {k: v for k, v in best_row["metrics"].items()
+                        if isinstance(v, (int, float))}},
+        "deliverables": {str(p.relative_to(out)): str(p.resolve()) for p in written},
+    }
+    path = out / "summary.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def _round(v: float | None, digits: int = 4) -> float | None:
+    return None if v is None else round(float(v), digits)
 
 
 def _plots(rows: list[dict], varying: list[str], out: Path) -> list[Path | str]:
@@ -171,46 +225,100 @@ def _plots(rows: list[dict], varying: list[str], out: Path) -> list[Path | str]:
     return [
         _curves(rows, varying, out / "roc.pdf", "roc", ("fpr", "tpr"), ("auc", "AUC", ".3f"),
                 ("False positive rate", "True positive rate"),
-                "ROC, walk-forward test seasons", "lower right", marker=None),
+                "ROC, walk-forward test seasons", marker=None),
         _curves(rows, varying, out / "calibration.pdf", "calibration_bins", ("mean_p", "freq"),
                 ("brier", "Brier", ".4f"), ("Forecast probability", "Observed frequency"),
-                "Calibration, walk-forward test seasons", "upper left", marker="o"),
+                "Calibration, walk-forward test seasons", marker="o", counts="count"),
     ]
 
 
-def _curves(rows: list[dict], varying: list[str], path: Path, artifact: str,
-            xy: tuple[str, str], metric: tuple[str, str, str], labels: tuple[str, str],
-            title: str, legend: str, marker: str | None) -> Path | str:
-    """One PDF page: a curve per experiment from one of its artifacts, and the diagonal."""
-    if not any((_json(r["artifacts"].get(artifact, "{}")) or {}).get(xy[0]) for r in rows):
-        return (f"{path.name} not drawn: no experiment returned a {artifact!r} artifact (the "
-                f"built-in trainers do; a job may return its own as a JSON string with "
-                f"{xy[0]!r} and {xy[1]!r} lists)")
+# Line style by calibration method; colour by model (or by series when there is one model).
+CALIBRATION_STYLES = {"none": "-", "platt": "--", "isotonic": ":"}
+EXTRA_MARKERS = ("s", "^", "v", "D", "P", "X")
+
+
+def series_styles(rows: list[dict]) -> list[dict]:
+    """Colour, line style and marker of each row's curve: colour by model type, line style by
+    calibration method, and a marker for further series that share both."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors + colormaps["Dark2"].colors
+    models = list(dict.fromkeys(r["model_type"] or "" for r in rows))
+    seen: dict[tuple[str, str], int] = {}
+    out = []
+    for i, r in enumerate(rows):
+        model = r["model_type"] or ""
+        cal = str(r["params"].get("calibration", "none"))
+        colour = palette[(models.index(model) if len(models) > 1 else i) % len(palette)]
+        n = seen[(model, cal)] = seen.get((model, cal), -1) + 1
+        out.append({"color": colour, "ls": CALIBRATION_STYLES.get(cal, "-."),
+                    "extra_marker": EXTRA_MARKERS[(n - 1) % len(EXTRA_MARKERS)] if n else None})
+    return out
+
+
+def curve_figure(rows: list[dict], varying: list[str], artifact: str, xy: tuple[str, str],
+                 metric: tuple[str, str, str], labels: tuple[str, str], title: str,
+                 marker: str | None, counts: str | None = None):  # noqa: ANN201 - a Figure
+    """A curve per experiment from one of its artifacts and the diagonal, the legend outside
+    the axes; with ``counts``, the forecasts per bin in a panel below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    drawn = [(r, st) for r, st in zip(rows, series_styles(rows))
+             if (_json(r["artifacts"].get(artifact, "{}")) or {}).get(xy[0])]
+    height = max(4.5, 1.5 + 0.22 * len(drawn))  # room for a legend row per series
+    if counts:
+        fig, (ax, below) = plt.subplots(2, 1, figsize=(8.5, height + 1.2), sharex=True,
+                                        gridspec_kw={"height_ratios": (4, 1)})
+    else:
+        fig, ax = plt.subplots(figsize=(8.5, height))
+        below = None
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="_diagonal")
     key, name, fmt = metric
-    for r in rows:
-        curve = _json(r["artifacts"].get(artifact, "{}")) or {}
-        if curve.get(xy[0]):
-            v = r["metrics"].get(key)
-            ax.plot(curve[xy[0]], curve[xy[1]], lw=1.2, marker=marker, ms=3,
-                    label=_label(r, varying) + (f" ({name} {v:{fmt}})" if v is not None else ""))
-    ax.set_xlabel(labels[0])
+    for r, st in drawn:
+        curve = _json(r["artifacts"][artifact])
+        v = r["metrics"].get(key)
+        ax.plot(curve[xy[0]], curve[xy[1]], color=st["color"], ls=st["ls"], lw=1.3,
+                marker=st["extra_marker"] or marker, ms=3.5,
+                label=_label(r, varying) + (f" ({name} {v:{fmt}})" if v is not None else ""))
+        if below is not None and curve.get(counts):
+            below.plot(curve[xy[0]], curve[counts], color=st["color"], ls=st["ls"], lw=1.0,
+                       marker=st["extra_marker"] or marker, ms=2.5)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
     ax.set_ylabel(labels[1])
     ax.set_title(title)
-    ax.legend(fontsize=6, loc=legend)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"CreationDate": None})
+    (below if below is not None else ax).set_xlabel(labels[0])
+    if below is not None:
+        below.set_ylabel("Forecasts\nper bin")
+        below.set_ylim(bottom=0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7,
+              frameon=False)
+    return fig
+
+
+def _curves(rows: list[dict], varying: list[str], path: Path, artifact: str,
+            xy: tuple[str, str], metric: tuple[str, str, str], labels: tuple[str, str],
+            title: str, marker: str | None, counts: str | None = None) -> Path | str:
+    """One PDF page of curves (see curve_figure), or why there is none to draw."""
+    if not any((_json(r["artifacts"].get(artifact, "{}")) or {}).get(xy[0]) for r in rows):
+        return (f"{path.name} not drawn: no experiment returned a {artifact!r} artifact (the "
+                f"built-in trainers do; a job may return its own as a JSON string with "
+                f"{xy[0]!r} and {xy[1]!r} lists)")
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    # TrueType fonts: text stays text in the PDF (journals and thesis offices ask for it)
+    with matplotlib.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42}):
+        fig = curve_figure(rows, varying, artifact, xy, metric, labels, title, marker, counts)
+        fig.savefig(path, bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     return path
 
 
-def _utilization(sweep: str, sql: Callable, out: Path) -> list[Path]:
+def _utilization(sweep: str, title: str, sql: Callable, out: Path) -> tuple[list[Path], list[dict]]:
     rows = sql(
         "SELECT u.node, u.slots, u.busy_fraction, u.idle_slot_s, u.jobs_completed, "
         "u.mean_cpu, u.mean_gpu_util, u.mean_vram_used_gb, s.n AS sweep_jobs "
@@ -231,5 +339,5 @@ def _utilization(sweep: str, sql: Callable, out: Path) -> list[Path]:
         ["Node", "Slots", "Busy", "Jobs (sweep)", "Mean CPU %", "Mean GPU %"],
         [[r["node"], str(r["slots"]), fmt(r["busy_fraction"]), str(r["sweep_jobs"] or 0),
           fmt(r["mean_cpu"], 1), fmt(r["mean_gpu_util"], 1)] for r in rows], set(),
-        f"Utilization per node, sweep {sweep}", f"tab:{sweep}-util", "lrrrrr"))
-    return [p, t]
+        f"Utilization per node, sweep {title}", f"tab:{sweep}-util", "lrrrrr"))
+    return [p, t], rows
