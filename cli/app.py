@@ -650,7 +650,17 @@ def main() -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        if os.environ.get("EVO_DEBUG"):
+            raise
+        # anything else is evo's bug: one line, and where to get the whole story
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        at = (f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}"
+              if where is not None else "")
+        _err(f"evo: internal error: {type(exc).__name__}: {' '.join(str(exc).split())}{at} "
+             "(EVO_DEBUG=1 shows the traceback)")
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

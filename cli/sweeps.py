@@ -165,8 +165,9 @@ def _check_value(cls: type, fields: set[str], trainer: str, name: str, value: An
     try:
         msgspec.convert({name: value}, cls)
     except msgspec.ValidationError as exc:
-        msg = str(exc).split(" - at ")[0]
-        raise BadInput(f"{where}: {at}: {msg} for {trainer}.{name}, got {value!r}") from None
+        expected = str(exc).split(" - at ")[0].split(", got ")[0]  # ours names the value
+        expected = expected[:1].lower() + expected[1:]
+        raise BadInput(f"{where}: {at}: {trainer}.{name}: {expected}, got {value!r}") from None
 
 
 def configurations(spec: SweepSpec) -> list[dict[str, Any]]:

@@ -104,3 +104,21 @@ def test_late_tail_follow_sees_every_event_once(pbroker, tmp_path):
             proc.terminate()
             proc.wait(10)
     assert seqs == list(range(1, 301))
+
+
+def test_an_internal_error_is_one_line_unless_debugging(tmp_path):
+    import os
+    import sys
+
+    code = ("import sys; from evo.cli import app\n"
+            "@app.app.command()\ndef boom() -> None:\n    {}['missing']\n"
+            "sys.argv = ['evo', 'boom']; app.main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "EVO_DEBUG"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("evo: internal error: KeyError: 'missing' at <string>:4")
+    assert "EVO_DEBUG=1" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "EVO_DEBUG": "1"}, cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr

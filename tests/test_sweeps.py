@@ -64,9 +64,9 @@ space:
 @pytest.mark.parametrize("body, message", [
     ("trainer: SVM\nspace: {C: [1]}", r"\$.trainer: unknown trainer 'SVM' \(expected one of GLM"),
     ("trainer: XGBoost\nspace: {max_depth: [3, five]}",
-     r"\$.space.max_depth\[1\]: Expected `int`, got `str` for XGBoost.max_depth, got 'five'"),
+     r"\$.space.max_depth\[1\]: XGBoost.max_depth: expected `int`, got 'five'"),
     ("trainer: XGBoost\nspace: {subsample: [0.5, 1.5]}",
-     r"\$.space.subsample\[1\]: Expected `float` <= 1.0"),
+     r"\$.space.subsample\[1\]: XGBoost.subsample: expected `float` <= 1.0, got 1.5"),
     ("trainer: XGBoost\nspace: {max_depth: []}", r"\$.space.max_depth: expected a non-empty list"),
     ("trainer: XGBoost\nspace: {}", r"\$.space: expected at least one parameter"),
     ("trainer: XGBoost\nspace: {depth: [3]}", r"\$.space.depth\[0\]: XGBoost has no parameter 'depth'"),
