@@ -144,6 +144,11 @@ def test_a_command_sweep_ranks_by_the_last_reported_metric(cluster, tmp_path):
     run_evo("report", sweep, "--out", str(tmp_path / "rep"), home=home)
     rows = (tmp_path / "rep" / "comparison.csv").read_text().splitlines()
     assert rows[1].startswith(best["job_id"] + ","), rows
+    import yaml
+
+    summary = yaml.safe_load((tmp_path / "rep" / "summary.yaml").read_text())
+    assert summary["best"]["job_id"] == best["job_id"] and summary["mode"] == "max"
+    assert summary["models_trained"] == []  # a script of the user's: no model type
 
 
 def test_a_sweep_whose_metric_nobody_reported_says_so_and_exits_1(cluster, tmp_path):

@@ -185,7 +185,7 @@ def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[d
     best_row = next((r for r in done if r["job_id"] == best_id), None)
     starts = [r["started_at"] for r in done if r["started_at"] is not None]
     ends = [r["finished_at"] for r in done if r["finished_at"] is not None]
-    models = list(dict.fromkeys(r["model_type"] or "-" for r in done))
+    models = list(dict.fromkeys(r["model_type"] for r in done if r["model_type"]))
     states = [r["state"] for r in rows]
     doc = {
         "sweep_id": sweep,
@@ -200,8 +200,8 @@ def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[d
         "utilization": {u["node"]: {
             "slots": u["slots"], "busy_fraction": _round(u["busy_fraction"]),
             "experiments": u["sweep_jobs"] or 0,
-            "models": list(dict.fromkeys(r["model_type"] or "-" for r in done
-                                         if r["node"] == u["node"])),
+            "models": list(dict.fromkeys(r["model_type"] for r in done
+                                         if r["node"] == u["node"] and r["model_type"])),
             "mean_cpu_percent": _round(u["mean_cpu"]),
             "mean_gpu_percent": _round(u["mean_gpu_util"])} for u in util if u["sweep_jobs"]},
         "best": None if best_row is None else {
