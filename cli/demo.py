@@ -96,7 +96,7 @@ def main() -> None:
         out = HOME / "report"
         evo("report", sweep_id, "--out", str(out), show=False)
         for name in ("comparison.csv", "comparison.tex", "roc.pdf", "calibration.pdf",
-                     "utilization.csv"):
+                     "utilization.csv", "summary.yaml"):
             print(f"    {out / name}")
         print(f"    {out / 'experiments'}/<job>.json|csv ({len(list((out / 'experiments').glob('*.json')))} experiments)")
         step(f"audit the best experiment ({best['job_id']}): re-run from its record, compare")
