@@ -25,6 +25,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -139,7 +140,8 @@ class Broker:
         try:
             write_broker_file(self.home, {"address": self.address, "events": self.events_endpoint,
                                           "queries": self.query_endpoint,
-                                          "pid": os.getpid(), "started": time.time()})
+                                          "pid": os.getpid(), "hostname": socket.gethostname(),
+                                          "started": time.time()})
         except OSError as exc:  # a full disk: serve anyway, for reads, queries and --broker
             log.error("cannot write %s (%s): commands need --broker %s until the broker "
                       "restarts with space", self.home / "broker.json", exc.strerror or exc,

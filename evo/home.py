@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -52,12 +53,30 @@ def find_broker(explicit: str | None = None, home: Path | None = None) -> str:
         return normalize_address(env)
     home = home or evo_home()
     info = read_broker_file(home)
+    gone = ""
     if info and info.get("address"):
-        return str(info["address"])
+        if not _gone(info):
+            return str(info["address"])
+        gone = f"; the broker {broker_file(home)} names (pid {info['pid']}) is gone"
     raise NoBroker(
         f"no broker: pass --broker ADDR, set EVO_BROKER, or start one with `evo broker` "
-        f"or `evo up` (looked for {broker_file(home)})"
+        f"or `evo up` (looked for {broker_file(home)}{gone})"
     )
+
+
+def _gone(info: dict) -> bool:
+    """True when the broker a broker.json names was on this machine and its process is gone
+    (killed, so it could not remove the file): commands read the files instead of waiting."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or info.get("hostname", socket.gethostname()) != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def normalize_address(addr: str) -> str:

@@ -122,3 +122,18 @@ def test_an_internal_error_is_one_line_unless_debugging(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**env, "EVO_DEBUG": "1"}, cwd=tmp_path, timeout=60)
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+
+
+def test_after_a_broker_is_killed_commands_read_the_files_at_once(pbroker, tmp_path):
+    home = tmp_path / "home"
+    b = pbroker(home)
+    j = run_evo("submit", "--", "true", home=home).stdout.strip()
+    b.kill()  # kill -9: broker.json stays behind, naming a pid that is gone
+    assert (home / "broker.json").exists()
+    slow = {"EVO_TIMEOUT_S": "600"}  # were the stale address tried, these would hang
+    r = run_evo("tail", home=home, env=slow)
+    assert r.returncode == 0 and "JobSubmitted" in r.stdout and j in r.stdout, r.stderr
+    r = run_evo("sql", "SELECT job_id, state FROM jobs", "--format", "csv", home=home, env=slow)
+    assert r.returncode == 0 and r.stdout.split() == ["job_id,state", f"{j},queued"], r.stderr
+    r = run_evo("submit", "--", "true", home=home, env=slow)
+    assert r.returncode == 1 and "is gone" in r.stderr, r.stderr
