@@ -43,43 +43,17 @@ from evo.events.schema import (
     UtilizationSampled,
 )
 
-QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED = (
-    "queued", "leased", "running", "completed", "failed", "cancelled",
+from evo.events.lifecycle import (  # noqa: F401 - the rules, re-exported for the broker
+    ACTIVE,
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    LEASED,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    TRANSITIONS,
 )
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
-ACTIVE = frozenset({LEASED, RUNNING})
-
-# (state before, event type) -> state after. A missing pair is an illegal transition.
-TRANSITIONS: dict[tuple[str | None, str], str] = {
-    (None, "JobSubmitted"): QUEUED,
-    (QUEUED, "JobLeased"): LEASED,
-    (LEASED, "JobStarted"): RUNNING,
-    (LEASED, "Progress"): RUNNING,
-    (RUNNING, "Progress"): RUNNING,
-    (LEASED, "Checkpointed"): RUNNING,
-    (RUNNING, "Checkpointed"): RUNNING,
-    (LEASED, "JobCompleted"): COMPLETED,
-    (RUNNING, "JobCompleted"): COMPLETED,
-    # An attempt ends: back to the queue (a RetryScheduled follows), or failed for good when
-    # the event says final (attempts exhausted, or the error is not retryable).
-    (LEASED, "JobFailed"): QUEUED,
-    (RUNNING, "JobFailed"): QUEUED,
-    (QUEUED, "JobFailed"): QUEUED,  # only with final=True, see _job_failed
-    (LEASED, "LeaseExpired"): QUEUED,
-    (RUNNING, "LeaseExpired"): QUEUED,
-    (QUEUED, "RetryScheduled"): QUEUED,
-    (QUEUED, "CancelRequested"): QUEUED,
-    (LEASED, "CancelRequested"): LEASED,
-    (RUNNING, "CancelRequested"): RUNNING,
-    (QUEUED, "JobCancelled"): CANCELLED,
-    (QUEUED, "JobHeld"): QUEUED,  # a held job stays queued, and is not leased
-    (QUEUED, "JobReleased"): QUEUED,
-    (LEASED, "JobCancelled"): CANCELLED,
-    (RUNNING, "JobCancelled"): CANCELLED,
-}
-for _s in (QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED):
-    # A rejected report is a record of what did not happen: it never moves the job.
-    TRANSITIONS[(_s, "ReportRejected")] = _s
 
 
 class IllegalTransition(Exception):

@@ -198,9 +198,12 @@ def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  #
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    from collections import Counter
+
+    from evo.events.lifecycle import CANCELLED, COMPLETED, FAILED, RUNNING, TERMINAL, state_after
+
     ids = set(reply.job_ids)
-    state = {"completed": 0, "failed": 0, "cancelled": 0, "running": 0}
-    running: set[str] = set()
+    states: dict[str, str] = {}
     console = Console(stderr=True)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -213,21 +216,16 @@ def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  #
             if name == "SweepCompleted" and ev.sweep_id == reply.sweep_id:
                 break
             jid = getattr(ev, "job_id", None)
-            if jid not in ids:
+            after = state_after(ev) if jid in ids else None
+            if after is None:
                 continue
-            if name == "JobStarted":
-                running.add(jid)
-            elif name in ("JobCompleted", "JobCancelled") or (name == "JobFailed" and ev.final):
-                running.discard(jid)
-                key = {"JobCompleted": "completed", "JobCancelled": "cancelled"}.get(name, "failed")
-                state[key] += 1
-                bar.advance(task)
-            elif name in ("JobFailed", "LeaseExpired"):
-                running.discard(jid)
-            state["running"] = len(running)
-            bar.update(task, detail=f"done {state['completed']} running {state['running']} "
-                                    f"failed {state['failed']}")
-    return state
+            states[jid] = after
+            count = Counter(states.values())
+            bar.update(task, completed=sum(count[s] for s in TERMINAL),
+                       detail=f"done {count[COMPLETED]} running {count[RUNNING]} "
+                              f"failed {count[FAILED]}")
+    count = Counter(states.values())
+    return {s: count[s] for s in (COMPLETED, FAILED, CANCELLED)}
 
 
 def _best(sweep_id: str, sql: Callable, broker: str | None) -> dict | None:

@@ -13,6 +13,7 @@ came before it.
 from __future__ import annotations
 
 from evo.direction import lower_is_better_sql
+from evo.events.lifecycle import FAILED, QUEUED, STATE_AFTER
 
 VERSION = 4  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics;
 # 4: jobs.held and nodes.drained
@@ -118,8 +119,13 @@ CREATE OR REPLACE VIEW utilization_summary AS
 """
 
 
-_LIFECYCLE = ("'JobSubmitted', 'JobLeased', 'JobStarted', 'JobCompleted', 'JobFailed', "
-              "'RetryScheduled', 'JobCancelled', 'LeaseExpired'")
+# The events that move a job, and its state after the last of them: from the lifecycle table.
+_LIFECYCLE = ", ".join(f"'{k}'" for k, after in STATE_AFTER.items() if after)
+_STATE = "CASE n.last_type " + " ".join(
+    f"WHEN '{k}' THEN "
+    + (f"CASE WHEN n.last_final THEN '{FAILED}' ELSE '{after}' END" if k == "JobFailed"
+       else f"'{after}'")
+    for k, after in STATE_AFTER.items() if after) + f" ELSE '{QUEUED}' END"
 _ENDED = "('completed', 'failed', 'expired')"
 
 # The fields staged for every event: those of the events table, and a few scalars. Every field
@@ -207,11 +213,7 @@ o AS (  -- the old rows, narrow: the UPDATE reads what it merges from the row it
     SELECT job_id, sweep_id FROM jobs WHERE job_id IN (SELECT job_id FROM a))
 SELECT n.job_id, o.job_id IS NOT NULL AS has_old,
     CASE WHEN o.job_id IS NULL THEN n.sp.sweep_id ELSE o.sweep_id END AS sweep_id,
-    CASE n.last_type
-        WHEN 'JobLeased' THEN 'leased' WHEN 'JobStarted' THEN 'running'
-        WHEN 'JobCompleted' THEN 'completed' WHEN 'JobCancelled' THEN 'cancelled'
-        WHEN 'JobFailed' THEN CASE WHEN n.last_final THEN 'failed' ELSE 'queued' END
-        ELSE 'queued' END AS state,
+    {_STATE} AS state,
     n.node, CAST(n.leases AS INTEGER) AS leases, n.metrics, n.artifacts, n.error, n.started_at,
     n.finished_at, n.duration_s, n.sp, n.spec_json, n.sub_seq, n.submitted_at,
     CASE n.hold WHEN 'JobHeld' THEN true WHEN 'JobReleased' THEN false END AS held
