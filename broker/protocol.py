@@ -246,6 +246,8 @@ class Query(Command, tag="query"):
     """
 
     sql: Annotated[str, Meta(max_length=1 << 20)] = ""
+    # values for the statement's ? placeholders, in order: no quoting of values in SQL text
+    params: Annotated[list[str | int | float | bool | None], Meta(max_length=10_000)] = []
     as_of: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
     kind: Literal["sql", "digest"] = "sql"
 

@@ -500,9 +500,10 @@ def logs(job: str = typer.Argument(..., help="job id"),
 # --- projections ------------------------------------------------------------------------------
 
 
-def _sql(sql: str, broker: str | None, as_of: int = 0):  # noqa: ANN202 - a pyarrow.Table
-    """Through the broker's projection when a broker runs; else from the files, caught up and
-    opened read-only. Either way read-only and bounded (projections/sql.py)."""
+def _sql(sql: str, broker: str | None, as_of: int = 0, params: list | tuple = ()):  # noqa: ANN202
+    """A pyarrow Table: through the broker's projection when a broker runs; else from the files,
+    caught up and opened read-only. Either way read-only and bounded (projections/sql.py);
+    values go in as ``params`` for the ``?`` placeholders, never quoted into the text."""
     from evo.home import NoBroker
     from evo.projections.follower import from_ipc
 
@@ -517,12 +518,12 @@ def _sql(sql: str, broker: str | None, as_of: int = 0):  # noqa: ANN202 - a pyar
         proj = read_projection(evo_home())
         try:
             if as_of:
-                return from_ipc(query_at(proj.con, as_of, sql)[1])
-            return proj.query(sql)
+                return from_ipc(query_at(proj.con, as_of, sql, params=list(params))[1])
+            return proj.query(sql, params)
         finally:
             proj.close()
     with c:
-        reply = c.query(sql, as_of=as_of)
+        reply = c.query(sql, params, as_of=as_of)
     if reply.behind:
         _err(f"warning: the answer is as of seq {reply.seq}; {reply.behind}")
     return from_ipc(reply.arrow)

@@ -206,8 +206,8 @@ class Client:
         assert isinstance(reply, p.LogChunk)
         return reply
 
-    def query(self, sql: str = "", *, as_of: int = 0, kind: str = "sql",
-              timeout_s: float = 300.0) -> p.QueryResult:
+    def query(self, sql: str = "", params: list | tuple = (), *, as_of: int = 0,
+              kind: str = "sql", timeout_s: float = 300.0) -> p.QueryResult:
         """Ask the broker's projection (its own endpoint, so a slow query delays no one)."""
         endpoint = self.hello().query_endpoint
         if not endpoint:
@@ -216,7 +216,8 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
         try:
-            sock.send(p.command_encoder.encode(p.Query(req=1, sql=sql, as_of=as_of, kind=kind)))
+            sock.send(p.command_encoder.encode(p.Query(req=1, sql=sql, params=list(params),
+                                                       as_of=as_of, kind=kind)))
             if not sock.poll(int(timeout_s * 1000)):
                 raise BrokerUnavailable(f"no answer from the projection at {endpoint} within "
                                         f"{timeout_s:g}s")
@@ -226,11 +227,12 @@ class Client:
         assert isinstance(reply, p.QueryResult)
         return reply
 
-    def sql(self, sql: str, *, as_of: int = 0):  # noqa: ANN201 - a pyarrow.Table
-        """A read-only query over the projections, as a pyarrow Table."""
+    def sql(self, sql: str, params: list | tuple = (), *, as_of: int = 0):  # noqa: ANN201
+        """A read-only query over the projections, as a pyarrow Table (``?`` placeholders take
+        ``params``)."""
         from evo.projections.follower import from_ipc
 
-        return from_ipc(self.query(sql, as_of=as_of).arrow)
+        return from_ipc(self.query(sql, params, as_of=as_of).arrow)
 
     def read(self, from_seq: int = 1, limit: int = 10_000) -> tuple[list[Event], int]:
         """Committed events from ``from_seq`` (at most ``limit``) and the broker's head seq."""

@@ -19,10 +19,6 @@ from evo.errors import BadInput, EvoError
 from evo.home import evo_home
 
 
-def _q(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
@@ -31,18 +27,18 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
              broker_opt) -> None:  # noqa: ANN001
     def leaderboard_table(sweep: str, metric: str, top: int, broker: str | None):  # noqa: ANN202
         keys = [r["k"] for r in sql(
-            f"SELECT DISTINCT unnest(json_keys(params)) AS k FROM leaderboard "
-            f"WHERE sweep_id = {_q(sweep)} ORDER BY 1", broker).to_pylist()]
+            "SELECT DISTINCT unnest(json_keys(params)) AS k FROM leaderboard "
+            "WHERE sweep_id = ? ORDER BY 1", broker, params=[sweep]).to_pylist()]
         varying = []
         for k in keys:  # only the parameters that vary make useful columns
-            n = sql(f"SELECT count(DISTINCT params ->> {_q(k)}) AS n FROM leaderboard "
-                    f"WHERE sweep_id = {_q(sweep)}", broker).to_pylist()[0]["n"]
+            n = sql("SELECT count(DISTINCT params ->> ?) AS n FROM leaderboard "
+                    "WHERE sweep_id = ?", broker, params=[k, sweep]).to_pylist()[0]["n"]
             if n > 1:
                 varying.append(k)
-        cols = "".join(f', params ->> {_q(k)} AS {_ident(k)}' for k in varying)
+        cols = "".join(f", params ->> ? AS {_ident(k)}" for k in varying)
         return sql(f"SELECT rank, job_id, model_type, value AS {_ident(metric)}{cols} "
-                   f"FROM leaderboard WHERE sweep_id = {_q(sweep)} AND metric = {_q(metric)} "
-                   f"ORDER BY rank LIMIT {int(top)}", broker)
+                   "FROM leaderboard WHERE sweep_id = ? AND metric = ? ORDER BY rank LIMIT ?",
+                   broker, params=[*varying, sweep, metric, int(top)])
 
     @app.command()
     def leaderboard(sweep: str = typer.Argument(..., help="sweep id"),
@@ -52,14 +48,14 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
                     fmt: str = typer.Option("table", "--format", help="table, csv or json"),
                     broker: Optional[str] = broker_opt) -> None:
         """The best configurations of a sweep by one metric, each varying parameter a column."""
-        rows = sql(f"SELECT spec FROM sweeps WHERE sweep_id = {_q(sweep)}", broker).to_pylist()
+        rows = sql("SELECT spec FROM sweeps WHERE sweep_id = ?", broker, params=[sweep]).to_pylist()
         if not rows:
             raise BadInput(f"no sweep {sweep!r} (see `evo sql \"SELECT sweep_id, name FROM sweeps\"`)")
         spec = rows[0]["spec"]
         spec = (json.loads(spec) if isinstance(spec, str) else spec) or {}
         metrics = [r["metric"] for r in sql(
-            f"SELECT DISTINCT metric FROM leaderboard WHERE sweep_id = {_q(sweep)} ORDER BY 1",
-            broker).to_pylist()]
+            "SELECT DISTINCT metric FROM leaderboard WHERE sweep_id = ? ORDER BY 1",
+            broker, params=[sweep]).to_pylist()]
         if not metrics:
             raise EvoError(f"sweep {sweep}: no completed job reported a metric")
         if metric is None:
@@ -115,9 +111,9 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         best = _best(reply.sweep_id, sql, broker)
         if best is None:
             got = sorted({r["metric"] for r in sql(
-                f"SELECT DISTINCT m.name AS metric FROM metrics m JOIN jobs j USING (job_id) "
-                f"WHERE j.sweep_id = {_q(reply.sweep_id)} AND m.kind = 'final'",
-                broker).to_pylist()})
+                "SELECT DISTINCT m.name AS metric FROM metrics m JOIN jobs j USING (job_id) "
+                "WHERE j.sweep_id = ? AND m.kind = 'final'",
+                broker, params=[reply.sweep_id]).to_pylist()})
             raise EvoError(f"sweep {reply.sweep_id}: no completed job reported the sweep's "
                            f"metric {metric!r} (they reported: {', '.join(got) or 'nothing'}); "
                            "no best configuration. Set `metric:` in the sweep file, or report "
@@ -156,7 +152,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         and utilization per node."""
         from evo.trainers.report import write_report
 
-        paths, missing = write_report(sweep, lambda q: sql(q, broker), out)
+        paths, missing = write_report(sweep, lambda q, ps=(): sql(q, broker, params=ps), out)
         for p in paths:
             typer.echo(str(p))
         for why in missing:
@@ -170,7 +166,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         Exit 0 when every metric matches bit for bit and the data is unchanged, else 1."""
         from evo.trainers.audit import audit_job
 
-        ok, lines = audit_job(job, lambda q: sql(q, broker))
+        ok, lines = audit_job(job, lambda q, ps=(): sql(q, broker, params=ps))
         for line in lines:
             typer.echo(line)
         if not ok:
@@ -180,15 +176,16 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
 def _missing(name: str, jobs: list, sql: Callable, broker: str | None) -> tuple[str, list]:  # noqa: ANN001
     """The last sweep named ``name``, and those of ``jobs`` whose parameters none of its jobs
     completed or is running: a configuration is its sweep's name and its parameters."""
-    rows = sql(f"SELECT sweep_id FROM sweeps WHERE name = {_q(name)} "
-               "ORDER BY submitted_at DESC, sweep_id DESC LIMIT 1", broker).to_pylist()
+    rows = sql("SELECT sweep_id FROM sweeps WHERE name = ? "
+               "ORDER BY submitted_at DESC, sweep_id DESC LIMIT 1", broker, params=[name]).to_pylist()
     if not rows:
         raise BadInput(f"--resume: no sweep named {name!r} to resume (submit it without --resume)")
     sweep = rows[0]["sweep_id"]
     seen = {json.dumps(json.loads(r["params"]) if isinstance(r["params"], str) else r["params"],
                        sort_keys=True)
-            for r in sql(f"SELECT params FROM jobs WHERE sweep_id = {_q(sweep)} AND state IN "
-                         "('completed', 'queued', 'leased', 'running')", broker).to_pylist()}
+            for r in sql("SELECT params FROM jobs WHERE sweep_id = ? AND state IN "
+                         "('completed', 'queued', 'leased', 'running')", broker,
+                         params=[sweep]).to_pylist()}
     return sweep, [j for j in jobs if json.dumps(j.params, sort_keys=True) not in seen]
 
 
@@ -229,12 +226,12 @@ def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  #
 
 
 def _best(sweep_id: str, sql: Callable, broker: str | None) -> dict | None:
-    rows = sql(f"SELECT best_job FROM sweeps WHERE sweep_id = {_q(sweep_id)}", broker).to_pylist()
+    rows = sql("SELECT best_job FROM sweeps WHERE sweep_id = ?", broker, params=[sweep_id]).to_pylist()
     if not rows or not rows[0]["best_job"]:
         return None
     job = rows[0]["best_job"]
-    r = sql(f"SELECT job_id, model_type, params, metrics FROM jobs WHERE job_id = {_q(job)}",
-            broker).to_pylist()[0]
+    r = sql("SELECT job_id, model_type, params, metrics FROM jobs WHERE job_id = ?",
+            broker, params=[job]).to_pylist()[0]
     return {"sweep_id": sweep_id, "job_id": job, "model_type": r["model_type"],
             "params": json.loads(r["params"]) if isinstance(r["params"], str) else r["params"],
             "metrics": json.loads(r["metrics"]) if isinstance(r["metrics"], str) else r["metrics"]}

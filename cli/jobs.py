@@ -17,10 +17,6 @@ from evo.errors import BadInput
 STATES = ("queued", "leased", "running", "completed", "failed", "cancelled")
 
 
-def _q(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _j(v):  # noqa: ANN001, ANN202 - JSON columns come back as text
     if isinstance(v, str):
         try:
@@ -39,24 +35,27 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
              as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
              broker: Optional[str] = broker_opt) -> None:
         """Jobs, newest first: id, name, state, node, attempt, elapsed, last step and metrics."""
-        where = []
+        where, values = [], []
         if state is not None:
             if state not in STATES:
                 raise BadInput(f"--state: expected one of {', '.join(STATES)}, got {state!r}")
-            where.append(f"state = {_q(state)}")
+            where.append("state = ?")
+            values.append(state)
         if sweep is not None:
-            if not sql(f"SELECT 1 FROM sweeps WHERE sweep_id = {_q(sweep)}", broker).num_rows:
+            if not sql("SELECT 1 FROM sweeps WHERE sweep_id = ?", broker, params=[sweep]).num_rows:
                 raise BadInput(f"--sweep: no sweep {sweep!r}")
-            where.append(f"sweep_id = {_q(sweep)}")
+            where.append("sweep_id = ?")
+            values.append(sweep)
         if node is not None:
-            if not sql(f"SELECT 1 FROM nodes WHERE node = {_q(node)}", broker).num_rows:
+            if not sql("SELECT 1 FROM nodes WHERE node = ?", broker, params=[node]).num_rows:
                 raise BadInput(f"--node: no node {node!r} has joined")
-            where.append(f"node = {_q(node)}")
+            where.append("node = ?")
+            values.append(node)
         if limit < 1:
             raise BadInput(f"--limit: expected >= 1, got {limit}")
         cond = f"WHERE {' AND '.join(where)}" if where else ""
         table = sql(f"""
-            WITH j AS (SELECT * FROM jobs {cond} ORDER BY submitted_seq DESC LIMIT {int(limit)}),
+            WITH j AS (SELECT * FROM jobs {cond} ORDER BY submitted_seq DESC LIMIT ?),
             last AS (SELECT m.job_id, max(m.seq) AS seq FROM metrics m
                      WHERE m.kind = 'progress' AND m.job_id IN (SELECT job_id FROM j)
                      GROUP BY m.job_id),
@@ -71,7 +70,8 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
                       ELSE coalesce(j.finished_at, epoch(current_timestamp)) - j.started_at
                       END, 1) AS elapsed_s,
                 s.step, s.metrics
-            FROM j LEFT JOIN shown s USING (job_id) ORDER BY j.submitted_seq DESC""", broker)
+            FROM j LEFT JOIN shown s USING (job_id) ORDER BY j.submitted_seq DESC""", broker,
+            params=[*values, int(limit)])
         print_table(table, "json" if as_json else "table")
 
     @app.command()
@@ -80,18 +80,19 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
              broker: Optional[str] = broker_opt) -> None:
         """One job in full: spec, every attempt (node, times, exit, error), checkpoints, final
         metrics, and the fingerprints of its code and data."""
-        rows = sql(f"SELECT * FROM jobs WHERE job_id = {_q(job)}", broker).to_pylist()
+        rows = sql("SELECT * FROM jobs WHERE job_id = ?", broker, params=[job]).to_pylist()
         if not rows:
             raise BadInput(f"no job {job!r}")
         row = rows[0]
         spec = _j(row["spec"])
         attempts = sql(
-            f"SELECT attempt, node, leased_at, started_at, ended_at, outcome, exit_code, error, "
-            f"pid FROM attempts WHERE job_id = {_q(job)} ORDER BY attempt, lease_epoch",
-            broker).to_pylist()
+            "SELECT attempt, node, leased_at, started_at, ended_at, outcome, exit_code, error, "
+            "pid FROM attempts WHERE job_id = ? ORDER BY attempt, lease_epoch",
+            broker, params=[job]).to_pylist()
         checkpoints = sql(
-            f"SELECT seq, payload ->> '$.path' AS path, payload ->> '$.step' AS step FROM events "
-            f"WHERE job_id = {_q(job)} AND type = 'Checkpointed' ORDER BY seq", broker).to_pylist()
+            "SELECT seq, payload ->> '$.path' AS path, payload ->> '$.step' AS step FROM events "
+            "WHERE job_id = ? AND type = 'Checkpointed' ORDER BY seq", broker,
+            params=[job]).to_pylist()
         doc = {"job_id": job, "name": row["name"], "state": row["state"],
                "sweep_id": row["sweep_id"], "model_type": row["model_type"],
                "node": row["node"], "error": row["error"] or None,

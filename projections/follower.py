@@ -349,14 +349,14 @@ class Follower(threading.Thread):
         try:
             if cmd.as_of:
                 try:
-                    at, arrow = query_at(cur, cmd.as_of, cmd.sql, self._cursors)
+                    at, arrow = query_at(cur, cmd.as_of, cmd.sql, self._cursors, cmd.params)
                 finally:
                     cur.close()
                 reply: p.Reply = p.QueryResult(req=cmd.req, seq=at, arrow=arrow)
             else:
                 reply = p.QueryResult(req=cmd.req, seq=seq, behind=behind,
                                       arrow=sql.run(cur, cmd.sql, running=self._cursors,
-                                                    shape=shape))
+                                                    shape=shape, params=cmd.params))
         except SqlError as exc:
             reply = p.Error(req=cmd.req, code="invalid", message=str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad query must not stop the follower

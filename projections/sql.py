@@ -52,14 +52,15 @@ def databases(con: duckdb.DuckDBPyConnection) -> set[str]:
 
 def run(cur: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float | None = None,
         max_bytes: int | None = None, running: set | None = None,
-        shape: set[str] | None = None) -> bytes:
+        shape: set[str] | None = None, params: list | None = None) -> bytes:
     """The result of one read-only statement as an Arrow IPC stream (see the module's rules).
 
     ``cur`` is a cursor of the instance for this query alone (made by the thread that owns the
     connection), so that it can run in a thread beside the connection's other work; it is
     closed at the end. While it runs it is in ``running``, for whoever must interrupt it.
     ``shape``: the databases the instance must have attached after it (default: those it has
-    now; the follower gives its own, since queries run side by side)."""
+    now; the follower gives its own, since queries run side by side). ``params``: the values
+    of the statement's ``?`` placeholders."""
     default_timeout, default_bytes = limits()
     timeout_s = default_timeout if timeout_s is None else timeout_s
     max_bytes = default_bytes if max_bytes is None else max_bytes
@@ -83,7 +84,8 @@ def run(cur: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float | None = N
         q.execute("BEGIN TRANSACTION READ ONLY")
         timer.start()
         try:
-            rel = q.sql(sql)  # a relation streams its result; a DB-API result is built whole
+            # a relation streams its result; a DB-API result is built whole
+            rel = q.sql(sql, params=params or None)
             if rel is None:  # a statement with no result (that DuckDB allowed)
                 return _empty()
             reader = rel.to_arrow_reader(BATCH_ROWS)

@@ -272,11 +272,12 @@ class Projection:
             h.update(f"{table}={per[table]}\n".encode())
         return h.hexdigest(), per
 
-    def query(self, text: str) -> pa.Table:
-        """One read-only statement, within the limits of projections/sql.py."""
+    def query(self, text: str, params: list | tuple = ()) -> pa.Table:
+        """One read-only statement, within the limits of projections/sql.py; ``params``: the
+        values of its ``?`` placeholders."""
         from . import sql
 
-        return pa.ipc.open_stream(sql.run(self.con.cursor(), text)).read_all()
+        return pa.ipc.open_stream(sql.run(self.con.cursor(), text, params=list(params))).read_all()
 
     def close(self) -> None:
         self.con.close()
@@ -293,7 +294,7 @@ def replay(raws: Iterable[bytes], path: str | Path = ":memory:", to_seq: int | N
 
 
 def query_at(live: duckdb.DuckDBPyConnection, seq: int, text: str,
-             running: set | None = None) -> tuple[int, bytes]:
+             running: set | None = None, params: list | None = None) -> tuple[int, bytes]:
     """One read-only query (projections/sql.py) on the projection as it was at ``seq``: the
     seq it answers at, and the Arrow IPC stream."""
     from . import sql
@@ -301,7 +302,7 @@ def query_at(live: duckdb.DuckDBPyConnection, seq: int, text: str,
     past = as_of(live, seq)
     try:
         sql.secure(past.con)
-        return past.last_seq, sql.run(past.con.cursor(), text, running=running)
+        return past.last_seq, sql.run(past.con.cursor(), text, running=running, params=params)
     finally:
         past.close()
 

@@ -115,3 +115,18 @@ def test_query_frames_are_bounded_like_commands(tbroker):
         ctx.term()
     with b.client() as c:  # only that peer was dropped
         assert c.sql("SELECT 1 AS one").to_pylist() == [{"one": 1}]
+
+
+def test_values_go_in_as_bind_parameters_never_into_the_text(tbroker):
+    b = tbroker()
+    hostile = "j1' OR '1'='1"
+    with b.client() as c:
+        j = c.submit(["a"])
+        rows = c.sql("SELECT job_id FROM jobs WHERE job_id = ?", [hostile]).to_pylist()
+        assert rows == []  # a value, not SQL: nothing matches
+        assert c.sql("SELECT job_id FROM jobs WHERE job_id = ?", [j]).to_pylist() == [{"job_id": j}]
+        assert c.sql("SELECT ? AS a, ? AS b", ["x", 3], as_of=1).to_pylist() == [{"a": "x", "b": 3}]
+    r = run_evo("jobs", "--sweep", "s1' OR '1'='1", "--broker", b.address, home=b.home)
+    assert r.returncode == 2 and "no sweep" in r.stderr
+    r = run_evo("show", hostile, "--broker", b.address, home=b.home)
+    assert r.returncode == 2 and "no job" in r.stderr

@@ -25,10 +25,6 @@ from evo.errors import BadInput, EvoError
 VOLATILE = {"train_s", "duration_s"}
 
 
-def _q(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _j(v):  # noqa: ANN001, ANN202
     return json.loads(v) if isinstance(v, str) else (v or {})
 
@@ -106,7 +102,7 @@ def same(a: float, b: float) -> bool:
 
 
 def audit_job(job: str, sql: Callable) -> tuple[bool, list[str]]:
-    rows = sql(f"SELECT state, spec, metrics FROM jobs WHERE job_id = {_q(job)}").to_pylist()
+    rows = sql("SELECT state, spec, metrics FROM jobs WHERE job_id = ?", [job]).to_pylist()
     if not rows:
         raise BadInput(f"no job {job!r}")
     row = rows[0]
@@ -116,8 +112,8 @@ def audit_job(job: str, sql: Callable) -> tuple[bool, list[str]]:
     if not spec.get("callable"):
         raise BadInput(f"job {job} is a command job: audit re-runs callables and built-in "
                        f"trainers (their results are returned, not printed)")
-    envs = sql(f"SELECT env FROM attempts WHERE job_id = {_q(job)} AND outcome = 'completed' "
-               f"ORDER BY attempt DESC LIMIT 1").to_pylist()
+    envs = sql("SELECT env FROM attempts WHERE job_id = ? AND outcome = 'completed' "
+               "ORDER BY attempt DESC LIMIT 1", [job]).to_pylist()
     env = _j(envs[0]["env"]) if envs else {}
     lines = [f"audit {job}: {spec.get('trainer') or spec['callable']} seed={spec.get('seed')} "
              f"params={json.dumps(spec.get('params') or {}, sort_keys=True)}"]

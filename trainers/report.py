@@ -29,10 +29,6 @@ METRICS = ("auc", "brier", "logloss", "roi")
 MAX_CURVES = 12
 
 
-def _q(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _json(v):  # noqa: ANN001, ANN202 - JSON columns come back as text
     if isinstance(v, str):
         try:
@@ -73,9 +69,9 @@ def latex_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, i
 
 def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list[str]]:
     """The files written, and what could not be drawn and why (no empty figures)."""
-    rows = sql(f"SELECT job_id, model_type, state, node, params, metrics, artifacts, "
-               f"started_at, finished_at FROM jobs WHERE sweep_id = {_q(sweep)} "
-               f"ORDER BY submitted_seq").to_pylist()
+    rows = sql("SELECT job_id, model_type, state, node, params, metrics, artifacts, "
+               "started_at, finished_at FROM jobs WHERE sweep_id = ? ORDER BY submitted_seq",
+               [sweep]).to_pylist()
     if not rows:
         raise BadInput(f"no sweep {sweep!r} in the projections (see `evo sql \"SELECT * FROM sweeps\"`)")
     done = [r for r in rows if r["state"] == "completed"]
@@ -89,7 +85,7 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
     written: list[Path] = []
     keys = sorted({k for r in done for k in r["params"]})
     varying = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in done}) > 1]
-    found = sql(f"SELECT name, spec FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
+    found = sql("SELECT name, spec FROM sweeps WHERE sweep_id = ?", [sweep]).to_pylist()
     spec = (_json(found[0]["spec"]) or {}) if found else {}
     title = f"{found[0]['name']} ({sweep})" if found and found[0]["name"] else sweep
     # the comparison's metrics: the sweep's own first, then the built-in trainers', else
@@ -180,7 +176,7 @@ def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[d
     """summary.yaml, the handoff: what ran, where, how long, the best model, every file."""
     import yaml
 
-    best = sql(f"SELECT best_job FROM sweeps WHERE sweep_id = {_q(sweep)}").to_pylist()
+    best = sql("SELECT best_job FROM sweeps WHERE sweep_id = ?", [sweep]).to_pylist()
     best_id = best[0]["best_job"] if best else None
     best_row = next((r for r in done if r["job_id"] == best_id), None)
     starts = [r["started_at"] for r in done if r["started_at"] is not None]
@@ -323,8 +319,8 @@ def _utilization(sweep: str, title: str, sql: Callable, out: Path) -> tuple[list
         "SELECT u.node, u.slots, u.busy_fraction, u.idle_slot_s, u.jobs_completed, "
         "u.mean_cpu, u.mean_gpu_util, u.mean_vram_used_gb, s.n AS sweep_jobs "
         "FROM utilization_summary u LEFT JOIN (SELECT node, count(*) AS n FROM jobs "
-        f"WHERE sweep_id = {_q(sweep)} AND state = 'completed' GROUP BY node) s USING (node) "
-        "ORDER BY u.node").to_pylist()
+        "WHERE sweep_id = ? AND state = 'completed' GROUP BY node) s USING (node) "
+        "ORDER BY u.node", [sweep]).to_pylist()
     p = out / "utilization.csv"
     cols = ["node", "slots", "busy_fraction", "idle_slot_s", "jobs_completed", "sweep_jobs",
             "mean_cpu", "mean_gpu_util", "mean_vram_used_gb"]
