@@ -38,7 +38,10 @@ from evo.projections.store import CATCH_UP_BATCH, Projection, replay  # noqa: E4
 
 
 def history(n: int) -> list[bytes]:
-    cache = ROOT / "bench" / "out" / f"history-{n}.pkl"
+    import hashlib
+
+    made_by = hashlib.sha256((ROOT / "projections" / "history.py").read_bytes()).hexdigest()[:12]
+    cache = ROOT / "bench" / "out" / f"history-{n}-{made_by}.pkl"  # a new generator, anew
     if cache.exists():
         return pickle.loads(cache.read_bytes())
     t0 = time.perf_counter()

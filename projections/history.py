@@ -12,7 +12,7 @@ import random
 
 from evo.broker import protocol as p
 from evo.broker.desk import Desk
-from evo.events.schema import Event, GpuInfo, GpuSample, JobSpec, Resources, SweepSubmitted
+from evo.events.schema import Event, GpuInfo, GpuSample, JobSpec, Resources
 
 NODES = [
     p.Join(node="laptop", hostname="laptop", cpus=8, mem_gb=16, labels=["cpu"], slots=4,
@@ -38,24 +38,21 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
     for j in NODES:
         run(j)
     while len(events) < n_events:
-        # a sweep of jobs, some with a dependency or a priority
+        # a sweep of jobs, some with a priority, submitted as `evo sweep` does
         sweeps += 1
-        sweep_id = f"s{sweeps}"
         model = rng.choice(MODELS)
-        ev = SweepSubmitted(seq=desk.state.last_seq + 1, time=now, cause="gen", sweep_id=sweep_id,
-                            name=f"{model.lower()}-grid", spec={"model_type": model})
-        desk.state.apply(ev)
-        events.append(ev)
-        for i in range(sweep_size):
-            spec = JobSpec(callable="evo.trainers.builtin:train", model_type=model,
-                           params={"max_depth": rng.choice([3, 5, 7, 9]),
-                                   "learning_rate": rng.choice([0.01, 0.05, 0.1]), "i": i},
-                           sweep_id=sweep_id, seed=i, priority=rng.choice([0, 0, 0, 1]),
-                           resources=Resources(cpus=1, gpus=1 if model == "XGBoost" else 0,
-                                               vram_gb=2.0 if model == "XGBoost" else 0.0))
-            last = run(p.Submit(spec=spec))
+        jobs = [JobSpec(callable="evo.trainers.builtin:train", model_type=model,
+                        params={"max_depth": rng.choice([3, 5, 7, 9]),
+                                "learning_rate": rng.choice([0.01, 0.05, 0.1]), "i": i},
+                        seed=i, priority=rng.choice([0, 0, 0, 1]),
+                        resources=Resources(cpus=1, gpus=1 if model == "XGBoost" else 0,
+                                            vram_gb=2.0 if model == "XGBoost" else 0.0))
+                for i in range(sweep_size)]
+        accepted = run(p.SubmitSweep(name=f"{model.lower()}-grid", jobs=jobs,
+                                     spec={"model_type": model, "metric": "auc"}))
+        assert isinstance(accepted, p.SweepAccepted), accepted
         if sweeps % 7 == 0:  # now and then a job is held, and let go a little later
-            held = last.job_id  # type: ignore[union-attr]
+            held = accepted.job_ids[-1]
             run(p.Hold(target=held))
         # run until the queue is drained
         for _ in range(200):

@@ -34,7 +34,19 @@ def history():
 def test_history_has_what_the_projection_must_handle(history):
     names = {type(e).__name__ for e in history[0]}
     assert {"RetryScheduled", "JobCancelled", "NodeLost", "LeaseExpired", "SweepSubmitted",
-            "JobFailed", "UtilizationSampled", "Progress"} <= names
+            "JobFailed", "UtilizationSampled", "Progress", "SweepCompleted"} <= names
+    # legal, as the desk makes it: a sweep completes once, after the last of its jobs ended
+    ended, members = {}, {}
+    for e in history[0]:
+        kind = type(e).__name__
+        if kind == "SweepSubmitted":
+            assert e.job_ids
+            members[e.sweep_id] = set(e.job_ids)
+        elif kind in ("JobCompleted", "JobCancelled") or (kind == "JobFailed" and e.final):
+            ended[e.job_id] = e.seq
+        elif kind == "SweepCompleted":
+            assert members[e.sweep_id] <= set(ended), e.sweep_id
+            assert max(ended[j] for j in members.pop(e.sweep_id)) < e.seq
 
 
 def test_incremental_apply_equals_full_replay_and_replay_is_stable(history):
