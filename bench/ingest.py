@@ -26,7 +26,7 @@ import zmq
 from crc32c import crc32c
 
 from evo.broker import protocol as p
-from evo.broker.server import Broker
+from evo.broker.server import Broker, broker_collector
 from evo.events.schema import JobSpec, Resources
 
 
@@ -75,7 +75,8 @@ def evo_server(home: str, q: mp.Queue, unchecked: bool = False) -> None:
     b = Broker(home)
     b.install_signal_handlers()
     q.put(b.address)
-    b.serve_forever()
+    with broker_collector():  # as `evo broker` runs it
+        b.serve_forever()
 
 
 def client(address: str, window: int, seconds: float, cid: int, out: mp.Queue,

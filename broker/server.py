@@ -28,6 +28,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +108,6 @@ class Broker:
         self._next_tick = 0.0
         self._parked: list[tuple[bytes, p.Ready, float]] = []  # (ident, command, give up at)
         self._parked_seq = -1
-        # The state holds one small object graph per job and has no reference cycles worth
-        # chasing: move what the replay built out of the collector's sight and collect young
-        # objects less often, or full collections over a large state dominate each batch.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
         self.max_batch = max_batch
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -417,9 +413,6 @@ class Broker:
             except FileNotFoundError:
                 pass
         os.close(self._lock_fd)
-        # What the freeze hid from the collector is collected at exit again: frozen, DuckDB's
-        # bindings would outlive the interpreter and print "nanobind: leaked ..." as it ends.
-        gc.unfreeze()
 
 
 def run_broker(home: str | os.PathLike[str], bind: str = "tcp://127.0.0.1:*", **kw: Any) -> None:
@@ -428,4 +421,25 @@ def run_broker(home: str | os.PathLike[str], bind: str = "tcp://127.0.0.1:*", **
     broker.install_signal_handlers()
     log.info("broker at %s, relay at %s, %d events in the log", broker.address,
              broker.events_endpoint, broker.log.last_seq)
-    broker.serve_forever()
+    with broker_collector():
+        broker.serve_forever()
+
+
+@contextmanager
+def broker_collector() -> Iterator[None]:
+    """The process's collector as a broker wants it, set by the entry points that run one
+    (`evo broker`, `evo up`), never by the library: the state holds one small object graph per
+    job and no reference cycles worth chasing, so what the replay built is moved out of the
+    collector's sight and young objects are collected less often, or full collections over a
+    large state dominate each batch."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    try:
+        yield
+    finally:
+        # collected at exit again: frozen, DuckDB's bindings would outlive the interpreter and
+        # print "nanobind: leaked ..." as it ends
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -198,7 +198,7 @@ def up(
 ) -> None:
     """Embedded broker and a local node in the foreground: zero setup. Ctrl-C stops both."""
     from evo.broker.cluster import load_cluster
-    from evo.broker.server import Broker
+    from evo.broker.server import Broker, broker_collector
     from evo.nodes.daemon import NodeDaemon
     import threading
 
@@ -215,7 +215,8 @@ def up(
     typer.echo(f"evo up: broker {b.address}, node 'local' with {n.slots} slot(s); Ctrl-C stops",
                err=True)
     try:
-        n.run()
+        with broker_collector():
+            n.run()
     finally:
         b.stop()
         t.join(10)
