@@ -14,7 +14,9 @@ folded; ``handle`` lets it through, and the server puts the state back (see serv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -126,7 +128,7 @@ class Outcome:
 class Desk:
     """Turns commands into events. Holds the state it folds into; owns no I/O."""
 
-    _handlers: dict[type, object] = {}
+    _handlers: dict[type, Callable[..., Outcome]] = {}
 
     def __init__(self, state: BrokerState | None = None, cluster: Cluster | None = None, *,
                  mono: float = 0.0, lease_s: float = 6.0) -> None:
@@ -306,7 +308,8 @@ class Desk:
             events.append(JobSubmitted(seq=first + i, time=now, cause=cause,
                                        job_id=f"j{self.state.job_number + 1 + i}", spec=spec))
         self._emit_all(out, events)
-        out.reply = p.Retried(req=cmd.req, job_ids=[e.job_id for e in events], of=olds,
+        out.reply = p.Retried(req=cmd.req, job_ids=[e.job_id for e in events  # type: ignore[attr-defined]
+                                                    ], of=olds,
                               seq=self.state.last_seq)
         return out
 
@@ -343,7 +346,7 @@ class Desk:
             if self.state.jobs[job_id].held != cmd.release:
                 continue  # so already
             self._emit(out, kind, now, cause, job_id=job_id)
-        out.reply = p.Changed(req=cmd.req, ids=[e.job_id for e in out.events],
+        out.reply = p.Changed(req=cmd.req, ids=[e.job_id for e in out.events],  # type: ignore[attr-defined]
                               seq=self.state.last_seq)
         return out
 
@@ -375,7 +378,7 @@ class Desk:
 
     def on_join(self, cmd: p.Join, now: float, cause: str, mono: float = 0.0) -> Outcome:
         out = Outcome()
-        joined = dict(node=cmd.node, hostname=cmd.hostname, cpus=cmd.cpus, mem_gb=cmd.mem_gb,
+        joined: dict[str, Any] = dict(node=cmd.node, hostname=cmd.hostname, cpus=cmd.cpus, mem_gb=cmd.mem_gb,
                       gpus=cmd.gpus, labels=cmd.labels, slots=cmd.slots,
                       capabilities=cmd.capabilities)
         check(NodeJoined(seq=self.state.last_seq + 1, time=now, **joined))  # before any fold
@@ -593,7 +596,7 @@ class Desk:
         return Outcome(reply=status_of(self.state, cmd.req, now=now))
 
 
-def _handlers_of(cls: type) -> dict[type, object]:
+def _handlers_of(cls: type) -> dict[type, Callable[..., Outcome]]:
     """Command type -> ``on_<command>`` method, for every command the class serves."""
     out = {}
     for cmd in p.AnyCommand.__args__:  # type: ignore[attr-defined]
@@ -627,7 +630,9 @@ def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
          "running": sum(not state.jobs[j].ahead for j in n.running)}
         for n in state.nodes.values()
     ]
-    running, queued, failed = [], [], []
+    running: list[dict] = []
+    queued: list[dict] = []
+    failed: list[dict] = []
     for job in reversed(state.jobs.values()):  # newest first
         if job.state in ACTIVE and not job.ahead and len(running) < limit:
             running.append({"job_id": job.job_id, "state": job.state, "node": job.node,

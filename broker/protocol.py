@@ -37,15 +37,15 @@ class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="cmd", forbid
     req: int = 0
 
 
-class Hello(Command, tag="hello"):
+class Hello(Command, frozen=True, tag="hello"):
     client: str = ""
 
 
-class Submit(Command, tag="submit"):
+class Submit(Command, frozen=True, tag="submit"):
     spec: JobSpec
 
 
-class SubmitSweep(Command, tag="submit_sweep"):
+class SubmitSweep(Command, frozen=True, tag="submit_sweep"):
     """A sweep and all its jobs, appended together: SweepSubmitted, then one JobSubmitted each."""
 
     name: Annotated[str, Meta(max_length=200)]
@@ -54,49 +54,49 @@ class SubmitSweep(Command, tag="submit_sweep"):
     into: str = ""  # a sweep the jobs join (`evo sweep --resume`) instead of a new one
 
 
-class Cancel(Command, tag="cancel"):
+class Cancel(Command, frozen=True, tag="cancel"):
     target: str  # a job id or a sweep id
     reason: Annotated[str, Meta(max_length=2000)] = ""
 
 
-class Retry(Command, tag="retry"):
+class Retry(Command, frozen=True, tag="retry"):
     """Run finished jobs again, as new jobs with the same spec (params, seed, ...) linked to the
     old ones (``retry_of``): one job, or a sweep's failed and cancelled jobs."""
 
     target: str  # a job id or a sweep id
 
 
-class Drain(Command, tag="drain"):
+class Drain(Command, frozen=True, tag="drain"):
     """A node finishes what it runs and takes nothing new (``resume``: takes work again)."""
 
     node: str
     resume: bool = False
 
 
-class Hold(Command, tag="hold"):
+class Hold(Command, frozen=True, tag="hold"):
     """Queued jobs kept from starting (a job, or a sweep's queued jobs); ``release``: let go."""
 
     target: str
     release: bool = False
 
 
-class Read(Command, tag="read"):
+class Read(Command, frozen=True, tag="read"):
     from_seq: Int64 = 1
     limit: Annotated[int, Meta(ge=0, le=2**31)] = 10_000
 
 
-class Status(Command, tag="status"):
+class Status(Command, frozen=True, tag="status"):
     pass
 
 
-class Why(Command, tag="why"):
+class Why(Command, frozen=True, tag="why"):
     job_id: str
 
 
 # Node commands (the node daemon speaks these; see nodes/daemon.py).
 
 
-class Join(Command, tag="join"):
+class Join(Command, frozen=True, tag="join"):
     node: Annotated[str, Meta(min_length=1, max_length=200)]
     hostname: str = ""
     cpus: Amount = 0.0
@@ -110,7 +110,7 @@ class Join(Command, tag="join"):
     heartbeat_s: Annotated[float, Meta(ge=0.01, le=3600)] = 2.0
 
 
-class Ready(Command, tag="ready"):
+class Ready(Command, frozen=True, tag="ready"):
     """A node asks for work and waits up to ``wait_s`` (long poll) for leases.
 
     The broker counts the node's free resources from the jobs it leased to it; ``max_leases``
@@ -125,7 +125,7 @@ class Ready(Command, tag="ready"):
     ahead: Count = 0  # the node queues up to this many leases beyond its free resources
 
 
-class Heartbeat(Command, tag="heartbeat"):
+class Heartbeat(Command, frozen=True, tag="heartbeat"):
     node: str
     running: list[tuple[str, Int64]] = []
     util: dict[str, Finite] = {}  # cpu and mem, percent
@@ -139,41 +139,41 @@ class ReportBody(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     """Unknown fields are ignored: a job's own records (evo.report) carry a time, for one."""
 
 
-class StartedReport(ReportBody, tag="started"):
+class StartedReport(ReportBody, frozen=True, tag="started"):
     pid: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
     env: dict[str, Any] = {}  # python, package versions, git commit, ...
 
 
-class ProgressReport(ReportBody, tag="progress"):
+class ProgressReport(ReportBody, frozen=True, tag="progress"):
     step: Int64 | None = None
     epoch: Int64 | None = None
     metrics: dict[str, Finite] = {}
     eta_s: Seconds | None = None
 
 
-class CheckpointReport(ReportBody, tag="checkpoint"):
+class CheckpointReport(ReportBody, frozen=True, tag="checkpoint"):
     path: Annotated[str, Meta(min_length=1, max_length=4096)]
     step: Int64 | None = None
     metrics: dict[str, Finite] = {}
 
 
-class CompletedReport(ReportBody, tag="completed"):
+class CompletedReport(ReportBody, frozen=True, tag="completed"):
     metrics: dict[str, Finite] = {}
     artifacts: dict[str, str] = {}
     duration_s: Seconds = 0.0
 
 
-class FailedReport(ReportBody, tag="failed"):
+class FailedReport(ReportBody, frozen=True, tag="failed"):
     error: str = ""
     exit_code: Int32 | None = None
     retryable: bool = True
 
 
-class CancelledReport(ReportBody, tag="cancelled"):
+class CancelledReport(ReportBody, frozen=True, tag="cancelled"):
     reason: str = ""
 
 
-class RefusedReport(ReportBody, tag="refused"):
+class RefusedReport(ReportBody, frozen=True, tag="refused"):
     """What a job wrote that the node could not turn into a report: recorded as ReportRejected."""
 
     report: Annotated[str, Meta(max_length=40)] = ""  # the kind the job meant it to be
@@ -200,7 +200,7 @@ def report_error(body: ReportBody) -> str | None:
     return None
 
 
-class Report(Command, tag="report"):
+class Report(Command, frozen=True, tag="report"):
     """What happened to a leased job: started, progress, checkpoint, completed, failed, cancelled."""
 
     node: str
@@ -209,11 +209,11 @@ class Report(Command, tag="report"):
     report: AnyReport
 
 
-class Leave(Command, tag="leave"):
+class Leave(Command, frozen=True, tag="leave"):
     node: str
 
 
-class Output(Command, tag="output"):
+class Output(Command, frozen=True, tag="output"):
     """A chunk of a job's stdout or stderr, appended at ``offset`` to the broker's copy.
 
     Output is stored beside the event log, never in it. A chunk whose offset is not the size
@@ -228,7 +228,7 @@ class Output(Command, tag="output"):
     data: Annotated[bytes, Meta(max_length=4 << 20)]
 
 
-class Logs(Command, tag="logs"):
+class Logs(Command, frozen=True, tag="logs"):
     """Read a job's shipped output: ``attempt`` 0 means the latest."""
 
     job_id: str
@@ -238,7 +238,7 @@ class Logs(Command, tag="logs"):
     limit: Annotated[int, Meta(ge=0, le=1 << 30)] = 1 << 20
 
 
-class Query(Command, tag="query"):
+class Query(Command, frozen=True, tag="query"):
     """Sent to the projection's own endpoint (Welcome.query_endpoint), never to the broker's.
 
     ``kind``: "sql" (one read-only statement; ``as_of`` > 0 answers from the state at that seq)
@@ -260,56 +260,56 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
     req: int = 0
 
 
-class Error(Reply, tag="error"):
+class Error(Reply, frozen=True, tag="error"):
     code: str  # "invalid", "unknown", "protocol", "conflict", "internal"
     message: str
 
 
-class Welcome(Reply, tag="welcome"):
+class Welcome(Reply, frozen=True, tag="welcome"):
     events_endpoint: str
     last_seq: int
     version: int = PROTOCOL_VERSION
     query_endpoint: str = ""  # the projection follower's endpoint ("" when it is off)
 
 
-class Submitted(Reply, tag="submitted"):
+class Submitted(Reply, frozen=True, tag="submitted"):
     job_id: str
     seq: int
     duplicate: bool = False
     warning: str = ""
 
 
-class SweepAccepted(Reply, tag="sweep_accepted"):
+class SweepAccepted(Reply, frozen=True, tag="sweep_accepted"):
     sweep_id: str
     job_ids: list[str]
     seq: int
     warning: str = ""
 
 
-class Changed(Reply, tag="changed"):
+class Changed(Reply, frozen=True, tag="changed"):
     """What a Drain or Hold changed (ids of nodes or jobs; empty: it was so already)."""
 
     ids: list[str]
     seq: int = 0
 
 
-class Retried(Reply, tag="retried"):
+class Retried(Reply, frozen=True, tag="retried"):
     job_ids: list[str]  # the new jobs, in the order of
     of: list[str]  # the jobs they run again
     seq: int = 0
 
 
-class Cancelled(Reply, tag="cancelled"):
+class Cancelled(Reply, frozen=True, tag="cancelled"):
     job_ids: list[str]
     seq: int = 0
 
 
-class Events(Reply, tag="events"):
+class Events(Reply, frozen=True, tag="events"):
     events: msgspec.Raw  # a msgpack array of encoded events (see events.codec.pack_batch)
     head: int  # the broker's last committed seq
 
 
-class StatusReply(Reply, tag="status"):
+class StatusReply(Reply, frozen=True, tag="status"):
     last_seq: int
     jobs: dict[str, int]  # state -> count
     nodes: list[dict[str, Any]] = []
@@ -318,11 +318,11 @@ class StatusReply(Reply, tag="status"):
     failed: list[dict[str, Any]] = []  # the newest jobs that failed for good
 
 
-class Explanation(Reply, tag="why"):
+class Explanation(Reply, frozen=True, tag="why"):
     text: str
 
 
-class Ok(Reply, tag="ok"):
+class Ok(Reply, frozen=True, tag="ok"):
     seq: int = 0
     data: dict[str, Any] = {}
 
@@ -335,13 +335,13 @@ class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True):
     devices: list[int] = []
 
 
-class Leases(Reply, tag="leases"):
+class Leases(Reply, frozen=True, tag="leases"):
     leases: list[LeaseGrant] = []
     cancel: list[str] = []  # job ids this node should stop
     seq: int = 0
 
 
-class LogChunk(Reply, tag="log_chunk"):
+class LogChunk(Reply, frozen=True, tag="log_chunk"):
     job_id: str
     attempt: int
     stream: str
@@ -352,7 +352,7 @@ class LogChunk(Reply, tag="log_chunk"):
     state: str = ""  # the job's state: a follower stops once it is final and all is read
 
 
-class QueryResult(Reply, tag="query_result"):
+class QueryResult(Reply, frozen=True, tag="query_result"):
     arrow: bytes = b""  # an Arrow IPC stream
     seq: int = 0  # the last event the answer includes
     digest: str = ""
@@ -400,7 +400,8 @@ def check_depth(frame: bytes, limit: int = MAX_DEPTH) -> None:
     container bytes than the limit and pass at once; the others are walked item by item."""
     if len(frame) - len(frame.translate(None, _CONTAINERS)) <= limit:
         return
-    i, n, stack, left = 0, len(frame), [], 1
+    stack: list[int] = []
+    i, n, left = 0, len(frame), 1
     while True:
         if left == 0:
             if not stack:

@@ -116,13 +116,13 @@ class Broker:
         self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.setsockopt(zmq.SNDHWM, 0)
         self.router.bind(bind)
-        self.address = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.address = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         host = self.address.rsplit(":", 1)[0]
         self.pub.bind(f"{host}:*")
-        self.events_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
         self.stats = {"batches": 0, "events": 0, "commands": 0, "errors": 0, "restores": 0}
         self.write_error = ""  # why the log cannot be written now ("" when it can)
@@ -247,9 +247,10 @@ class Broker:
     def _handle(self, ident: bytes, cmd: p.Command, now: float, mono: float, events: list,
                 encoded: list, replies: list, deadline: float | None = None) -> None:
         if self.write_error:
-            cmd = self._degraded(ident, cmd, mono, replies, deadline)
-            if cmd is None:
+            kept = self._degraded(ident, cmd, mono, replies, deadline)
+            if kept is None:
                 return
+            cmd = kept
         try:
             out = self.desk.handle(cmd, now, cause=f"{ident.hex()}:{cmd.req}", mono=mono)
         except Exception as exc:  # a bug must not take the broker down with it

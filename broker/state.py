@@ -13,6 +13,7 @@ is being replayed means the log and the code disagree: it is loud on purpose.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from evo.events.schema import (
@@ -185,7 +186,7 @@ class BrokerState:
         _JOB_HANDLERS[type(event)](self, job, event)
         job.state = after
         if before != after:
-            self.counts[before] -= 1
+            self.counts[before] -= 1  # type: ignore[index] # a job exists: before is a state
             self.counts[after] = self.counts.get(after, 0) + 1
             if before == QUEUED:
                 self.queue.pop(job_id, None)
@@ -305,7 +306,7 @@ def _number(ident: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-_JOB_HANDLERS = {
+_JOB_HANDLERS: dict[type, Callable[[BrokerState, Job, Any], None]] = {
     JobLeased: BrokerState._leased,
     JobStarted: BrokerState._started,
     Progress: BrokerState._progress,
@@ -321,7 +322,7 @@ _JOB_HANDLERS = {
     JobReleased: BrokerState._held,
 }
 
-_NODE_HANDLERS = {
+_NODE_HANDLERS: dict[type, Callable[[BrokerState, Any], None]] = {
     NodeJoined: BrokerState._node_joined,
     NodeLost: BrokerState._node_gone,
     NodeLeft: BrokerState._node_gone,

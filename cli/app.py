@@ -28,7 +28,7 @@ def _flags_without_metavar() -> None:
     def display(self, ctx):  # noqa: ANN001, ANN202
         return None if getattr(self, "is_flag", False) else shown(self, ctx)
 
-    TyperOption.display_type_rich = display
+    TyperOption.display_type_rich = display  # type: ignore[method-assign]
 
 
 _flags_without_metavar()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import zmq
@@ -23,7 +23,7 @@ import zmq
 from evo.broker import protocol as p
 from evo.errors import EvoError
 from evo.events.codec import decode_batch
-from evo.events.schema import Event, JobSpec, Resources
+from evo.events.schema import AnyEvent, Event, JobSpec, Resources
 from evo.home import find_broker
 
 
@@ -198,7 +198,8 @@ class Client:
         assert isinstance(reply, p.StatusReply)
         return reply
 
-    def logs(self, job_id: str, *, attempt: int = 0, stream: str = "stdout", offset: int = 0,
+    def logs(self, job_id: str, *, attempt: int = 0,
+             stream: Literal["stdout", "stderr"] = "stdout", offset: int = 0,
              limit: int = 1 << 20) -> p.LogChunk:
         """A chunk of a job's shipped output (attempt 0: the latest)."""
         reply = self.request(p.Logs(job_id=job_id, attempt=attempt, stream=stream, offset=offset,
@@ -207,7 +208,7 @@ class Client:
         return reply
 
     def query(self, sql: str = "", params: list | tuple = (), *, as_of: int = 0,
-              kind: str = "sql", timeout_s: float = 300.0) -> p.QueryResult:
+              kind: Literal["sql", "digest"] = "sql", timeout_s: float = 300.0) -> p.QueryResult:
         """Ask the broker's projection (its own endpoint, so a slow query delays no one)."""
         endpoint = self.hello().query_endpoint
         if not endpoint:
@@ -234,7 +235,7 @@ class Client:
 
         return from_ipc(self.query(sql, params, as_of=as_of).arrow)
 
-    def read(self, from_seq: int = 1, limit: int = 10_000) -> tuple[list[Event], int]:
+    def read(self, from_seq: int = 1, limit: int = 10_000) -> tuple[list[AnyEvent], int]:
         """Committed events from ``from_seq`` (at most ``limit``) and the broker's head seq."""
         reply = self.request(p.Read(from_seq=from_seq, limit=limit))
         assert isinstance(reply, p.Events)

@@ -64,7 +64,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         if metric not in metrics:
             raise BadInput(f"--metric: sweep {sweep} has no metric {metric!r} "
                            f"(it has {', '.join(metrics)})")
-        table = leaderboard_table(sweep, metric, top, broker)
+        table = leaderboard_table(sweep, str(metric), top, broker)
         print_table(table, fmt, title=f"{sweep}: top {top} by {metric}")
 
     @app.command()
@@ -214,7 +214,7 @@ def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  #
                 break
             jid = getattr(ev, "job_id", None)
             after = state_after(ev) if jid in ids else None
-            if after is None:
+            if jid is None or after is None:
                 continue
             states[jid] = after
             count = Counter(states.values())

@@ -220,8 +220,9 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
     for conf in configurations(spec):
         params = {**spec.params, **conf}
         trainer = params.pop("trainer", None) or spec.trainer
-        common = dict(resources=res, priority=spec.priority, max_attempts=spec.max_attempts,
-                      seed=spec.seed, tags=dict(spec.tags), workdir=spec.workdir)
+        common: dict[str, Any] = dict(
+            resources=res, priority=spec.priority, max_attempts=spec.max_attempts,
+            seed=spec.seed, tags=dict(spec.tags), workdir=spec.workdir)
         if spec.command is not None:
             values = {**params, "seed": spec.seed}
             argv = [_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), a) for a in spec.command]

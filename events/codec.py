@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -81,7 +82,7 @@ def decode_many(encoded: Sequence[bytes], *, first: int = 0) -> list[Event]:
         raise
 
 
-def decode_batch(data: bytes | memoryview) -> list[Event]:
+def decode_batch(data: bytes | memoryview) -> list[AnyEvent]:
     try:
         return _batch_decoder.decode(data)
     except _BAD as exc:
@@ -99,6 +100,8 @@ MAX_EVENT_BYTES = 1 << 20  # an event is a record, not a payload: files go elsew
 
 class InvalidEvent(ValueError):
     """Raised when an event does not fit the schema's rules; the message names the field path."""
+
+    event: Any = None  # the event, when the desk knows which of a batch it was
 
 
 def check(event: Event) -> bytes:

@@ -20,6 +20,7 @@ they stop, since a writer may still be writing it.
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 import struct
@@ -223,7 +224,7 @@ class SegmentLog(EventLog):
         # Recent records kept in memory so Read of a recent range (late joiners, gap fills)
         # costs no disk I/O.
         self._recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=cache_events)
-        self._file = None
+        self._file: io.FileIO | None = None
         if not readonly:
             self.dir.mkdir(parents=True, exist_ok=True)
         self._segments: list[int] = self._list_segments()

@@ -81,12 +81,12 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 # --- jobs -------------------------------------------------------------------------------------
 
 
-class JobSubmitted(Event, tag="JobSubmitted"):
+class JobSubmitted(Event, frozen=True, tag="JobSubmitted"):
     job_id: str
     spec: JobSpec
 
 
-class JobLeased(Event, tag="JobLeased"):
+class JobLeased(Event, frozen=True, tag="JobLeased"):
     job_id: str
     attempt: int
     node: str
@@ -96,14 +96,14 @@ class JobLeased(Event, tag="JobLeased"):
     ahead: bool = False  # leased ahead: queued on the node until one of its slots frees
 
 
-class JobStarted(Event, tag="JobStarted"):
+class JobStarted(Event, frozen=True, tag="JobStarted"):
     job_id: str
     lease_epoch: int
     pid: int = 0
     env: dict[str, Any] = {}  # python, package versions, git commit, dirty flag, ...
 
 
-class Progress(Event, tag="Progress"):
+class Progress(Event, frozen=True, tag="Progress"):
     job_id: str
     lease_epoch: int
     step: int | None = None
@@ -112,7 +112,7 @@ class Progress(Event, tag="Progress"):
     eta_s: float | None = None
 
 
-class Checkpointed(Event, tag="Checkpointed"):
+class Checkpointed(Event, frozen=True, tag="Checkpointed"):
     job_id: str
     lease_epoch: int
     path: str
@@ -120,7 +120,7 @@ class Checkpointed(Event, tag="Checkpointed"):
     metrics: dict[str, float] = {}
 
 
-class JobCompleted(Event, tag="JobCompleted"):
+class JobCompleted(Event, frozen=True, tag="JobCompleted"):
     job_id: str
     lease_epoch: int
     metrics: dict[str, float] = {}
@@ -128,7 +128,7 @@ class JobCompleted(Event, tag="JobCompleted"):
     duration_s: float = 0.0
 
 
-class JobFailed(Event, tag="JobFailed"):
+class JobFailed(Event, frozen=True, tag="JobFailed"):
     """An attempt failed. ``final`` says the job will not be tried again."""
 
     job_id: str
@@ -139,20 +139,20 @@ class JobFailed(Event, tag="JobFailed"):
     final: bool = False
 
 
-class RetryScheduled(Event, tag="RetryScheduled"):
+class RetryScheduled(Event, frozen=True, tag="RetryScheduled"):
     job_id: str
     attempt: int  # the attempt that will run next
     not_before: float  # wall clock, seconds since the epoch
     delay_s: float = 0.0
 
 
-class LeaseExpired(Event, tag="LeaseExpired"):
+class LeaseExpired(Event, frozen=True, tag="LeaseExpired"):
     job_id: str
     lease_epoch: int
     node: str
 
 
-class ReportRejected(Event, tag="ReportRejected"):
+class ReportRejected(Event, frozen=True, tag="ReportRejected"):
     """A node reported on a lease that is no longer current; recorded, not applied."""
 
     job_id: str
@@ -162,30 +162,30 @@ class ReportRejected(Event, tag="ReportRejected"):
     reason: str
 
 
-class CancelRequested(Event, tag="CancelRequested"):
+class CancelRequested(Event, frozen=True, tag="CancelRequested"):
     job_id: str
     reason: str = ""
 
 
-class JobCancelled(Event, tag="JobCancelled"):
+class JobCancelled(Event, frozen=True, tag="JobCancelled"):
     job_id: str
     reason: str = ""
 
 
-class JobHeld(Event, tag="JobHeld"):
+class JobHeld(Event, frozen=True, tag="JobHeld"):
     """A queued job is kept from starting until it is released (`evo hold`)."""
 
     job_id: str
 
 
-class JobReleased(Event, tag="JobReleased"):
+class JobReleased(Event, frozen=True, tag="JobReleased"):
     job_id: str
 
 
 # --- nodes ------------------------------------------------------------------------------------
 
 
-class NodeJoined(Event, tag="NodeJoined"):
+class NodeJoined(Event, frozen=True, tag="NodeJoined"):
     node: str
     hostname: str = ""
     cpus: float = 0.0
@@ -196,27 +196,27 @@ class NodeJoined(Event, tag="NodeJoined"):
     capabilities: list[str] = []
 
 
-class NodeLost(Event, tag="NodeLost"):
+class NodeLost(Event, frozen=True, tag="NodeLost"):
     node: str
     reason: str = ""
 
 
-class NodeLeft(Event, tag="NodeLeft"):
+class NodeLeft(Event, frozen=True, tag="NodeLeft"):
     node: str
 
 
-class NodeDrained(Event, tag="NodeDrained"):
+class NodeDrained(Event, frozen=True, tag="NodeDrained"):
     """The node finishes what it runs and takes nothing new (`evo node drain`), until resumed;
     a drained node that restarts stays drained."""
 
     node: str
 
 
-class NodeResumed(Event, tag="NodeResumed"):
+class NodeResumed(Event, frozen=True, tag="NodeResumed"):
     node: str
 
 
-class UtilizationSampled(Event, tag="UtilizationSampled"):
+class UtilizationSampled(Event, frozen=True, tag="UtilizationSampled"):
     node: str
     cpu: float = 0.0  # percent of the node's cores
     mem: float = 0.0  # percent of the node's memory
@@ -227,14 +227,14 @@ class UtilizationSampled(Event, tag="UtilizationSampled"):
 # --- sweeps -----------------------------------------------------------------------------------
 
 
-class SweepSubmitted(Event, tag="SweepSubmitted"):
+class SweepSubmitted(Event, frozen=True, tag="SweepSubmitted"):
     sweep_id: str
     spec: dict[str, Any] = {}
     job_ids: list[str] = []
     name: str = ""
 
 
-class SweepCompleted(Event, tag="SweepCompleted"):
+class SweepCompleted(Event, frozen=True, tag="SweepCompleted"):
     sweep_id: str
     completed: int = 0
     failed: int = 0

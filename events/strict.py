@@ -75,7 +75,7 @@ def _strict_struct(cls: type, made: dict[type, type]) -> type:
             default = msgspec.field(default_factory=f.default_factory)
         tp = _mirror(f.type, made)
         fields.append((f.name, tp) if default is msgspec.NODEFAULT else (f.name, tp, default))
-    cfg = cls.__struct_config__
+    cfg = cls.__struct_config__  # type: ignore[attr-defined] # a Struct class
     kw: dict[str, Any] = {"kw_only": True, "frozen": True,
                           "forbid_unknown_fields": cfg.forbid_unknown_fields}
     if cfg.tag is not None:

@@ -47,11 +47,12 @@ def parse(text: str) -> None:
         name, _, rest = item.partition("=")
         action, _, when = rest.partition("@")
         first, last = 1, -1
+        last_hit: int | None = last
         if when:
             lo, dash, hi = when.partition("-")
             first = int(lo)
-            last = (int(hi) if hi else None) if dash else -1
-        arm(name, action or "crash", first, last)
+            last_hit = (int(hi) if hi else None) if dash else -1
+        arm(name, action or "crash", first, last_hit)
 
 
 def hit(name: str) -> None:

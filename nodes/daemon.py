@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import zmq
@@ -65,7 +65,7 @@ class _Reconnect(Exception):
 
 
 class NodeDaemon:
-    def __init__(self, broker: str | None, *, name: str | None = None, labels: list[str] = (),
+    def __init__(self, broker: str | None, *, name: str | None = None, labels: Sequence[str] = (),
                  slots: int | None = None, cpus: float | None = None,
                  mem_gb: float | None = None, gpus: int | None = None,
                  vram_gb: float | None = None, work: Path | None = None,
@@ -296,7 +296,8 @@ class NodeDaemon:
         return started
 
     def _heartbeat(self, now: float) -> None:
-        util, gpus = ({}, [])
+        util: dict = {}
+        gpus: list = []
         if now >= self._next_util:
             util, gpus = sample()
             self._next_util = now + self.util_every_s
@@ -338,13 +339,13 @@ class NodeDaemon:
                 log.info("stopping %s: %s", job_id, why)
                 run.cancel()
 
-    def _report(self, run: Run, body: p.ReportBody | p.Report) -> None:
+    def _report(self, run: Run, body: p.AnyReport | p.Report) -> None:
         cmd = body if isinstance(body, p.Report) else self._prepared(run, body)
         if isinstance(cmd.report, p.FINAL_REPORTS):
             self.finishing[run.grant.job_id] = (run, cmd)
         self._send_report(run, cmd)
 
-    def _prepared(self, run: Run, body: p.ReportBody) -> p.Report:
+    def _prepared(self, run: Run, body: p.AnyReport) -> p.Report:
         """The report to send for ``body`` (what fits in an event), its notes written."""
         notes = reports.Notes()
         cmd = reports.fit(p.Report(node=self.name, job_id=run.grant.job_id,
@@ -445,11 +446,11 @@ class NodeDaemon:
             did = True
         return did
 
-    def _final(self, run: Run, rc: int) -> p.ReportBody:
+    def _final(self, run: Run, rc: int) -> p.AnyReport:
         """The final report of an attempt that ended with ``rc`` (its notes written)."""
         notes = reports.Notes()
         if run.cancelled:
-            final: p.ReportBody = p.CancelledReport(reason="stopped by the node")
+            final: p.AnyReport = p.CancelledReport(reason="stopped by the node")
         elif rc == 0:
             # What it returned or gave evo.result; else the last value it reported of each.
             metrics = run.result.get("metrics") or run.last_metrics

@@ -29,6 +29,7 @@ from evo.broker import protocol as p
 from evo.broker.protocol import LeaseGrant
 
 from . import reports
+from .reports import Notes  # the class's method `reports` hides the module in annotations
 from .keeper import KeeperClient, KeptProcess
 from .pool import THREAD_VARS, Worker, WorkerPool
 from .progress import MAX_LINE, parse_line
@@ -63,6 +64,7 @@ class Run:
         if warm:
             # No files or folders per attempt: the worker's own files hold this task's output
             # from the current ends on, and its folder is the working directory.
+            assert pool is not None
             self.worker = pool.take(tuple(grant.devices))  # started with the job's devices
             self.dir = self.worker.folder
             paths = self.worker.paths
@@ -178,13 +180,13 @@ class Run:
         """A descriptor that becomes readable when a warm worker answers (None: poll)."""
         return self.worker.fd if self.worker is not None and self.rc is None else None
 
-    def reports(self, final: bool = False) -> list[p.ReportBody]:
+    def reports(self, final: bool = False) -> list[p.AnyReport]:
         """New progress reports: from evo.report() first, else parsed from stdout lines.
 
         Files are looked at a few times a second while the job runs (a short trial would
         otherwise pay more for the looking than for itself), and always once at the end.
         """
-        out: list[p.ReportBody] = []
+        out: list[p.AnyReport] = []
         now = time.monotonic()
         if not final and now < self._next_look:
             return out
@@ -221,7 +223,7 @@ class Run:
             self.note(text)
         return out
 
-    def _lines(self, f, stream: str, budget: int, notes: reports.Notes | None) -> list[bytes]:  # noqa: ANN001
+    def _lines(self, f, stream: str, budget: int, notes: Notes | None) -> list[bytes]:  # noqa: ANN001
         """Whole lines read from ``f`` (at most ``budget`` bytes); a partial last line is read
         again next time, and a line longer than the budget is skipped to its end."""
         data = f.read(budget)

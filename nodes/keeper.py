@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
@@ -45,7 +45,7 @@ class ToKeeper(msgspec.Struct, frozen=True, kw_only=True, tag_field="msg"):
     pass
 
 
-class Spawn(ToKeeper, tag="spawn"):
+class Spawn(ToKeeper, frozen=True, tag="spawn"):
     id: int
     argv: list[str]
     cwd: str
@@ -55,7 +55,7 @@ class Spawn(ToKeeper, tag="spawn"):
     epoch: str = ""  # the attempt's EVO_LEASE_EPOCH: how its orphans are known
 
 
-class Kill(ToKeeper, tag="kill"):
+class Kill(ToKeeper, frozen=True, tag="kill"):
     id: int
     sig: int
     orphans: bool = False  # the attempt is over: its orphans too
@@ -65,17 +65,17 @@ class FromKeeper(msgspec.Struct, frozen=True, kw_only=True, tag_field="msg"):
     pass
 
 
-class Spawned(FromKeeper, tag="spawned"):
+class Spawned(FromKeeper, frozen=True, tag="spawned"):
     id: int
     pid: int
 
 
-class NotSpawned(FromKeeper, tag="not_spawned"):
+class NotSpawned(FromKeeper, frozen=True, tag="not_spawned"):
     id: int
     error: str
 
 
-class Exited(FromKeeper, tag="exited"):
+class Exited(FromKeeper, frozen=True, tag="exited"):
     id: int
     code: int  # as subprocess says it: negative for a signal
 
@@ -86,7 +86,7 @@ _from_keeper = msgspec.msgpack.Decoder(Union[Spawned, NotSpawned, Exited])
 
 
 try:
-    _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _libc_prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux
     _libc_prctl = None
 
@@ -307,7 +307,8 @@ class KeeperClient:
         answer = self._answers.pop(job)
         if isinstance(answer, NotSpawned):
             raise OSError(answer.error)
-        kept = KeptProcess(self, job, answer.pid)  # type: ignore[union-attr]
+        assert isinstance(answer, Spawned), answer
+        kept = KeptProcess(self, job, answer.pid)
         kept.returncode = self._exits.pop(job, None)
         self.procs[job] = kept
         return kept

@@ -75,7 +75,8 @@ class Worker:
             frames, eof = self._frames.read()
             msgs = [_dec.decode(f) for f in frames]
         except (ValueError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
-            return self._garbled(str(exc))
+            self._garbled(str(exc))
+            return None
         out = []
         for msg in msgs:
             if isinstance(msg, WorkerReady):

@@ -60,7 +60,7 @@ def _where(rec: dict) -> str:
 
 
 def from_record(rec: Any, notes: Notes, checkpoints: str | None = None
-                ) -> p.ReportBody | Result:
+                ) -> p.AnyReport | Result:
     """One record of the job's report file (or a parsed output line) as a report body."""
     kind = str(rec.get("kind", "progress"))[:40] if isinstance(rec, dict) else ""
     try:
@@ -83,7 +83,7 @@ def from_record(rec: Any, notes: Notes, checkpoints: str | None = None
 
 
 def from_line(line: bytes, notes: Notes, checkpoints: str | None = None
-              ) -> p.ReportBody | Result:
+              ) -> p.AnyReport | Result:
     """A line of the report file: JSON (NaN and Infinity as Python writes them)."""
     try:
         rec = json.loads(line)
@@ -92,7 +92,7 @@ def from_line(line: bytes, notes: Notes, checkpoints: str | None = None
     return from_record(rec, notes, checkpoints)
 
 
-def completed(metrics: dict, artifacts: dict, duration_s: float, notes: Notes) -> p.ReportBody:
+def completed(metrics: dict, artifacts: dict, duration_s: float, notes: Notes) -> p.AnyReport:
     """A callable's result (or none, for a command) as the completed report."""
     rec = {"kind": "completed", "metrics": finite_metrics(metrics, notes, "the result"),
            "artifacts": artifacts, "duration_s": max(0.0, duration_s)}

@@ -50,11 +50,11 @@ class WorkerMessage(msgspec.Struct, frozen=True, kw_only=True, tag_field="msg"):
     pass
 
 
-class WorkerReady(WorkerMessage, tag="ready"):
+class WorkerReady(WorkerMessage, frozen=True, tag="ready"):
     pid: int
 
 
-class TaskDone(WorkerMessage, tag="done"):
+class TaskDone(WorkerMessage, frozen=True, tag="done"):
     ok: bool
     metrics: dict[str, float] = {}
     artifacts: dict[str, str] = {}

@@ -105,6 +105,7 @@ class Follower(threading.Thread):
         super().__init__(name="evo-projection", daemon=True)
         self.home, self.ctx, self.start_seq, self.host = home, ctx, start_seq, host
         self.inbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self.pool = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="evo-query")
         self.endpoint = ""
         self.error: str = ""  # why there is no projection to answer from, when there is none
         self.behind: str = ""  # why the file is behind the log (its last apply failed)
@@ -223,12 +224,13 @@ class Follower(threading.Thread):
         self.pending, self.behind = [], ""
         return proj
 
-    def _close(self, proj: Projection) -> None:
+    def _close(self, proj: Projection | None) -> None:
         for cur in list(self._cursors):
             cur.interrupt()
         self.pool.shutdown(wait=True)
         self.pool = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="evo-query")
-        proj.close()
+        if proj is not None:
+            proj.close()
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -289,8 +291,8 @@ class Follower(threading.Thread):
             while wake.poll(0):
                 wake.recv()
             while not self._answers.empty():
-                ident, reply = self._answers.get()
-                sock.send_multipart([ident, p.reply_encoder.encode(reply)])
+                ident, answer = self._answers.get()
+                sock.send_multipart([ident, p.reply_encoder.encode(answer)])
         if sock in ready:
             ident, reply = self._receive(sock)
             self._asking = ident
@@ -299,9 +301,9 @@ class Follower(threading.Thread):
             if reply is None and proj is None:
                 reply = p.Error(req=self._query.req, code="unavailable",
                                 message=f"the projection is unavailable: {self.error}")
-            if reply is None and self._query.kind == "digest":
+            if reply is None and proj is not None and self._query.kind == "digest":
                 reply = self._digest(proj)
-            if reply is None:  # answered by a query thread, on a cursor made here
+            if reply is None and proj is not None:  # answered by a query thread, on its cursor
                 self.pool.submit(self._answer, proj.con.cursor(), ident, self._query,
                                  proj.last_seq, self._note(), self._shape)
             else:

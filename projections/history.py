@@ -9,6 +9,7 @@ same seed gives the same events.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from evo.broker import protocol as p
 from evo.broker.desk import Desk
@@ -75,7 +76,8 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
                     continue
                 for job_id in sorted(node.running):
                     job = desk.state.jobs[job_id]
-                    ids = {"node": j.node, "job_id": job_id, "lease_epoch": job.lease_epoch}
+                    ids: dict[str, Any] = {"node": j.node, "job_id": job_id,
+                                           "lease_epoch": job.lease_epoch}
                     if job.state == "leased":
                         run(p.Report(report=p.StartedReport(pid=rng.randrange(1000, 9999)), **ids))
                         continue

@@ -99,7 +99,7 @@ def run(cur: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float | None = N
                             f"the result passed {max_bytes / (1 << 20):g} MiB at row {rows:,} "
                             "and was stopped: add a LIMIT or a WHERE, or aggregate "
                             "(the limit is EVO_SQL_MAX_MB where the projection is served)")
-            return memoryview(sink.getvalue())  # type: ignore[return-value] - no copy to bytes
+            return memoryview(sink.getvalue())  # type: ignore[return-value] # no copy to bytes
         except duckdb.InterruptException:
             raise SqlError(f"the query ran past the {timeout_s:g} s time limit and was stopped "
                            "(EVO_SQL_TIMEOUT_S where the projection is served)") from None

@@ -23,10 +23,10 @@ from .calibration import Calibrator
 from .cv import walk_forward
 from .data import load
 from .metrics import all_metrics, calibration_bins, roc_points
-from .models import FIT, PARAMS
+from .models import FIT, PARAMS, Common
 
 
-def parse_params(trainer: str, params: dict) -> msgspec.Struct:
+def parse_params(trainer: str, params: dict) -> Common:
     cls = PARAMS.get(trainer)
     if cls is None:
         raise BadInput(f"unknown trainer {trainer!r} (known: {', '.join(PARAMS)})")
@@ -46,8 +46,8 @@ def run(trainer: str, seed: int | None = None, **params) -> dict:
     p = parse_params(trainer, params)
     seed = job_seed(seed)
     t0 = time.perf_counter()
-    ds = load(p.data, rows=p.rows, data_seed=p.data_seed, target=p.target, odds=tuple(p.odds))
-    feats = ds.features(p.target, tuple(p.odds))
+    ds = load(p.data, rows=p.rows, data_seed=p.data_seed, target=p.target, odds=p.odds)
+    feats = ds.features(p.target, p.odds)
     X = np.column_stack([ds.columns[f] for f in feats]).astype(float)
     y = ds.columns[p.target].astype(float)
     oh, oa = (ds.columns[c].astype(float) for c in p.odds)
@@ -74,7 +74,8 @@ def run(trainer: str, seed: int | None = None, **params) -> dict:
             final[fold.test] = cal.transform(raw)
             m = all_metrics(y[fold.test], final[fold.test], oh[fold.test], oa[fold.test], p.edge)
             per_season.append({"season": fold.season, **m})
-            report(step=fold.season, **{k: m[k] for k in ("auc", "brier", "logloss", "roi")})
+            per = {k: m[k] for k in ("auc", "brier", "logloss", "roi")}
+            report(step=fold.season, **per)  # type: ignore[arg-type] # metric names only
         oos[fold.test] = raw
     scored = np.flatnonzero(~np.isnan(final))
     overall = all_metrics(y[scored], final[scored], oh[scored], oa[scored], p.edge)

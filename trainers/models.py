@@ -162,4 +162,6 @@ def fit_mlp(p: MLP, X, y, seed: int, device: str) -> tuple[Predict, str]:
     return predict, device
 
 
-FIT = {"GLM": fit_glm, "RandomForest": fit_rf, "XGBoost": fit_xgb, "MLP": fit_mlp}
+# each takes its own params class; called with the one PARAMS names for the same trainer
+FIT: dict[str, Callable[..., tuple[Predict, str]]] = {
+    "GLM": fit_glm, "RandomForest": fit_rf, "XGBoost": fit_xgb, "MLP": fit_mlp}

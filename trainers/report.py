@@ -238,7 +238,7 @@ def series_styles(rows: list[dict]) -> list[dict]:
     calibration method, and a marker for further series that share both."""
     from matplotlib import colormaps
 
-    palette = colormaps["tab10"].colors + colormaps["Dark2"].colors
+    palette = colormaps["tab10"].colors + colormaps["Dark2"].colors  # type: ignore[attr-defined] # listed colormaps
     models = list(dict.fromkeys(r["model_type"] or "" for r in rows))
     seen: dict[tuple[str, str], int] = {}
     out = []
