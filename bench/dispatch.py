@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.trials import spin  # noqa: E402
-from evo.cli.client import Client, make_spec  # noqa: E402
+from evo.client import Client, make_spec  # noqa: E402
 from evo.home import read_broker_file  # noqa: E402
 
 

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch import Cluster  # noqa: E402
-from evo.cli.client import Client  # noqa: E402
-from evo.cli.sweeps import job_specs, load_sweep  # noqa: E402
+from evo.client import Client  # noqa: E402
+from evo.sweeps import job_specs, load_sweep  # noqa: E402
 from evo.trainers.experiment import run  # noqa: E402
 
 

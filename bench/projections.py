@@ -1,6 +1,6 @@
 """Projection speed at scale, in one run: apply, queries, full replay, and DuckDB's own ceiling.
 
-A legal history of N events is made by the real Desk (projections/history.py; cached under
+A legal history of N events is made by the real Desk (broker/history.py; cached under
 bench/out). Then:
   * apply: the events into a fresh evo.duckdb as a follower catching up does (batches of
     --batch, staged in a thread while DuckDB folds the previous one, one checkpoint at the
@@ -33,14 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evo.events.codec import encode  # noqa: E402
-from evo.projections.history import generate  # noqa: E402
+from evo.broker.history import generate  # noqa: E402
 from evo.projections.store import CATCH_UP_BATCH, Projection, replay  # noqa: E402
 
 
 def history(n: int) -> list[bytes]:
     import hashlib
 
-    made_by = hashlib.sha256((ROOT / "projections" / "history.py").read_bytes()).hexdigest()[:12]
+    made_by = hashlib.sha256((ROOT / "broker" / "history.py").read_bytes()).hexdigest()[:12]
     cache = ROOT / "bench" / "out" / f"history-{n}-{made_by}.pkl"  # a new generator, anew
     if cache.exists():
         return pickle.loads(cache.read_bytes())

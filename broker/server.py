@@ -46,7 +46,7 @@ from . import protocol as p
 from .cluster import Cluster, load_cluster
 from .desk import Desk
 from .outputs import OutputStore
-from evo.projections.follower import Follower
+from evo.broker.follower import Follower
 from .state import IllegalTransition, fold
 
 log = logging.getLogger("evo.broker")

@@ -44,7 +44,7 @@ def _err(msg: str) -> None:
 
 
 def _client(broker: str | None, timeout_s: float | None = None):
-    from evo.cli.client import Client
+    from evo.client import Client
 
     if timeout_s is None:
         timeout_s = float(os.environ.get("EVO_TIMEOUT_S", "10"))
@@ -272,7 +272,7 @@ def submit(
 ) -> None:
     """Submit a job; prints its id. It runs in the directory it was submitted from (or
     --workdir): relative paths in its command, and a callable's module, are found there."""
-    from evo.cli.client import make_spec
+    from evo.client import make_spec
 
     if trainer and callable_:
         raise BadInput("--trainer and --callable: give one")
@@ -290,7 +290,7 @@ def submit(
     if trainer:
         # Checked here (exit 2 before anything is queued); the data path is made absolute,
         # since the job runs elsewhere, and fingerprinted for the record.
-        from evo.cli.sweeps import data_fingerprint
+        from evo.sweeps import data_fingerprint
         from evo.trainers.experiment import parse_params
 
         parse_params(trainer, params)
@@ -506,14 +506,14 @@ def _sql(sql: str, broker: str | None, as_of: int = 0, params: list | tuple = ()
     caught up and opened read-only. Either way read-only and bounded (projections/sql.py);
     values go in as ``params`` for the ``?`` placeholders, never quoted into the text."""
     from evo.home import NoBroker
-    from evo.projections.follower import from_ipc
+    from evo.projections.files import from_ipc
 
     if as_of < 0:
         raise BadInput(f"--as-of: expected a seq >= 0, got {as_of}")
     try:
         c = _client(broker)
     except NoBroker:
-        from evo.projections.follower import read_projection
+        from evo.projections.files import read_projection
         from evo.projections.store import query_at
 
         proj = read_projection(evo_home())
@@ -599,7 +599,7 @@ def replay(to: Optional[int] = typer.Option(None, "--to", help="stop at this seq
                 live = c.query(kind="digest")
                 live_seq, live_digest, live_tables = live.seq, live.digest, live.tables
         except NoBroker:
-            from evo.projections.follower import read_projection
+            from evo.projections.files import read_projection
 
             proj = read_projection(evo_home())
             live_seq = proj.last_seq
@@ -636,7 +636,7 @@ app.add_typer(_log_app, name="log")
 
 def main() -> None:
     """Entry point: map evo's errors to one line on stderr and their exit codes."""
-    from evo.cli.client import BrokerUnavailable, CommandRejected
+    from evo.client import BrokerUnavailable, CommandRejected
 
     try:
         rc = app(standalone_mode=False)

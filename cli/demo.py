@@ -76,7 +76,7 @@ def main() -> None:
         procs.append(broker)
         wait_broker(broker)
         procs.append(daemon("node", "--name", "local", "--slots", "2"))
-        from evo.cli.client import Client
+        from evo.client import Client
 
         with Client(home=HOME) as c:
             deadline = time.monotonic() + 30

@@ -77,7 +77,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
                   "configurations it has not completed (nor is running)"),
               broker: Optional[str] = broker_opt) -> None:
         """Run a grid or random sweep; prints the sweep id."""
-        from evo.cli.sweeps import job_specs, load_sweep, record
+        from evo.sweeps import job_specs, load_sweep, record
 
         spec = load_sweep(spec_file)
         jobs = job_specs(spec)

@@ -5,13 +5,13 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy, so `import evo` inside a job stays cheap
     if name == "Client":
-        from evo.cli.client import Client
+        from evo.client import Client
 
         return Client
     if name in ("report", "result", "checkpoint", "checkpoint_dir"):
-        from evo.nodes import progress
+        from evo import job
 
-        return getattr(progress, name)
+        return getattr(job, name)
     raise AttributeError(f"module 'evo' has no attribute {name!r}")
 
 

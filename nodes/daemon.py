@@ -40,7 +40,7 @@ from pathlib import Path
 import zmq
 
 from evo.broker import protocol as p
-from evo.cli.client import BrokerUnavailable, Client, CommandRejected
+from evo.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
 from evo.home import NoBroker
 

@@ -1,19 +1,13 @@
-"""Progress from inside a job, and from its log lines as a fallback.
+"""Progress from a job's log lines, for jobs that do not use the in-job API (evo/job.py).
 
-Inside a job, ``evo.report(step=3, loss=0.41)``, ``evo.result(auc=0.7)`` and
-``evo.checkpoint(path)`` append one JSON line to the file named by EVO_REPORT_FILE, which the
-node tails. Jobs that do not use evo are still tracked through lines such as
+Jobs that do not call evo are still tracked through lines such as
 ``epoch 3/10 loss=0.41 auc=0.61``; a job that calls evo.report or evo.result is not (its prints
 are output only, so nothing is counted twice).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import time
-from pathlib import Path
 
 # A key starts where no key character precedes it: without the lookbehind, a long word with no
 # `=` after it was tried from each of its characters (quadratic: 1 s for a 10,000-character
@@ -40,45 +34,3 @@ def parse_line(line: str) -> dict | None:
     if step:
         out["step"] = int(step.group(1))
     return out
-
-
-def _write(record: dict) -> None:
-    path = os.environ.get("EVO_REPORT_FILE")
-    if not path:
-        return  # not running under evo: reporting is a no-op
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def report(step: int | None = None, *, epoch: int | None = None, eta_s: float | None = None,
-           **metrics: float) -> None:
-    """Report progress from inside a job."""
-    _write({"kind": "progress", "step": step, "epoch": epoch, "eta_s": eta_s, "t": time.time(),
-            "metrics": {k: float(v) for k, v in metrics.items()}})
-
-
-def result(**metrics: float) -> None:
-    """Record this job's final metrics (a command's, or a callable's that returns nothing).
-
-    Several calls add up, a later value of a name replacing an earlier one. A job that neither
-    returns metrics nor calls this has the last value it reported of each metric as its final
-    one."""
-    _write({"kind": "result", "t": time.time(),
-            "metrics": {k: float(v) for k, v in metrics.items()}})
-
-
-def checkpoint_dir() -> Path:
-    """This job's checkpoint folder (the same across its attempts on a node), made if needed.
-
-    Outside evo it is ./checkpoints. Warm workers do not make it ahead of time: most short
-    trials never checkpoint, and a folder per trial costs more than the trial.
-    """
-    d = Path(os.environ.get("EVO_CHECKPOINT_DIR") or "checkpoints")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def checkpoint(path: str, step: int | None = None, **metrics: float) -> None:
-    """Record that a checkpoint was written (it lives in EVO_CHECKPOINT_DIR across retries)."""
-    _write({"kind": "checkpoint", "path": str(path), "step": step,
-            "metrics": {k: float(v) for k, v in metrics.items()}})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from evo.broker.server import Broker
-from evo.cli.client import Client
+from evo.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from evo.broker import protocol as p
-from evo.cli.client import BrokerUnavailable, Client, CommandRejected
+from evo.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.damage import check
 from evo.events.log import CorruptLog, SegmentLog
 from evo.events.codec import EventDecodeError

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from evo.broker.server import Broker, BrokerError
-from evo.cli.client import Client, CommandRejected
+from evo.client import Client, CommandRejected
 from evo.errors import BadInput
 from evo.events.log import SegmentLog
 from evo.events.schema import JobSpec

@@ -7,7 +7,7 @@ import msgspec
 import zmq
 
 from evo.broker import protocol as p
-from evo.cli.client import Client
+from evo.client import Client
 
 
 def raw_dealer(address: str):

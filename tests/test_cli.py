@@ -6,7 +6,7 @@ import json
 import subprocess
 import time
 
-from evo.cli.client import Client
+from evo.client import Client
 from evo.events.schema import JobSpec
 from tests.conftest import evo_cmd, run_evo
 

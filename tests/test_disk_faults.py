@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from evo import failpoints
-from evo.cli.client import BrokerUnavailable, Client, CommandRejected
+from evo.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.log import LogWriteError, SegmentLog
 from evo.events.schema import JobSpec, JobSubmitted
 from tests.conftest import evo_cmd, free_port, run_evo, wait_until

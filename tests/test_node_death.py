@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from evo.cli.client import Client
+from evo.client import Client
 from tests.conftest import wait_until
 from tests.test_nodes import cluster, done, of, wait_for  # noqa: F401 - the fixture
 

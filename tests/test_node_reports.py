@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from evo.cli.client import Client
+from evo.client import Client
 from evo.events.log import SegmentLog
 from tests.conftest import run_evo
 from tests.test_nodes import cluster, done, joined, of, wait_for  # noqa: F401 - the fixture

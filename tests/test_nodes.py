@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from evo.cli.client import Client
+from evo.client import Client
 from tests.conftest import ROOT, evo_cmd
 
 HB = "0.3"  # heartbeat seconds: leases expire after ~0.9 s of silence

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from evo.broker.state import fold
-from evo.cli.client import Client
+from evo.client import Client
 from evo.events.codec import encode
 from evo.events.log import SegmentLog
-from evo.projections.follower import open_projection
-from evo.projections.history import generate
+from evo.projections.files import open_projection
+from evo.broker.history import generate
 from evo.projections.schema import VERSION
 from evo.projections.store import Projection, SqlError, as_of, replay
 from tests.conftest import ROOT, run_evo

@@ -11,8 +11,8 @@ import yaml
 
 from evo.broker import protocol as p
 from evo.broker.desk import Desk
-from evo.cli.client import Client
-from evo.cli.sweeps import configurations, job_specs, load_sweep
+from evo.client import Client
+from evo.sweeps import configurations, job_specs, load_sweep
 from evo.errors import BadInput
 from evo.events.schema import JobSpec
 from tests.conftest import ROOT, run_evo

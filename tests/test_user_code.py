@@ -8,7 +8,7 @@ import os
 import sys
 import textwrap
 
-from evo.cli.client import Client
+from evo.client import Client
 from tests.conftest import run_evo
 from tests.test_nodes import cluster, done, of, wait_for  # noqa: F401 - the fixture
 

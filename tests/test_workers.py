@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 import subprocess
 
-from evo.cli.client import Client, make_spec
+from evo.client import Client, make_spec
 from tests.conftest import ROOT, evo_cmd, run_evo
 from tests.test_nodes import cluster, done, wait_for  # noqa: F401 - the fixture is used by name
 

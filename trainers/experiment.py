@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from evo.errors import BadInput
-from evo.nodes.progress import report
+from evo.job import report
 
 from .calibration import Calibrator
 from .cv import walk_forward

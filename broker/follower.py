@@ -28,17 +28,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
 import zmq
 
 from evo.broker import protocol as p
 from evo.events.codec import decode_seq
 from evo.errors import EvoError
-from evo.events.log import SegmentLog
 
-from . import sql
-from .schema import VERSION
-from .store import Projection, SqlError, query_at
+from evo.projections import sql
+from evo.projections.files import open_projection
+from evo.projections.store import Projection, SqlError, query_at
 
 log = logging.getLogger("evo.projections")
 APPLY_EVERY_S = 5.0
@@ -46,58 +44,6 @@ RETRY_S = 1.0  # after a failed apply or open
 FILE_RETRY_S = 5.0  # answering from memory: how often the file is tried again
 QUERY_THREADS = 2
 _ids = itertools.count(1)
-
-
-def open_projection(home: Path, upto: int | None = None, path: Path | str | None = None
-                    ) -> Projection:
-    """``EVO_HOME/evo.duckdb`` (or ``path``) caught up from the log (rebuilt if it cannot be
-    trusted)."""
-    path = path or home / "evo.duckdb"
-    proj = Projection(path)
-    try:
-        with SegmentLog(home / "log", readonly=True) as lg:
-            head = lg.last_seq if upto is None else min(upto, lg.last_seq)
-            if proj.version != VERSION or proj.last_seq > head:
-                log.warning("rebuilding %s (schema version %s, last seq %d, log head %d)", path,
-                            proj.version, proj.last_seq, head)
-                proj.close()
-                for f in (Path(path), Path(str(path) + ".wal")):
-                    f.unlink(missing_ok=True)
-                proj = Projection(path)
-            proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
-    except BaseException:
-        proj.close()  # an instance left open would keep the file from opening otherwise
-        raise
-    return proj
-
-
-def read_projection(home: Path) -> Projection:
-    """The projection for users' SQL without a broker: caught up from the log if it is behind,
-    then opened read-only and secured (see projections/sql.py)."""
-    path = home / "evo.duckdb"
-    with SegmentLog(home / "log", readonly=True) as lg:
-        head = lg.last_seq
-    if path.exists():
-        proj = Projection(path, read_only=True)
-        if proj.version == VERSION and proj.last_seq == head:
-            sql.secure(proj.con)
-            return proj
-        proj.close()
-    open_projection(home).close()
-    proj = Projection(path, read_only=True)
-    sql.secure(proj.con)
-    return proj
-
-
-def to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()
 
 
 class Follower(threading.Thread):

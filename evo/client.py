@@ -231,7 +231,7 @@ class Client:
     def sql(self, sql: str, params: list | tuple = (), *, as_of: int = 0):  # noqa: ANN201
         """A read-only query over the projections, as a pyarrow Table (``?`` placeholders take
         ``params``)."""
-        from evo.projections.follower import from_ipc
+        from evo.projections.files import from_ipc
 
         return from_ipc(self.query(sql, params, as_of=as_of).arrow)
 

@@ -1,0 +1,71 @@
+"""The projection file, ``EVO_HOME/evo.duckdb``: opened caught up to the log (for the broker's
+follower, broker/follower.py), or read-only for users' SQL when no broker runs; and the Arrow
+IPC streams answers travel in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+
+from evo.events.log import SegmentLog
+
+from . import sql
+from .schema import VERSION
+from .store import Projection
+
+log = logging.getLogger("evo.projections")
+
+
+def open_projection(home: Path, upto: int | None = None, path: Path | str | None = None
+                    ) -> Projection:
+    """``EVO_HOME/evo.duckdb`` (or ``path``) caught up from the log (rebuilt if it cannot be
+    trusted)."""
+    path = path or home / "evo.duckdb"
+    proj = Projection(path)
+    try:
+        with SegmentLog(home / "log", readonly=True) as lg:
+            head = lg.last_seq if upto is None else min(upto, lg.last_seq)
+            if proj.version != VERSION or proj.last_seq > head:
+                log.warning("rebuilding %s (schema version %s, last seq %d, log head %d)", path,
+                            proj.version, proj.last_seq, head)
+                proj.close()
+                for f in (Path(path), Path(str(path) + ".wal")):
+                    f.unlink(missing_ok=True)
+                proj = Projection(path)
+            proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
+    except BaseException:
+        proj.close()  # an instance left open would keep the file from opening otherwise
+        raise
+    return proj
+
+
+def read_projection(home: Path) -> Projection:
+    """The projection for users' SQL without a broker: caught up from the log if it is behind,
+    then opened read-only and secured (see projections/sql.py)."""
+    path = home / "evo.duckdb"
+    with SegmentLog(home / "log", readonly=True) as lg:
+        head = lg.last_seq
+    if path.exists():
+        proj = Projection(path, read_only=True)
+        if proj.version == VERSION and proj.last_seq == head:
+            sql.secure(proj.con)
+            return proj
+        proj.close()
+    open_projection(home).close()
+    proj = Projection(path, read_only=True)
+    sql.secure(proj.con)
+    return proj
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
