@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 a job or check failed (or no broker answered), 2 bad input.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Optional
 
 import msgspec
 import typer
-import yaml
 
 from evo.errors import BadInput, EvoError
 from evo.home import evo_home
@@ -23,12 +21,14 @@ def _flags_without_metavar() -> None:
     """Help shows `--wait`, not `--wait <bool>`: a flag takes no value (typer prints its type)."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:  # a typer that prints no type for a flag
+        return
 
     def display(self, ctx):  # noqa: ANN001, ANN202
         return None if getattr(self, "is_flag", False) else shown(self, ctx)
 
-    TyperOption.display_type_rich = display  # type: ignore[method-assign]
+    setattr(TyperOption, "display_type_rich", display)  # noqa: B010 - not in every typer
 
 
 _flags_without_metavar()
@@ -69,6 +69,8 @@ def _root(home: Optional[Path] = typer.Option(None, "--home", envvar="EVO_HOME",
 
 
 def _setup_logging() -> None:
+    import logging
+
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -236,6 +238,8 @@ def why(job: str = typer.Argument(...), broker: Optional[str] = BrokerOpt) -> No
 
 
 def _kv(items: list[str] | None, what: str, parse_values: bool) -> dict:
+    import yaml  # only here: a command line's values, YAML-typed (`lr=0.1` is a float)
+
     out: dict = {}
     for item in items or []:
         if "=" not in item:

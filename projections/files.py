@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from evo.events.log import SegmentLog
 
-from . import sql
 from .schema import VERSION
-from .store import Projection
+
+if TYPE_CHECKING:  # DuckDB and Arrow are imported when used: a client reading an answer
+    import pyarrow as pa  # needs Arrow alone, and a command that reads none needs neither
+
+    from .store import Projection
 
 log = logging.getLogger("evo.projections")
 
@@ -23,6 +25,8 @@ def open_projection(home: Path, upto: int | None = None, path: Path | str | None
                     ) -> Projection:
     """``EVO_HOME/evo.duckdb`` (or ``path``) caught up from the log (rebuilt if it cannot be
     trusted)."""
+    from .store import Projection
+
     path = path or home / "evo.duckdb"
     proj = Projection(path)
     try:
@@ -45,6 +49,9 @@ def open_projection(home: Path, upto: int | None = None, path: Path | str | None
 def read_projection(home: Path) -> Projection:
     """The projection for users' SQL without a broker: caught up from the log if it is behind,
     then opened read-only and secured (see projections/sql.py)."""
+    from . import sql
+    from .store import Projection
+
     path = home / "evo.duckdb"
     with SegmentLog(home / "log", readonly=True) as lg:
         head = lg.last_seq
@@ -61,6 +68,8 @@ def read_projection(home: Path) -> Projection:
 
 
 def to_ipc(table: pa.Table) -> bytes:
+    import pyarrow as pa
+
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
@@ -68,4 +77,6 @@ def to_ipc(table: pa.Table) -> bytes:
 
 
 def from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()
+    import pyarrow.ipc
+
+    return pyarrow.ipc.open_stream(data).read_all()
