@@ -19,12 +19,12 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from evo.events.schema import JobSpec
 
-from .cluster import Cluster
+from .cluster import Cluster, Rule
 from .state import ACTIVE, COMPLETED, TERMINAL, BrokerState, Job, Node
 
 EPS = 1e-9
@@ -63,18 +63,24 @@ class Free:
 
 
 def free_of(state: BrokerState, node: Node) -> Free:
-    free = Free(slots=node.slots, cpus=node.cpus, mem_gb=node.mem_gb,
-                gpus={g.index: g.vram_gb for g in node.gpus})
+    """What the broker counts free on a node (leased-ahead jobs take nothing until they start)."""
+    return free_for(node.slots, node.cpus, node.mem_gb, {g.index: g.vram_gb for g in node.gpus},
+                    [(state.jobs[j].spec, state.jobs[j].devices) for j in node.running
+                     if not state.jobs[j].ahead])
+
+
+def free_for(slots: int, cpus: float, mem_gb: float, vram: dict[int, float],
+             running: Iterable[tuple[JobSpec, Sequence[int]]]) -> Free:
+    """What is free on a machine of this size running these (spec, devices): the broker's
+    count for a node, and the node's own for its admission."""
+    free = Free(slots=slots, cpus=cpus, mem_gb=mem_gb, gpus=dict(vram))
     whole: set[int] = set()
-    for job_id in node.running:
-        job = state.jobs[job_id]
-        if job.ahead:
-            continue  # queued on the node: it takes resources when it starts
-        r = job.spec.resources
+    for spec, devices in running:
+        r = spec.resources
         free.slots -= 1
         free.cpus -= r.cpus
         free.mem_gb -= r.mem_gb
-        for d in job.devices:
+        for d in devices:
             if r.vram_gb > 0:
                 if d in free.gpus:
                     free.gpus[d] -= r.vram_gb
@@ -83,6 +89,22 @@ def free_of(state: BrokerState, node: Node) -> Free:
     for d in whole:
         free.gpus.pop(d, None)
     return free
+
+
+def fits_on(spec: JobSpec, devices: Sequence[int], free: Free, vram: dict[int, float]) -> bool:
+    """Whether a job fits what is free on the devices it was given: a slot, CPUs, memory, and
+    on each device its VRAM (shared) or the whole GPU (``vram_gb`` 0). The node admits a lease
+    by this rule, the same that chose the devices (pick_devices)."""
+    r = spec.resources
+    if free.slots < 1 or r.cpus > free.cpus + EPS or r.mem_gb > free.mem_gb + EPS:
+        return False
+    for d in devices:
+        if d not in free.gpus:
+            return False  # another job has it whole
+        need = r.vram_gb if r.vram_gb > 0 else vram.get(d, 0.0)
+        if free.gpus[d] + EPS < need:
+            return False
+    return True
 
 
 def pick_devices(spec: JobSpec, free: Free, node: Node) -> tuple[int, ...] | None:
@@ -173,13 +195,18 @@ def blocked(job: Job, state: BrokerState, now: float) -> str | None:
     return None
 
 
+def prefers(rule: Rule | None, labels: Iterable[str]) -> bool:
+    """Whether a node with these labels is one the rule prefers (no rule: every node is)."""
+    return rule is None or bool(set(rule.route_to) & set(labels))
+
+
 def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: float) -> tuple[bool, str]:
     """(may this node take the job, why it is a fallback if it is one)."""
     rule = cluster.rule_for(job.spec.model_type)
-    if rule is None or set(rule.route_to) & set(node.labels):
+    if rule is None or prefers(rule, node.labels):
         return True, ""
     preferred_alive = [n.node for n in state.nodes.values()
-                       if n.alive and not n.drained and set(rule.route_to) & set(n.labels)]
+                       if n.alive and not n.drained and prefers(rule, n.labels)]
     if not preferred_alive:
         return True, f"no node labelled {'/'.join(rule.route_to)} is present"
     waited = now - job.queued_at

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -242,13 +241,14 @@ def _plan(spec, jobs: list, sql: Callable, client: Callable, broker: str | None)
     from collections import Counter
 
     from evo.broker.cluster import load_cluster
+    from evo.broker.scheduler import prefers
     from evo.home import NoBroker
 
     cluster = load_cluster(None, evo_home())
     nodes: list[dict] = []
     try:
         with client(broker) as c:
-            nodes = [n for n in c.status().nodes if n["alive"]]
+            nodes = [n for n in c.status().nodes if n["alive"] and not n.get("drained")]
     except NoBroker:
         pass
     typer.echo(f"sweep {spec.name}: {len(jobs)} configurations ({spec.method}), "
@@ -265,7 +265,7 @@ def _plan(spec, jobs: list, sql: Callable, client: Callable, broker: str | None)
     known = True
     for mt, n in sorted(by_type.items()):
         rule = cluster.rule_for(mt) if mt != "-" else None
-        preferred = [x["node"] for x in nodes if rule and set(x["labels"]) & set(rule.route_to)]
+        preferred = [x["node"] for x in nodes if rule and prefers(rule, x["labels"])]
         if rule is None:
             where = ", ".join(x["node"] for x in nodes) or "any node (none present now)"
             why = "no routing rule: any node that fits"

@@ -40,6 +40,7 @@ from pathlib import Path
 import zmq
 
 from evo.broker import protocol as p
+from evo.broker.scheduler import fits_on, free_for
 from evo.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
 from evo.home import NoBroker
@@ -57,7 +58,6 @@ OUTPUT_CHUNK = 256 << 10
 FINAL_SHIP_BYTES = 4 << 20  # of an ended attempt's output per turn, per stream
 SHORT_TRIAL_S = 0.5
 MEDIUM_TRIAL_S = 5.0
-EPS = 1e-9
 
 
 class _Reconnect(Exception):
@@ -273,16 +273,12 @@ class NodeDaemon:
             self._start_queued()
 
     def _fits(self, grant: p.LeaseGrant) -> bool:
-        """Whether this node's own free slots, CPUs, memory and devices take the job now."""
-        if len(self.runs) >= self.slots:
-            return False
-        r = grant.spec.resources
-        cpus = sum(x.grant.spec.resources.cpus for x in self.runs.values())
-        mem = sum(x.grant.spec.resources.mem_gb for x in self.runs.values())
-        busy = {d for x in self.runs.values() for d in x.grant.devices}
-        return (cpus + r.cpus <= self.join_cmd.cpus + EPS
-                and mem + r.mem_gb <= self.join_cmd.mem_gb + EPS
-                and (r.vram_gb > 0 or not busy & set(grant.devices)))
+        """Whether this node's own free slots, CPUs, memory and devices take the job now: the
+        scheduler's rule, over what this node itself runs."""
+        vram = {g.index: g.vram_gb for g in self.join_cmd.gpus}
+        free = free_for(self.slots, self.join_cmd.cpus, self.join_cmd.mem_gb, vram,
+                        [(x.grant.spec, x.grant.devices) for x in self.runs.values()])
+        return fits_on(grant.spec, grant.devices, free, vram)
 
     def _start_queued(self) -> bool:
         started = False

@@ -228,3 +228,27 @@ def test_why_names_a_retrys_backoff_and_the_attempt_that_failed():
     assert blocked(job, __import__("evo.broker.state", fromlist=["x"]).BrokerState(), 100.0) == (
         "retry 2 is not before 10.0s from now (backoff) (attempt 1 failed: exit code 3: CUDA "
         "out of memory)")
+
+
+def test_the_node_admits_a_lease_by_the_schedulers_own_fit_rule():
+    from evo.broker.scheduler import fits_on, free_for
+    from evo.events.schema import JobSpec, Resources
+
+    def spec(cpus=1.0, mem=0.0, gpus=0, vram=0.0):
+        return JobSpec(command=["x"], resources=Resources(cpus=cpus, mem_gb=mem, gpus=gpus,
+                                                          vram_gb=vram))
+
+    vram = {0: 24.0, 1: 24.0}
+    idle = free_for(2, 4.0, 16.0, vram, [])
+    assert fits_on(spec(gpus=1), [0], idle, vram)  # a whole GPU
+    shared = free_for(2, 4.0, 16.0, vram, [(spec(gpus=1, vram=20.0), [0])])
+    assert not fits_on(spec(gpus=1), [0], shared, vram)  # not whole any more
+    assert not fits_on(spec(gpus=1, vram=8.0), [0], shared, vram)  # 4 GB left on it
+    assert fits_on(spec(gpus=1, vram=4.0), [0], shared, vram)
+    whole = free_for(2, 4.0, 16.0, vram, [(spec(gpus=1), [1])])
+    assert not fits_on(spec(gpus=1, vram=1.0), [1], whole, vram)  # taken whole by another
+    full = free_for(2, 4.0, 16.0, vram, [(spec(cpus=3.0), []), (spec(), [])])
+    assert not fits_on(spec(cpus=0.1), [], full, vram)  # no slot left
+    busy = free_for(3, 4.0, 16.0, vram, [(spec(cpus=3.5, mem=12.0), [])])
+    assert not fits_on(spec(cpus=1.0), [], busy, vram) and not fits_on(spec(cpus=0.5, mem=8.0), [], busy, vram)
+    assert fits_on(spec(cpus=0.5, mem=4.0), [], busy, vram)
