@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from evo.client import Client
-from tests.conftest import ROOT, evo_cmd
+from tests.conftest import ROOT, evo_cmd, wait_until
 
 HB = "0.3"  # heartbeat seconds: leases expire after ~0.9 s of silence
 
@@ -132,22 +132,25 @@ def test_kill9_of_a_node_mid_job_expires_the_lease_and_the_job_completes_once_el
     assert of(events, "NodeLost")[0].node == "a"
 
 
-def test_sigstop_past_the_lease_then_sigcont_late_reports_are_rejected(cluster):
+def test_sigstop_past_the_lease_then_sigcont_late_reports_are_rejected(cluster, tmp_path):
     home, b, node = cluster
     a = node("a", "--slots", "1")
+    ended = tmp_path / "ended-on-a"
+    code = (f"import os, time; time.sleep(1.5)\n"
+            f"if os.environ['EVO_NODE'] == 'a': open({str(ended)!r}, 'w').close()")
     with Client(b.address) as c:
         wait_for(c, joined("a"))
-        job = c.submit([PY, "-c", "import time; time.sleep(1.5)"])
+        job = c.submit([PY, "-c", code])
         wait_for(c, lambda evs: of(evs, "JobStarted", job))
         a.signal(signal.SIGSTOP)
         wait_for(c, lambda evs: of(evs, "LeaseExpired", job), timeout=10)
         node("b", "--slots", "1")
         wait_for(c, lambda evs: len(of(evs, "JobLeased", job)) == 2)
-        time.sleep(1.6)  # a's copy of the job has finished meanwhile
+        wait_until(ended.exists, what="a's copy of the job to end while a is stopped")
         a.signal(signal.SIGCONT)
-        events = wait_for(c, lambda evs: done(job)(evs) and of(evs, "ReportRejected", job), timeout=20)
-        time.sleep(1.0)
-        events = list(c.read_all(1))
+        # a's last word is its completed report of the old lease: once it is rejected, all is in
+        events = wait_for(c, lambda evs: done(job)(evs) and any(
+            r.report == "completed" for r in of(evs, "ReportRejected", job)), timeout=20)
     assert len(of(events, "JobCompleted", job)) == 1
     (completed,) = of(events, "JobCompleted", job)
     second_lease = of(events, "JobLeased", job)[1]
