@@ -568,7 +568,7 @@ class Desk:
                 self._emit(out, NodeLost, now, "tick", node=node,
                            reason=f"{missed:.1f} heartbeats missed")
                 del self.last_seen[node]
-        for job_id in list(self.state.queue):
+        for job_id in list(self.state.waiting):
             job = self.state.jobs[job_id]
             for dep in job.spec.after:
                 d = self.state.jobs.get(dep)

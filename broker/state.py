@@ -129,6 +129,9 @@ class BrokerState:
     sweeps: dict[str, Sweep] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
     queue: dict[str, None] = field(default_factory=dict)  # queued job ids, in submit order
+    # the queued jobs that wait for others (``after``): what the desk's tick looks at, not the
+    # whole queue
+    waiting: dict[str, None] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # jobs per state
     job_number: int = 0  # the highest n of the job ids jN so far: new ids count on from it
     sweep_number: int = 0  # and of the sweep ids sN
@@ -161,6 +164,8 @@ class BrokerState:
                                    submitted_at=ev.time, queued_at=ev.time)
         self.job_number = max(self.job_number, _number(ev.job_id))
         self.queue[ev.job_id] = None
+        if ev.spec.after:
+            self.waiting[ev.job_id] = None
         if ev.spec.key is not None:
             self.keys[ev.spec.key] = ev.job_id
         self.counts[QUEUED] = self.counts.get(QUEUED, 0) + 1
@@ -190,8 +195,11 @@ class BrokerState:
             self.counts[after] = self.counts.get(after, 0) + 1
             if before == QUEUED:
                 self.queue.pop(job_id, None)
+                self.waiting.pop(job_id, None)
             elif after == QUEUED:
                 self.queue[job_id] = None
+                if job.spec.after:
+                    self.waiting[job_id] = None
                 job.queued_at = event.time
             if after in TERMINAL and job.spec.sweep_id is not None:
                 sweep = self.sweeps.get(job.spec.sweep_id)
