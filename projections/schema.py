@@ -15,8 +15,9 @@ from __future__ import annotations
 from evo.direction import lower_is_better_sql
 from evo.events.lifecycle import FAILED, QUEUED, STATE_AFTER
 
-VERSION = 4  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics;
-# 4: jobs.held and nodes.drained
+VERSION = 5  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics;
+# 4: jobs.held and nodes.drained; 5: a catch-up batch is one transaction (a file whose split
+# commit a crash left half done is rebuilt, not trimmed)
 
 # What the digest covers (final_metrics is a view, but it is what leaderboards are made of).
 TABLES = ("events", "jobs", "attempts", "metrics", "final_metrics", "nodes", "utilization",

@@ -16,7 +16,6 @@ import queue
 import sys
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -150,28 +149,11 @@ class Projection:
                              [VERSION])
             self.con.execute("INSERT INTO appended SELECT value FROM meta WHERE key = 'last_seq' "
                              "AND NOT EXISTS (SELECT 1 FROM appended)")
-            self._trim()
 
     @property
     def last_seq(self) -> int:
         rows = self.con.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchall()
         return int(rows[0][0]) if rows else 0
-
-    def _trim(self) -> None:
-        """Delete the append-only tables' rows past ``last_seq``: a catch-up that stopped
-        between its two commits (they are applied again with the fold)."""
-        lo = self.last_seq
-        if self.con.execute("SELECT last_seq FROM appended").fetchall()[0][0] <= lo:
-            return
-        self.con.begin()
-        try:
-            for table in APPENDED:
-                self.con.execute(f"DELETE FROM {table} WHERE seq > ?", [lo])
-            self.con.execute(_SET_APPENDED, [lo])
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
 
     # --- applying -----------------------------------------------------------------------------
 
@@ -192,8 +174,8 @@ class Projection:
 
         A thread decodes and stages the next batch while DuckDB folds this one (DuckDB
         releases the GIL), and checkpoints wait for the end: a bulk load writes each table once
-        instead of rewriting its last row groups at every 16 MB of log. Each batch is two
-        transactions run side by side (see _commit_split).
+        instead of rewriting its last row groups at every 16 MB of log. Each batch is one
+        transaction, as in ``apply``.
         """
         chunks: queue.Queue[Staged | BaseException | None] = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -228,22 +210,14 @@ class Projection:
         # each take would wait up to the switch interval (5 ms), a dozen times a batch.
         interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0005)
-        appender = self.con.cursor()
-        pool = ThreadPoolExecutor(1, thread_name_prefix="evo-projection-append")
         producer.start()
         try:
             while (item := chunks.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                try:
-                    _commit_split(self.con, appender, pool, item)
-                except BaseException:
-                    self._trim()
-                    raise
+                _commit(self.con, item)
             self.con.execute("CHECKPOINT")
         finally:
-            pool.shutdown()
-            appender.close()
             stop.set()
             # unblock a producer waiting on a full queue, and drop what it staged
             while producer.is_alive() or not chunks.empty():
@@ -328,17 +302,14 @@ _SET_LAST = "UPDATE meta SET value = ? WHERE key = 'last_seq'"
 
 
 def _transaction(con: duckdb.DuckDBPyConnection, statements: list[str], marks: list[str],
-                 hi: int, after: Future | None = None) -> None:
-    """Run ``statements``, set each of ``marks`` to ``hi``, and commit, once ``after`` (if
-    given) has succeeded; roll back on any error."""
+                 hi: int) -> None:
+    """Run ``statements``, set each of ``marks`` to ``hi``, and commit; roll back on any error."""
     con.begin()
     try:
         for sql in statements:
             con.execute(sql)
         for mark in marks:
             con.execute(mark, [hi])
-        if after is not None:
-            after.result()
         failpoints.hit("projection.apply")
         con.commit()
     except BaseException:
@@ -365,27 +336,4 @@ def _commit(con: duckdb.DuckDBPyConnection, batch: Staged) -> None:
         _transaction(con, _APPEND + _FOLD, [_SET_APPENDED, _SET_LAST],
                      batch.first + batch.n - 1)
     finally:
-        _unstage(con, batch)
-
-
-def _commit_split(con: duckdb.DuckDBPyConnection, appender: duckdb.DuckDBPyConnection,
-                  pool: ThreadPoolExecutor, batch: Staged) -> None:
-    """What _commit does, as two transactions run side by side, on two cursors of the same
-    database: the append-only tables (APPENDED, and ``appended.last_seq``) on ``appender``, in
-    ``pool``'s thread; the keyed tables and ``meta.last_seq`` here. The append commits first,
-    and the fold only after it, so the keyed tables are never ahead; if the fold does not
-    commit, the rows past ``meta.last_seq`` are deleted (Projection._trim, also run on open).
-    A catch-up uses the CPU the single fold left idle (about 4% faster)."""
-    hi = batch.first + batch.n - 1
-
-    def append() -> None:
-        appender.execute(_view(batch))
-        _transaction(appender, _APPEND, [_SET_APPENDED], hi)
-
-    appended = pool.submit(append)
-    try:
-        con.execute(_view(batch))
-        _transaction(con, _FOLD, [_SET_LAST], hi, after=appended)
-    finally:
-        wait([appended])
         _unstage(con, batch)
