@@ -656,12 +656,24 @@ def main() -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
+        if isinstance(exc, BrokenPipeError):  # `evo sql ... | head`: the reader has gone
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         if os.environ.get("EVO_DEBUG"):
             raise
-        # anything else is evo's bug: one line, and where to get the whole story
-        where = exc.__traceback__
-        while where is not None and where.tb_next is not None:
-            where = where.tb_next
+        if isinstance(exc, OSError) and exc.strerror:  # the machine's, not evo's (a full disk)
+            _err(f"evo: {exc.strerror}" + (f": {exc.filename}" if exc.filename else ""))
+            sys.exit(1)
+        # anything else is evo's bug: one line, naming the last place in evo's own code below
+        # this function (else the innermost place)
+        where = last = None
+        tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+        while tb is not None:
+            last = tb
+            if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("evo."):
+                where = tb
+            tb = tb.tb_next
+        where = where or last
         at = (f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}"
               if where is not None else "")
         _err(f"evo: internal error: {type(exc).__name__}: {' '.join(str(exc).split())}{at} "

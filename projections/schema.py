@@ -38,8 +38,8 @@ KEYS = {
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT);
--- The last seq whose rows the append-only tables (APPENDED) hold; ahead of meta.last_seq only
--- between the two commits of a catch-up batch (see store.py), and trimmed back on open.
+-- The last seq whose rows the append-only tables (APPENDED) hold: always meta.last_seq since
+-- version 5 (one transaction per batch); kept for the schema, read by nothing.
 CREATE TABLE IF NOT EXISTS appended (last_seq BIGINT);
 CREATE TABLE IF NOT EXISTS events (
     seq BIGINT, time DOUBLE, type VARCHAR, job_id VARCHAR, node VARCHAR,
@@ -89,7 +89,8 @@ CREATE OR REPLACE VIEW queue AS
 CREATE OR REPLACE VIEW leaderboard AS
     SELECT f.sweep_id, f.metric, rank() OVER (
                PARTITION BY f.sweep_id, f.metric
-               ORDER BY CASE WHEN f.lower_is_better THEN f.value ELSE -f.value END, f.job_id)
+               ORDER BY CASE WHEN f.lower_is_better THEN f.value ELSE -f.value END,
+                        j.submitted_seq)  -- ties: the earliest submitted, as the desk's best
                AS rank,
            f.job_id, f.model_type, f.value, f.lower_is_better, j.params
     FROM final_metrics f JOIN jobs j USING (job_id);
@@ -192,7 +193,10 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
         max(seq) FILTER (WHERE type = 'JobLeased') AS lease_seq,
         arg_max(type, seq) AS last_type,
         count(*) FILTER (WHERE type = 'JobLeased') AS leases,
+        -- started: its JobStarted, or the first report of one whose JobStarted was lost (as
+        -- the broker's state has it)
         max(time) FILTER (WHERE type = 'JobStarted') AS started_at,
+        min(time) FILTER (WHERE type IN ('Progress', 'Checkpointed')) AS reported_at,
         max(time) FILTER (WHERE type IN ('JobCompleted', 'JobCancelled')
                           OR (type = 'JobFailed' AND final)) AS finished_at,
         arg_max(type, seq) FILTER (WHERE type IN ('JobHeld', 'JobReleased')) AS hold
@@ -215,8 +219,9 @@ o AS (  -- the old rows, narrow: the UPDATE reads what it merges from the row it
 SELECT n.job_id, o.job_id IS NOT NULL AS has_old,
     CASE WHEN o.job_id IS NULL THEN n.sp.sweep_id ELSE o.sweep_id END AS sweep_id,
     {_STATE} AS state,
-    n.node, CAST(n.leases AS INTEGER) AS leases, n.metrics, n.artifacts, n.error, n.started_at,
-    n.finished_at, n.duration_s, n.sp, n.spec_json, n.sub_seq, n.submitted_at,
+    n.node, CAST(n.leases AS INTEGER) AS leases, n.metrics, n.artifacts, n.error,
+    coalesce(n.started_at, CASE WHEN n.lease_seq IS NOT NULL THEN n.reported_at END) AS started_at,
+    n.reported_at, n.finished_at, n.duration_s, n.sp, n.spec_json, n.sub_seq, n.submitted_at,
     CASE n.hold WHEN 'JobHeld' THEN true WHEN 'JobReleased' THEN false END AS held
 FROM n LEFT JOIN o USING (job_id)
 WHERE o.job_id IS NOT NULL OR n.spec_json IS NOT NULL;
@@ -224,7 +229,8 @@ UPDATE jobs SET state = u.state, node = coalesce(u.node, jobs.node),
     attempts = jobs.attempts + u.leases, metrics = coalesce(u.metrics, jobs.metrics),
     artifacts = coalesce(u.artifacts, jobs.artifacts),
     error = CASE WHEN u.state = 'completed' THEN NULL ELSE coalesce(u.error, jobs.error) END,
-    started_at = greatest(jobs.started_at, u.started_at),
+    started_at = CASE WHEN u.started_at IS NOT NULL THEN greatest(jobs.started_at, u.started_at)
+                      WHEN jobs.state = 'leased' THEN u.reported_at ELSE jobs.started_at END,
     finished_at = greatest(jobs.finished_at, u.finished_at),
     duration_s = coalesce(u.duration_s, jobs.duration_s), held = coalesce(u.held, jobs.held)
 FROM _jobs u WHERE u.has_old AND jobs.job_id = u.job_id;
@@ -380,7 +386,8 @@ js AS (
         count(*) FILTER (WHERE state = 'failed') AS failed,
         count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
         min(submitted_at) AS first_submitted_at, max(submitted_at) AS last_submitted_at,
-        max(finished_at) FILTER (WHERE state = 'cancelled') AS last_cancelled_at
+        max(finished_at) FILTER (WHERE state = 'cancelled') AS last_cancelled_at,
+        max(finished_at) AS last_ended_at
     FROM jobs j WHERE j.sweep_id IN (SELECT sweep_id FROM touched) GROUP BY j.sweep_id),
 m AS (  -- the SweepSubmitted fields: the latest submit's, its first time (o.spec: one was seen)
     SELECT t.sweep_id,
@@ -391,11 +398,10 @@ m AS (  -- the SweepSubmitted fields: the latest submit's, its first time (o.spe
         coalesce(n.best_job, o.best_job) AS best_job
     FROM touched t LEFT JOIN n USING (sweep_id) LEFT JOIN sweeps o USING (sweep_id))
 SELECT m.sweep_id, m.name,
-    CASE WHEN m.finished_at IS NOT NULL AND js.last_cancelled_at >= js.last_submitted_at
-             THEN 'cancelled'  -- ended by a cancel, and nothing was added to it since
-         WHEN m.finished_at IS NOT NULL THEN 'completed'
-         WHEN coalesce(js.queued, 0) + coalesce(js.running, 0) = 0 AND js.jobs > 0 THEN 'finished'
-         ELSE 'running' END AS state,
+    CASE WHEN coalesce(js.queued, 0) + coalesce(js.running, 0) > 0 THEN 'running'  -- resumed too
+         WHEN m.finished_at IS NULL THEN CASE WHEN js.jobs > 0 THEN 'finished' ELSE 'running' END
+         WHEN js.last_cancelled_at >= js.last_ended_at THEN 'cancelled'  -- ended by a cancel
+         ELSE 'completed' END AS state,
     CAST(coalesce(js.jobs, 0) AS INTEGER), CAST(coalesce(js.queued, 0) AS INTEGER),
     CAST(coalesce(js.running, 0) AS INTEGER), CAST(coalesce(js.completed, 0) AS INTEGER),
     CAST(coalesce(js.failed, 0) AS INTEGER), CAST(coalesce(js.cancelled, 0) AS INTEGER),
@@ -409,7 +415,6 @@ INSERT INTO sweeps SELECT * FROM _sweeps;
 DROP_STAGED = "DROP TABLE _jobs; DROP TABLE _att; DROP TABLE _nodes; DROP TABLE _sweeps;"
 
 # The tables a batch only appends to, each row carrying its event's seq: ``events`` (by
-# INSERT_EVENTS) and these steps of DERIVE. In a catch-up they are written by a transaction of
-# their own, beside the fold of the keyed tables, and committed first; rows past meta.last_seq
-# (a crash between the two commits) are deleted on open.
+# INSERT_EVENTS) and these steps of DERIVE, run before the keyed folds in the batch's one
+# transaction.
 APPENDED = ("events", "metrics", "utilization", "gpu_utilization")

@@ -3,8 +3,7 @@
 A batch goes in as one Arrow column of JSON (never row by row), is staged (its common fields
 typed, in an in-memory database), and is folded into the tables in SQL; the last applied seq is
 stored in the same transaction as the rows, so a crash mid-apply leaves the file at the previous
-batch: nothing lost, nothing doubled. A catch-up splits each batch into two transactions (see
-_commit_split), and trims what the first left if the second did not commit.
+batch: nothing lost, nothing doubled. A catch-up's batches are single transactions too.
 """
 
 from __future__ import annotations

@@ -67,11 +67,17 @@ def _cases():
 def test_each_pair_moves_both_folds_alike(before, kind, extra, after):
     events = _history(before, kind, extra)
     broker = fold(events).jobs["j1"].state
-    proj = Projection()
-    proj.apply([encode(e) for e in events])
-    projected = proj.query("SELECT state FROM jobs WHERE job_id = 'j1'").to_pylist()[0]["state"]
-    proj.close()
-    assert broker == after and projected == after, (before, kind, extra, broker, projected)
+    raws = [encode(e) for e in events]
+    for batches in ([raws], [raws[:-1], raws[-1:]]):  # the event in its history's batch, or alone
+        proj = Projection()
+        for batch in batches:
+            proj.apply(batch)
+        row = proj.query("SELECT state, started_at FROM jobs WHERE job_id = 'j1'").to_pylist()[0]
+        proj.close()
+        projected = row["state"]
+        assert broker == after and projected == after, (before, kind, extra, broker, projected)
+        if after == "running":  # started by its JobStarted, or by its first report: both folds
+            assert row["started_at"] == fold(events).jobs["j1"].started_at > 0, row
 
 
 def test_every_event_type_has_one_state_after_it_or_keeps_the_state():

@@ -331,14 +331,17 @@ def test_a_cancelled_sweep_resumes_with_only_its_missing_configurations(cluster,
     r = run_evo("sweep", str(spec), home=home, cwd=tmp_path)
     sweep = r.stdout.strip()
     with Client(b.address) as c:
-        ids = c.status().queued  # nothing runs yet: no node
-        first_two = [q["job_id"] for q in ids][:2]
-        for j in [q["job_id"] for q in ids][2:]:
-            c.cancel(j)
+        ids = [q["job_id"] for q in c.status().queued]  # nothing runs yet: no node
+    first_two, last_two = ids[:2], ids[2:]
+    for j in last_two:  # kept back while the first two run, then the rest is cancelled
+        assert run_evo("hold", j, home=home).returncode == 0
     node("n1", "--slots", "2")
+    state = f"SELECT state FROM sweeps WHERE sweep_id = '{sweep}'"
     with Client(b.address) as c:
         wait_for(c, lambda evs: all(done(j)(evs) for j in first_two))
-    state = f"SELECT state FROM sweeps WHERE sweep_id = '{sweep}'"
+        assert run_evo("sql", state, "--format", "csv", home=home).stdout.split()[1] == "running"
+        assert run_evo("cancel", sweep, home=home).returncode == 0
+        wait_for(c, lambda evs: of(evs, "SweepCompleted"))
     assert run_evo("sql", state, "--format", "csv", home=home).stdout.split()[1] == "cancelled"
     r = run_evo("sweep", str(spec), "--resume", "--wait", home=home, cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and r.stdout.split()[0] == sweep, r.stdout + r.stderr

@@ -124,8 +124,8 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
     first = metrics[0] if metrics else None
     if first:
         sign = -1 if mode_in_sweep(first, spec) == "max" else 1
-        done.sort(key=lambda r: (first not in r["metrics"], sign * r["metrics"].get(first, 0.0),
-                                 r["job_id"]))
+        # ties keep submit order (the rows come in it): the earliest, as the desk's best job
+        done.sort(key=lambda r: (first not in r["metrics"], sign * r["metrics"].get(first, 0.0)))
     comp = out / "comparison.csv"
     with open(comp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
