@@ -179,8 +179,8 @@ def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[d
     best = sql("SELECT best_job FROM sweeps WHERE sweep_id = ?", [sweep]).to_pylist()
     best_id = best[0]["best_job"] if best else None
     best_row = next((r for r in done if r["job_id"] == best_id), None)
-    starts = [r["started_at"] for r in done if r["started_at"] is not None]
-    ends = [r["finished_at"] for r in done if r["finished_at"] is not None]
+    starts = [r["started_at"] for r in rows if r["started_at"] is not None]  # every run, failed
+    ends = [r["finished_at"] for r in rows if r["finished_at"] is not None]  # ones included
     models = list(dict.fromkeys(r["model_type"] for r in done if r["model_type"]))
     states = [r["state"] for r in rows]
     doc = {
