@@ -34,7 +34,7 @@ from . import protocol as p
 from .cluster import Cluster
 from .liveness import compute_backoff, is_lost
 from .scheduler import decide, explain, never_fits
-from .state import ACTIVE, COMPLETED, QUEUED, TERMINAL, BrokerState, Job
+from .state import ACTIVE, CANCELLED, COMPLETED, FAILED, QUEUED, TERMINAL, BrokerState, Job
 from evo.names import nul_error
 
 
@@ -284,22 +284,21 @@ class Desk:
         return out
 
     def on_retry(self, cmd: p.Retry, now: float, cause: str) -> Outcome:
+        if (unknown := self._unknown_target(cmd)) is not None:
+            return unknown
         sweep = self.state.sweeps.get(cmd.target)
         if sweep is not None:
-            olds = [j for j in sweep.job_ids if self.state.jobs[j].state in ("failed", "cancelled")]
+            olds = [j for j in sweep.job_ids if self.state.jobs[j].state in (FAILED, CANCELLED)]
             if not olds:
                 return Outcome(reply=p.Error(req=cmd.req, code="conflict", message=(
                     f"sweep {cmd.target} has no failed or cancelled job to run again")))
-        elif cmd.target in self.state.jobs:
+        else:  # a job (_unknown_target said it is one of the two)
             job = self.state.jobs[cmd.target]
             if job.state not in TERMINAL:
                 return Outcome(reply=p.Error(req=cmd.req, code="conflict", message=(
                     f"job {cmd.target} is {job.state}: only a finished job runs again "
                     f"(cancel it first)")))
             olds = [cmd.target]
-        else:
-            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
-                                         message=f"no job or sweep {cmd.target!r}"))
         out = Outcome()
         first = self.state.last_seq + 1
         events: list[Event] = []
@@ -327,19 +326,18 @@ class Desk:
         return out
 
     def on_hold(self, cmd: p.Hold, now: float, cause: str) -> Outcome:
+        if (unknown := self._unknown_target(cmd)) is not None:
+            return unknown
         sweep = self.state.sweeps.get(cmd.target)
         if sweep is not None:
             targets = [j for j in sweep.job_ids if self.state.jobs[j].state == QUEUED]
-        elif cmd.target in self.state.jobs:
+        else:  # a job (_unknown_target said it is one of the two)
             job = self.state.jobs[cmd.target]
             if job.state != QUEUED:
                 return Outcome(reply=p.Error(req=cmd.req, code="conflict", message=(
                     f"job {cmd.target} is {job.state}: only a queued job can be "
                     f"{'released' if cmd.release else 'held'}")))
             targets = [cmd.target]
-        else:
-            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
-                                         message=f"no job or sweep {cmd.target!r}"))
         out = Outcome()
         kind = JobReleased if cmd.release else JobHeld
         for job_id in targets:
@@ -350,19 +348,25 @@ class Desk:
                               seq=self.state.last_seq)
         return out
 
+    def _unknown_target(self, cmd: p.Cancel | p.Retry | p.Hold) -> Outcome | None:
+        """The answer to a command naming neither a job nor a sweep, else None."""
+        if cmd.target in self.state.sweeps or cmd.target in self.state.jobs:
+            return None
+        return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                     message=f"no job or sweep {cmd.target!r}"))
+
     def on_cancel(self, cmd: p.Cancel, now: float, cause: str) -> Outcome:
+        if (unknown := self._unknown_target(cmd)) is not None:
+            return unknown
         sweep = self.state.sweeps.get(cmd.target)
         if sweep is not None:
             targets = [j for j in sweep.job_ids if self.state.jobs[j].state not in TERMINAL]
-        elif cmd.target in self.state.jobs:
+        else:  # a job (_unknown_target said it is one of the two)
             job = self.state.jobs[cmd.target]
             if job.state in TERMINAL:
                 return Outcome(reply=p.Error(req=cmd.req, code="conflict",
                                              message=f"job {cmd.target} is already {job.state}"))
             targets = [cmd.target]
-        else:
-            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
-                                         message=f"no job or sweep {cmd.target!r}"))
         out = Outcome()
         for job_id in targets:
             job = self.state.jobs[job_id]

@@ -15,6 +15,8 @@ from typing import Optional
 import typer
 
 from evo.errors import BadInput, EvoError
+from evo.events.lifecycle import CANCELLED, COMPLETED, FAILED, RUNNING, TERMINAL, state_after
+from evo.projections.files import json_cell
 from evo.home import evo_home
 
 
@@ -51,7 +53,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         if not rows:
             raise BadInput(f"no sweep {sweep!r} (see `evo sql \"SELECT sweep_id, name FROM sweeps\"`)")
         spec = rows[0]["spec"]
-        spec = (json.loads(spec) if isinstance(spec, str) else spec) or {}
+        spec = json_cell(spec) or {}
         metrics = [r["metric"] for r in sql(
             "SELECT DISTINCT metric FROM leaderboard WHERE sweep_id = ? ORDER BY 1",
             broker, params=[sweep]).to_pylist()]
@@ -180,23 +182,19 @@ def _missing(name: str, jobs: list, sql: Callable, broker: str | None) -> tuple[
     if not rows:
         raise BadInput(f"--resume: no sweep named {name!r} to resume (submit it without --resume)")
     sweep = rows[0]["sweep_id"]
-    seen = {json.dumps(json.loads(r["params"]) if isinstance(r["params"], str) else r["params"],
-                       sort_keys=True)
-            for r in sql("SELECT params FROM jobs WHERE sweep_id = ? AND state IN "
-                         "('completed', 'queued', 'leased', 'running')", broker,
-                         params=[sweep]).to_pylist()}
+    seen = {json.dumps(json_cell(r["params"]), sort_keys=True)
+            for r in sql("SELECT params FROM jobs WHERE sweep_id = ? AND state NOT IN (?, ?)",
+                         broker, params=[sweep, FAILED, CANCELLED]).to_pylist()}
     return sweep, [j for j in jobs if json.dumps(j.params, sort_keys=True) not in seen]
 
 
 def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  # noqa: ANN001
     """Follow the sweep's events with a progress bar (stderr) until SweepCompleted."""
+    from collections import Counter
+
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
-
-    from collections import Counter
-
-    from evo.events.lifecycle import CANCELLED, COMPLETED, FAILED, RUNNING, TERMINAL, state_after
 
     ids = set(reply.job_ids)
     states: dict[str, str] = {}
@@ -232,8 +230,7 @@ def _best(sweep_id: str, sql: Callable, broker: str | None) -> dict | None:
     r = sql("SELECT job_id, model_type, params, metrics FROM jobs WHERE job_id = ?",
             broker, params=[job]).to_pylist()[0]
     return {"sweep_id": sweep_id, "job_id": job, "model_type": r["model_type"],
-            "params": json.loads(r["params"]) if isinstance(r["params"], str) else r["params"],
-            "metrics": json.loads(r["metrics"]) if isinstance(r["metrics"], str) else r["metrics"]}
+            "params": json_cell(r["params"]), "metrics": json_cell(r["metrics"])}
 
 
 def _plan(spec, jobs: list, sql: Callable, client: Callable, broker: str | None) -> None:  # noqa: ANN001

@@ -13,17 +13,14 @@ from typing import Optional
 import typer
 
 from evo.errors import BadInput
+from evo.events.lifecycle import CANCELLED, COMPLETED, FAILED, LEASED, QUEUED, RUNNING
+from evo.projections.files import json_cell
 
-STATES = ("queued", "leased", "running", "completed", "failed", "cancelled")
+STATES = (QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED)
 
 
-def _j(v):  # noqa: ANN001, ANN202 - JSON columns come back as text
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v if v is not None else {}
+def _j(v):  # noqa: ANN001, ANN202
+    return json_cell(v, {})
 
 
 def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt) -> None:  # noqa: ANN001

@@ -5,9 +5,10 @@ IPC streams answers travel in.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evo.events.log import SegmentLog
 
@@ -65,6 +66,17 @@ def read_projection(home: Path) -> Projection:
     proj = Projection(path, read_only=True)
     sql.secure(proj.con)
     return proj
+
+
+def json_cell(value: Any, empty: Any = None) -> Any:
+    """A JSON column's value as Python: the projections hand JSON back as text. Text that is not
+    JSON is returned as it is; a missing value (NULL) as ``empty``."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return empty if value is None else value
 
 
 def to_ipc(table: pa.Table) -> bytes:

@@ -21,12 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evo.errors import BadInput, EvoError
+from evo.projections.files import json_cell
 
 VOLATILE = {"train_s", "duration_s"}
 
 
 def _j(v):  # noqa: ANN001, ANN202
-    return json.loads(v) if isinstance(v, str) else (v or {})
+    return json_cell(v, {})
 
 
 def rerun(spec: dict, timeout_s: float = 1800) -> dict:

@@ -24,18 +24,13 @@ from pathlib import Path
 
 from evo.direction import mode_in_sweep
 from evo.errors import BadInput, EvoError
+from evo.projections.files import json_cell
 
 METRICS = ("auc", "brier", "logloss", "roi")
 MAX_CURVES = 12
 
 
-def _json(v):  # noqa: ANN001, ANN202 - JSON columns come back as text
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
+_json = json_cell
 
 
 def _label(row: dict, varying: list[str]) -> str:
