@@ -51,7 +51,7 @@ class Follower(threading.Thread):
         super().__init__(name="evo-projection", daemon=True)
         self.home, self.ctx, self.start_seq, self.host = home, ctx, start_seq, host
         self.inbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
-        self.pool = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="evo-query")
+        self.pool: ThreadPoolExecutor  # the query threads, made when the loop starts (run)
         self.endpoint = ""
         self.error: str = ""  # why there is no projection to answer from, when there is none
         self.behind: str = ""  # why the file is behind the log (its last apply failed)
