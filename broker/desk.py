@@ -528,6 +528,12 @@ class Desk:
     def _attempt_failed(self, out: Outcome, job: Job, now: float, cause: str, *, error: str,
                         exit_code: int | None = None, retryable: bool = True,
                         expired_on: str | None = None) -> None:
+        if expired_on is not None and job.ahead:
+            # leased ahead and never started: given back, not an attempt (the fold takes the
+            # attempt back), so no backoff and never the last one
+            self._emit(out, LeaseExpired, now, cause, job_id=job.job_id,
+                       lease_epoch=job.lease_epoch, node=expired_on)
+            return
         final = not retryable or job.attempt >= job.spec.max_attempts
         if expired_on is not None:
             self._emit(out, LeaseExpired, now, cause, job_id=job.job_id,

@@ -155,6 +155,44 @@ class BrokerState:
                 handler(self, event)
         self.last_seq = event.seq or self.last_seq + 1
 
+    def problems(self) -> list[str]:
+        """What breaks the state's invariants (empty when none): the indexes agree with the
+        jobs, every lease is held by the node it names, sweeps count their open jobs. The
+        tests check it after every test that uses the cores."""
+        out = []
+        counts: dict[str, int] = {}
+        for job in self.jobs.values():
+            counts[job.state] = counts.get(job.state, 0) + 1
+        kept = {k: v for k, v in sorted(self.counts.items()) if v}
+        if kept != counts:
+            out.append(f"counts {kept} are not the jobs' {dict(sorted(counts.items()))}")
+        queued = {j for j, job in self.jobs.items() if job.state == QUEUED}
+        if set(self.queue) != queued:
+            out.append(f"queue index differs from the queued jobs by "
+                       f"{sorted(set(self.queue) ^ queued)}")
+        waiting = {j for j in queued if self.jobs[j].spec.after}
+        if set(self.waiting) != waiting:
+            out.append(f"waiting index differs by {sorted(set(self.waiting) ^ waiting)}")
+        for j, job in self.jobs.items():
+            if job.state in ACTIVE:
+                node = self.nodes.get(job.node or "")
+                if job.lease_epoch <= 0 or node is None or j not in node.running:
+                    out.append(f"{j} is {job.state} without a lease its node holds "
+                               f"(epoch {job.lease_epoch}, node {job.node})")
+            elif job.lease_epoch or job.devices:
+                out.append(f"{j} is {job.state} and still holds lease {job.lease_epoch}")
+        for name, node in self.nodes.items():
+            for j in node.running:
+                held = self.jobs.get(j)
+                if held is None or held.state not in ACTIVE or held.node != name:
+                    out.append(f"node {name} holds {j}, which is not an active job of it")
+        for sid, sweep in self.sweeps.items():
+            open_ = sum(1 for j in sweep.job_ids  # a job not submitted yet is open
+                        if j not in self.jobs or self.jobs[j].state not in TERMINAL)
+            if open_ != sweep.open and not (open_ == 0 and sweep.open <= 0):
+                out.append(f"sweep {sid} counts {sweep.open} open jobs, has {open_}")
+        return out
+
     # --- jobs ---------------------------------------------------------------------------------
 
     def _submitted(self, ev: JobSubmitted) -> None:
@@ -233,6 +271,7 @@ class BrokerState:
     def _progress(self, job: Job, ev: Progress | Checkpointed) -> None:
         if not job.started_at:
             job.started_at = ev.time
+        job.ahead = False
         job.metrics.update(ev.metrics)
         job.last_progress_seq = ev.seq
 
@@ -249,7 +288,10 @@ class BrokerState:
         self._release(job)
 
     def _expired(self, job: Job, ev: LeaseExpired) -> None:
-        job.error = f"lease {ev.lease_epoch} on {ev.node} expired"
+        if job.ahead:  # leased ahead, never started: given back, not an attempt
+            job.attempt -= 1
+        else:
+            job.error = f"lease {ev.lease_epoch} on {ev.node} expired"
         self._release(job)
 
     def _retry(self, job: Job, ev: RetryScheduled) -> None:

@@ -1,28 +1,16 @@
-"""The node daemon: join, ask for work, run it, report, heartbeat; reconnect when the broker
-goes away and carry on with the jobs that still run.
+"""The node daemon: the sockets, processes and clock around the node's core (core.py).
 
-One thread, driven by readiness: it waits on the broker socket and on the pipes of busy warm
-workers at once, so a trial that ends is reported, and the next lease asked for, in the same
-moment. Requests are pipelined: reports, output chunks, heartbeats and one outstanding Ready
-(a long-poll the broker answers when work appears) travel without waiting for each other, and
-each reply is matched to its request by number. A burst of reports therefore shares one group
-commit at the broker instead of paying one fsync each.
+The core decides (what to start, what to ask for, what to send, what to stop); the daemon
+joins, carries the core's instructions out, and tells it what happened. One thread, driven by
+readiness: it waits on the broker socket and on the pipes of busy warm workers at once, so a
+trial that ends is reported, and the next lease asked for, in the same moment. Requests are
+pipelined: reports, output chunks, heartbeats and one outstanding Ready travel without waiting
+for each other, and each reply is matched to its request by number. A burst of reports
+therefore shares one group commit at the broker instead of paying one fsync each.
 
-While recent trials are short (under SHORT_TRIAL_S on average), the node also leases ahead
-(and by one per slot while they take under MEDIUM_TRIAL_S):
-it asks for up to ``lease_ahead`` more jobs than it has free slots and queues them locally,
-starting each the moment a slot frees, so back-to-back short trials never wait for the broker.
-The node is the final judge of its own concurrency: it starts a queued job only when its slots,
-CPUs, memory and devices allow. Long jobs are never leased ahead, so a node does not sit on
-work that another idle node could be running.
-
-Every report names its lease epoch; a report the broker calls stale means the lease was taken
-back (the node was silent too long), so the attempt is killed, never finished twice. A final
-report (completed, failed, cancelled) stays owed until the broker acknowledges it; after a
-reconnect the node carries such jobs in its Join and sends their final report again, and while
-the broker cannot write its log it is sent again every heartbeat. A final report the broker
-refuses (it would not fit the event schema) is replaced, once, by a failed attempt that says
-why, so the job ends rather than waiting for a report that will never be taken.
+What an attempt wrote becomes reports here (reports.py: what fits in an event), and its output
+is shipped to the broker before its final report. After a reconnect the node carries its jobs
+in its Join; the core says which final reports are still owed.
 """
 
 from __future__ import annotations
@@ -33,22 +21,22 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import zmq
 
 from evo.broker import protocol as p
-from evo.broker.scheduler import fits_on, free_for
 from evo.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
 from evo.home import NoBroker
 
+from . import core as c
 from . import reports
 from .environment import fingerprint
 from .executor import LOOK_EVERY_S, Run
 from .keeper import KeeperClient
+from .link import Link, Reconnect
 from .pool import WorkerPool
 from .probe import probe, sample
 
@@ -56,12 +44,6 @@ log = logging.getLogger("evo.node")
 
 OUTPUT_CHUNK = 256 << 10
 FINAL_SHIP_BYTES = 4 << 20  # of an ended attempt's output per turn, per stream
-SHORT_TRIAL_S = 0.5
-MEDIUM_TRIAL_S = 5.0
-
-
-class _Reconnect(Exception):
-    """The broker went away or forgot us: join again."""
 
 
 class NodeDaemon:
@@ -91,101 +73,90 @@ class NodeDaemon:
                                slots=slots or max(1, int(hw["cpus"])),
                                heartbeat_s=heartbeat_s)
         self.slots = self.join_cmd.slots
+        self.core = c.NodeCore(
+            node=self.name, slots=self.slots, cpus=self.join_cmd.cpus,
+            mem_gb=self.join_cmd.mem_gb, vram={g.index: g.vram_gb for g in gpu_list},
+            lease_ahead=4 * self.slots if lease_ahead is None else lease_ahead,
+            heartbeat_s=heartbeat_s, util_every_s=util_every_s, idle_wait_s=idle_wait_s)
         self.broker = broker
         self.work = Path(work or Path(os.environ.get("EVO_HOME", ".evo")) / "nodes" / self.name).absolute()
         self.work.mkdir(parents=True, exist_ok=True)
-        self.heartbeat_s, self.util_every_s, self.poll_s = heartbeat_s, util_every_s, poll_s
-        self.idle_wait_s, self.ship_every_s = idle_wait_s, ship_every_s
+        self.heartbeat_s, self.poll_s, self.ship_every_s = heartbeat_s, poll_s, ship_every_s
         self.pool = WorkerPool(self.work / "workers", keep_idle=self.slots) if warm_workers else None
         # Job processes are started by the keeper, which kills them when this node dies.
         self.keeper: KeeperClient | None = None
         self.use_keeper = sys.platform.startswith("linux")
         self.runs: dict[str, Run] = {}
-        self.queued: dict[str, p.LeaseGrant] = {}  # leased ahead, waiting for a slot here
-        self.lease_ahead = 4 * self.slots if lease_ahead is None else lease_ahead
-        self.durations: deque[float] = deque(maxlen=16)
-        self.finishing: dict[str, tuple[Run | None, p.Report]] = {}  # final, not yet acknowledged
-        self.owed: list[tuple[Run | None, p.Report]] = []  # final reports to send again
         self.client: Client | None = None
-        self.pending: dict[int, tuple[Callable[[p.Reply], None], float]] = {}
-        self._ready_req: int | None = None
+        self.link: Link | None = None  # while joined
         self._stop = threading.Event()
-        self._draining = False
-        self._next_hb = 0.0
-        self._next_util = 0.0
+        self._drain_on_stop = False
+        self._stop_told = False
         self._next_ship = 0.0
 
-    # --- connection ---------------------------------------------------------------------------
+    # --- the core's instructions, carried out -------------------------------------------------
 
-    def _running(self) -> list[tuple[str, int]]:
-        held = {g.job_id: g.lease_epoch for g in
-                [*(r.grant for r in self.runs.values()), *self.queued.values()]}
-        for cmd_run, cmd in self.finishing.values():  # a final report owed (run may be None)
-            held[cmd.job_id] = cmd.lease_epoch
-        return list(held.items())
+    def _do(self, event: c.Event) -> None:
+        """Tell the core what happened and carry out what it says."""
+        for ins in self.core.handle(event, time.monotonic()):
+            if self.link is not None and self.link.carry(ins):
+                continue
+            if isinstance(ins, c.Start):
+                self._start(ins.grant)
+            elif isinstance(ins, c.Kill):
+                run = self.runs.get(ins.job_id)
+                if run is not None:
+                    log.info("stopping %s: %s", ins.job_id, ins.why)
+                    run.cancel(grace_s=ins.grace_s)
+            elif isinstance(ins, c.Note):
+                run = self.runs.get(ins.job_id)
+                if run is not None:
+                    run.note(ins.text)
+            elif isinstance(ins, c.Warn):
+                log.warning("%s", ins.text)
+            # Leave: the loop sees core.left; a Send* without a link: the Join carries it
+
+    # --- connection ---------------------------------------------------------------------------
 
     def connect(self) -> None:
         """(Re)join, with backoff while the broker is away; keeps running jobs running."""
         delay = 0.2
-        self.pending.clear()
-        self._ready_req = None
+        self.link = None
+        self._do(c.Disconnected())
         while not self._stop.is_set():
             if self.client is not None:
                 self.client.close()
                 self.client = None
             try:
                 self.client = Client(self.broker, timeout_s=max(2.0, self.heartbeat_s))
-                join = p.Join(**{**_fields(self.join_cmd), "running": self._running()})
+                link = Link(self.client, self.name, sample)
+                join = p.Join(**{**_fields(self.join_cmd), "running": self.core.held()})
                 try:
-                    reply = self.client.request(join)
+                    joined = link.join(join)
                 except CommandRejected as exc:
                     if exc.code != "unavailable":
                         raise
                     raise BrokerUnavailable(str(exc)) from None  # its disk is full: wait
-                assert isinstance(reply, p.Leases)
-                for job_id in reply.cancel:
-                    self.finishing.pop(job_id, None)  # not ours any more: nothing to report
-                    self.queued.pop(job_id, None)
-                self._cancel(reply.cancel, "the broker no longer holds its lease")
-                self.owed.clear()
-                for run, report in list(self.finishing.values()):  # owed final reports
-                    self._send_report(run, report)
+                self.link = link
+                self._do(joined)
                 log.info("node %s joined %s (%d job(s) carried on)", self.name,
                          self.client.address, len(self.runs))
-                self._next_hb = 0.0
                 return
             except (BrokerUnavailable, NoBroker, OSError) as exc:
                 log.warning("broker unavailable (%s); retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
-                self._collect(report=False)  # keep reaping jobs while away
-
-    def _send(self, cmd: p.Command, on_reply: Callable[[p.Reply], None],
-              wait_s: float = 0.0) -> int:
-        assert self.client is not None
-        req = self.client.send(cmd)
-        self.pending[req] = (on_reply, time.monotonic() + wait_s + self.client.timeout_s)
-        return req
-
-    def _drain(self) -> None:
-        """Dispatch every reply that has arrived; raise _Reconnect when the broker is gone."""
-        assert self.client is not None
-        for reply in self.client.replies():
-            entry = self.pending.pop(reply.req, None)
-            if entry is None:
-                continue  # the answer to a request given up on
-            if isinstance(reply, p.Error) and reply.code == "rejoin":
-                raise _Reconnect(reply.message)
-            entry[0](reply)
-        if self.pending:
-            now = time.monotonic()
-            if any(deadline < now for _, deadline in self.pending.values()):
-                raise _Reconnect(f"no answer from the broker at {self.client.address}")
+                for run in self.runs.values():  # keep reaping jobs while away
+                    run.poll()
+        if self.client is not None:  # stopped while away: there is no broker to leave
+            self.client.close()
+            self.client = None
 
     # --- the loop -----------------------------------------------------------------------------
 
     def stop(self, drain: bool = True) -> None:
-        self._draining = drain
+        """Ask the loop to stop (from a signal handler too: the loop tells the core)."""
+        self._drain_on_stop = drain
         self._stop.set()
 
     def _keeper(self) -> KeeperClient | None:
@@ -205,10 +176,13 @@ class NodeDaemon:
         self.connect()
         poller = zmq.Poller()
         try:
-            while not self._stop.is_set():
+            while self.client is not None and not self.core.left:
                 try:
                     self.turn(poller)
-                except _Reconnect as exc:
+                except Reconnect as exc:
+                    if self._stop.is_set():
+                        log.warning("leaving without the broker: %s", exc)
+                        break
                     log.warning("%s; joining again", exc)
                     self.connect()
         finally:
@@ -216,20 +190,21 @@ class NodeDaemon:
 
     def turn(self, poller: zmq.Poller | None = None) -> bool:
         """One pass: collect, report, ask for work, then wait for something to happen."""
-        assert self.client is not None
-        did = self._collect(report=True)
-        now = time.monotonic()
-        if now >= self._next_hb:
-            self._heartbeat(now)
-        did = self._start_queued() or did
-        ahead = self._ahead()
-        want = self.slots + ahead - len(self.runs) - len(self.queued)
-        if want > 0 and self._ready_req is None:
-            wait = 0.0 if did else self.idle_wait_s
-            self._ready_req = self._send(p.Ready(node=self.name, max_leases=want, wait_s=wait,
-                                                 ahead=ahead), self._on_leases, wait)
+        assert self.client is not None and self.link is not None
+        if self._stop.is_set() and not self._stop_told:
+            self._stop_told = True
+            self._do(c.Stop(drain=self._drain_on_stop))
+        elif self._stop.is_set() and not self._drain_on_stop and self.core.stop_at is not None \
+                and self.core.stop_at > time.monotonic():
+            self._do(c.Stop(drain=False))  # asked again, not to wait: stop now
+        did = self._collect()
+        starts = len(self.runs)
+        self._do(c.Tick())
+        did = did or len(self.runs) > starts
+        if self.core.left:
+            return did
         # Wait for the broker or a worker; commands (plain processes) are polled.
-        timeout = max(0.0, self._next_hb - time.monotonic())
+        timeout = max(0.0, self.core.next_deadline() - time.monotonic())
         if self.runs:
             # A warm task's end wakes us through its pipe, a kept process's through the
             # keeper's socket; only processes started here are polled. Progress files are
@@ -250,64 +225,9 @@ class NodeDaemon:
             for fd in fds:
                 poller.unregister(fd)
             poller.unregister(self.client.sock)
-        self._drain()
+        for event in self.link.events():
+            self._do(event)
         return did
-
-    def _ahead(self) -> int:
-        """How many leases to queue here beyond the free slots: only while trials are short."""
-        if self.lease_ahead <= 0 or len(self.durations) < 4 or self._stop.is_set():
-            return 0
-        mean = sum(self.durations) / len(self.durations)
-        if mean < SHORT_TRIAL_S:
-            return self.lease_ahead
-        # Trials of a few seconds: one queued per slot hides the round trip between trials,
-        # while holding back at most one trial's worth of work from other nodes.
-        return min(self.lease_ahead, self.slots) if mean < MEDIUM_TRIAL_S else 0
-
-    def _on_leases(self, reply: p.Reply) -> None:
-        self._ready_req = None
-        if isinstance(reply, p.Leases):
-            self._cancel(reply.cancel, "cancel requested")
-            for grant in reply.leases:
-                self.queued[grant.job_id] = grant
-            self._start_queued()
-
-    def _fits(self, grant: p.LeaseGrant) -> bool:
-        """Whether this node's own free slots, CPUs, memory and devices take the job now: the
-        scheduler's rule, over what this node itself runs."""
-        vram = {g.index: g.vram_gb for g in self.join_cmd.gpus}
-        free = free_for(self.slots, self.join_cmd.cpus, self.join_cmd.mem_gb, vram,
-                        [(x.grant.spec, x.grant.devices) for x in self.runs.values()])
-        return fits_on(grant.spec, grant.devices, free, vram)
-
-    def _start_queued(self) -> bool:
-        started = False
-        while self.queued:
-            grant = next(iter(self.queued.values()))
-            if self.runs and not self._fits(grant):
-                break  # first come, first started: later jobs wait behind it
-            del self.queued[grant.job_id]
-            self._start(grant)
-            started = True
-        return started
-
-    def _heartbeat(self, now: float) -> None:
-        util: dict = {}
-        gpus: list = []
-        if now >= self._next_util:
-            util, gpus = sample()
-            self._next_util = now + self.util_every_s
-        self._send(p.Heartbeat(node=self.name, running=self._running(), util=util, gpus=gpus),
-                   self._on_heartbeat)
-        self._next_hb = now + self.heartbeat_s
-        owed, self.owed = self.owed, []
-        for run, report in owed:  # refused while the broker could not write: try again
-            if report.job_id in self.finishing:
-                self._send_report(run, report)
-
-    def _on_heartbeat(self, reply: p.Reply) -> None:
-        if isinstance(reply, p.Leases):
-            self._cancel(reply.cancel, "cancel requested")
 
     def _start(self, grant: p.LeaseGrant) -> None:
         needs_process = grant.spec.command is not None or grant.spec.isolate or self.pool is None
@@ -319,27 +239,8 @@ class NodeDaemon:
         self.runs[grant.job_id] = run
         if run.rc is not None:
             return  # could not start: reported as failed by _collect
-        self._report(run, p.StartedReport(pid=run.pid, env=fingerprint(grant.spec, run.dir)))
-
-    def _cancel(self, job_ids: list[str], why: str) -> None:
-        for job_id in job_ids:
-            grant = self.queued.pop(job_id, None)
-            if grant is not None:  # never started: nothing to stop
-                cmd = p.Report(node=self.name, job_id=job_id, lease_epoch=grant.lease_epoch,
-                               report=p.CancelledReport(reason=why))
-                self.finishing[job_id] = (None, cmd)
-                self._send_report(None, cmd)
-                continue
-            run = self.runs.get(job_id)
-            if run is not None and not run.cancelled:
-                log.info("stopping %s: %s", job_id, why)
-                run.cancel()
-
-    def _report(self, run: Run, body: p.AnyReport | p.Report) -> None:
-        cmd = body if isinstance(body, p.Report) else self._prepared(run, body)
-        if isinstance(cmd.report, p.FINAL_REPORTS):
-            self.finishing[run.grant.job_id] = (run, cmd)
-        self._send_report(run, cmd)
+        self._do(c.Reported(self._prepared(run, p.StartedReport(
+            pid=run.pid, env=fingerprint(grant.spec, run.dir)))))
 
     def _prepared(self, run: Run, body: p.AnyReport) -> p.Report:
         """The report to send for ``body`` (what fits in an event), its notes written."""
@@ -350,40 +251,12 @@ class NodeDaemon:
             run.note(text)
         return cmd
 
-    def _send_report(self, run: Run | None, cmd: p.Report) -> None:
-        final = isinstance(cmd.report, p.FINAL_REPORTS)
-        kind = p.report_kind(cmd.report)
-
-        def on_reply(reply: p.Reply) -> None:
-            if isinstance(reply, p.Error) and reply.code == "unavailable":
-                if final:  # the broker cannot write now: still owed, sent again
-                    self.owed.append((run, cmd))
-                return
-            if final:
-                self.finishing.pop(cmd.job_id, None)
-            if not isinstance(reply, p.Error):
-                return
-            if reply.code == "stale":
-                log.warning("%s: %s; stopping the attempt", cmd.job_id, reply.message)
-                if run is not None and cmd.job_id in self.runs:
-                    run.cancel(grace_s=1.0)
-            elif reply.code == "rejected":
-                log.warning("%s: %s", cmd.job_id, reply.message)
-                if run is not None:
-                    run.note(reply.message)
-                if final and run is not None and cmd.report != _REFUSED_FINAL:
-                    # the job must end: with the one report that cannot be refused
-                    self._report(run, _REFUSED_FINAL)
-            else:
-                log.error("report %s for %s refused: %s", kind, cmd.job_id, reply.message)
-
-        self._send(cmd, on_reply)
-
-    # --- output shipping ----------------------------------------------------------------------
+# --- output shipping ----------------------------------------------------------------------
 
     def _ship(self, run: Run, budget: int = OUTPUT_CHUNK) -> bool:
         """Send new stdout/stderr bytes to the broker, at most ``budget`` of them per stream
         (the loop goes on between sends, whatever a job printed); True when all is sent."""
+        assert self.link is not None
         done = True
         for stream in ("stdout", "stderr"):
             path, base, size = run.span(stream)
@@ -397,9 +270,10 @@ class NodeDaemon:
                     data = f.read(min(OUTPUT_CHUNK, size - sent, left))
                     if not data:
                         break
-                    self._send(p.Output(node=self.name, job_id=run.grant.job_id,
-                                        attempt=run.grant.attempt, stream=stream, offset=sent,
-                                        data=data), _shipped(run, stream, sent + len(data)))
+                    self.link.send(p.Output(node=self.name, job_id=run.grant.job_id,
+                                            attempt=run.grant.attempt, stream=stream,
+                                            offset=sent, data=data),
+                                   _shipped(run, stream, sent + len(data)))
                     sent += len(data)
                     left -= len(data)
             run.shipped[stream] = sent
@@ -408,18 +282,16 @@ class NodeDaemon:
 
     # --- collecting what runs did -------------------------------------------------------------
 
-    def _collect(self, report: bool) -> bool:
+    def _collect(self) -> bool:
         did = False
-        ship = report and time.monotonic() >= self._next_ship
+        ship = time.monotonic() >= self._next_ship
         if ship:
             self._next_ship = time.monotonic() + self.ship_every_s
         for job_id, run in list(self.runs.items()):
             updates = run.reports()
             rc = run.poll()
-            if not report:
-                continue
             for body in updates:
-                self._report(run, body)
+                self._do(c.Reported(self._prepared(run, body)))
                 did = True
             if rc is None:
                 if ship:
@@ -428,18 +300,16 @@ class NodeDaemon:
             if run.final is None:  # it has just ended
                 run.end_leftovers()  # nothing of it writes on while its output is shipped
                 for body in run.reports(final=True):  # whatever it wrote last
-                    self._report(run, body)
+                    self._do(c.Reported(self._prepared(run, body)))
                 run.final = self._prepared(run, self._final(run, rc))
                 run.freeze()
             # Its output (notes included) lands before its final report, a few MiB a turn.
             did = True
             if not self._ship(run, FINAL_SHIP_BYTES):
                 continue
-            self._report(run, run.final)
             run.finish()
-            self.durations.append(time.time() - run.started)
             del self.runs[job_id]
-            did = True
+            self._do(c.Ended(run.final))
         return did
 
     def _final(self, run: Run, rc: int) -> p.AnyReport:
@@ -451,7 +321,7 @@ class NodeDaemon:
             # What it returned or gave evo.result; else the last value it reported of each.
             metrics = run.result.get("metrics") or run.last_metrics
             final = reports.completed(metrics, run.result.get("artifacts", {}),
-                                      time.time() - run.started, notes)
+                                      time.monotonic() - run.started, notes)
         else:
             error = (run.error or f"exit code {rc}")[-reports.MAX_TEXT:]
             tail = run.tail("stderr")
@@ -463,24 +333,8 @@ class NodeDaemon:
         return final
 
     def shutdown(self) -> None:
-        """Drain: let running attempts finish (up to a minute), report them, then leave."""
-        deadline = time.monotonic() + (60.0 if self._draining else 0.0)
-        self.queued.clear()  # never started: the broker re-queues them when we leave
-        try:
-            while self.runs and time.monotonic() < deadline and self.client is not None:
-                self._collect(report=True)
-                self._drain()
-                time.sleep(0.02)
-            for run in self.runs.values():
-                run.cancel(grace_s=2.0)
-            end = time.monotonic() + 3.0
-            while self.client is not None and (self.runs or self.finishing) \
-                    and time.monotonic() < end:
-                self._collect(report=True)
-                self._drain()
-                time.sleep(0.02)
-        except (_Reconnect, BrokerUnavailable, CommandRejected) as exc:
-            log.warning("leaving without the broker: %s", exc)
+        """After the core has left (or the broker is gone while stopping): what still runs is
+        killed, the workers and the keeper stop, and the node says it leaves."""
         for run in self.runs.values():
             run.cancel(grace_s=0.0)
             run.poll()
@@ -497,13 +351,8 @@ class NodeDaemon:
             self.client.close()
 
 
-# Sent in place of a final report the broker refused: short, plain, not retried.
-_REFUSED_FINAL = p.FailedReport(error="evo could not record the job's final report (the reason "
-                                "is on its stderr and in the node's log)", retryable=False)
-
-
 def _shipped(run: Run, stream: str, end: int) -> Callable[[p.Reply], None]:
-    def on_reply(reply: p.Reply) -> None:
+    def on_reply(reply: p.Reply) -> None:  # no event for the core: output is the daemon's
         if isinstance(reply, p.Ok):
             size = int(reply.data.get("size", end))
             if size < end:  # the broker's copy is behind (it restarted): resend from there

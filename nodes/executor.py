@@ -89,7 +89,7 @@ class Run:
         }
         if spec.seed is not None:
             env["EVO_SEED"] = str(spec.seed)
-        self.started = time.time()
+        self.started = time.monotonic()  # durations on the monotonic clock
         self.proc: subprocess.Popen | KeptProcess | None = None
         self.pool = pool
         threads = max(1, int(spec.resources.cpus))  # native thread pools get the job's CPUs
@@ -292,7 +292,7 @@ class Run:
                 returned = self._result_file()
                 if returned.get("metrics") or returned.get("artifacts"):
                     self.result = returned
-        if self.rc is None and self.kill_at is not None and time.time() >= self.kill_at:
+        if self.rc is None and self.kill_at is not None and time.monotonic() >= self.kill_at:
             self._signal(signal.SIGKILL)
         return self.rc
 
@@ -336,7 +336,7 @@ class Run:
         self.cancelled = True
         if self.kill_at is None:
             self._signal(signal.SIGTERM)
-            self.kill_at = time.time() + grace_s
+            self.kill_at = time.monotonic() + grace_s
 
     def finish(self) -> None:
         self.finished = True

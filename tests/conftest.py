@@ -19,6 +19,25 @@ from evo.client import Client
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def core_invariants(monkeypatch):
+    """After every test: the invariants of each broker state and node core it used hold
+    (the broker desk's state as it is at the end, after any restore)."""
+    from evo.broker.desk import Desk
+    from evo.nodes.core import NodeCore
+
+    made: list = []
+    for cls in (Desk, NodeCore):
+        def init(self, *a, _init=cls.__init__, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
+            _init(self, *a, **kw)
+            made.append(self)
+        monkeypatch.setattr(cls, "__init__", init)
+    yield
+    problems = [f"{type(obj).__name__}: {text}" for obj in made
+                for text in (obj.state if isinstance(obj, Desk) else obj).problems()]
+    assert not problems, "invariants broken:\n" + "\n".join(problems)
+
+
 class ThreadBroker:
     """A real Broker serving from a thread of the test process (real sockets, real fsyncs)."""
 

@@ -25,3 +25,49 @@ def test_a_job_whose_dependency_failed_fails_at_the_next_tick_and_only_waiters_a
     (failed,) = [e for e in out.events if type(e).__name__ == "JobFailed"]
     assert failed.job_id == later and failed.final and f"dependency {first} failed" in failed.error
     assert desk.state.jobs[later].state == "failed" and not desk.state.waiting
+
+
+def _types(out) -> list[str]:  # noqa: ANN001
+    return [type(e).__name__ for e in out.events]
+
+
+def test_a_silent_node_loses_its_lease_at_the_tick_its_late_report_is_stale_and_the_retry_waits():
+    desk = Desk()
+    now = 1000.0
+    desk.handle(p.Join(node="n", cpus=4, mem_gb=8, slots=1, heartbeat_s=2.0), now, mono=0.0)
+    job = desk.handle(p.Submit(spec=JobSpec(command=["a"], max_attempts=2)), now).reply.job_id
+    (grant,) = desk.handle(p.Ready(node="n", max_leases=1), now, mono=0.0).reply.leases
+    assert grant.attempt == 1
+    assert _types(desk.tick(now + 5, 5.9)) == []  # under three heartbeats missed
+    out = desk.tick(now + 7, 6.1)
+    assert _types(out) == ["LeaseExpired", "RetryScheduled", "NodeLost"]
+    assert desk.state.jobs[job].state == "queued" and desk.state.jobs[job].not_before == now + 8
+    late = desk.handle(p.Report(node="n", job_id=job, lease_epoch=grant.lease_epoch,
+                                report=p.CompletedReport()), now + 7.5, mono=7.5)
+    assert late.reply.code == "stale" and _types(late) == ["ReportRejected"]
+    assert desk.handle(p.Heartbeat(node="n"), now + 7.5, mono=7.5).reply.code == "rejoin"
+    desk.handle(p.Join(node="n", cpus=4, mem_gb=8, slots=1), now + 7.6, mono=7.6)
+    assert desk.handle(p.Ready(node="n", max_leases=1), now + 7.7, mono=7.7).reply.leases == []
+    (again,) = desk.handle(p.Ready(node="n", max_leases=1), now + 8.1, mono=8.1).reply.leases
+    assert again.attempt == 2 and again.lease_epoch > grant.lease_epoch
+    old = desk.handle(p.Report(node="n", job_id=job, lease_epoch=grant.lease_epoch,
+                               report=p.ProgressReport(step=1)), now + 8.2, mono=8.2)
+    assert old.reply.code == "stale"  # the first epoch stays stale while the second runs
+    done = desk.handle(p.Report(node="n", job_id=job, lease_epoch=again.lease_epoch,
+                                report=p.CompletedReport()), now + 9, mono=9.0)
+    assert _types(done) == ["JobCompleted"] and desk.state.jobs[job].state == "completed"
+
+
+def test_a_lease_given_back_unstarted_is_not_an_attempt():
+    desk = Desk()
+    now = 1000.0
+    desk.handle(p.Join(node="n", cpus=4, mem_gb=8, slots=1), now, mono=0.0)
+    first = desk.handle(p.Submit(spec=JobSpec(command=["a"])), now).reply.job_id
+    ahead = desk.handle(p.Submit(spec=JobSpec(command=["b"], max_attempts=1)), now).reply.job_id
+    leases = desk.handle(p.Ready(node="n", max_leases=2, ahead=1), now, mono=0.0).reply.leases
+    assert [g.job_id for g in leases] == [first, ahead]
+    assert desk.state.jobs[ahead].ahead
+    out = desk.handle(p.Leave(node="n"), now + 1, mono=1.0)
+    assert _types(out) == ["LeaseExpired", "RetryScheduled", "LeaseExpired", "NodeLeft"]
+    job = desk.state.jobs[ahead]
+    assert job.state == "queued" and job.attempt == 0 and job.not_before == 0.0

@@ -147,13 +147,3 @@ def test_an_oversized_final_report_stays_final():
     done = reports.fit(p.Report(node="n", job_id="j1", lease_epoch=3, report=p.CompletedReport(
         artifacts={"a": "y" * (3 << 20)})), notes)
     assert isinstance(done.report, p.FailedReport) and not done.report.retryable
-
-
-def test_a_cancelled_lease_owed_to_the_broker_is_carried_in_heartbeats():
-    from evo.broker import protocol as p
-    from evo.nodes.daemon import NodeDaemon
-
-    d = NodeDaemon("tcp://127.0.0.1:9", warm_workers=False, name="t")
-    d.finishing["j9"] = (None, p.Report(node="t", job_id="j9", lease_epoch=12,
-                                        report=p.CancelledReport()))
-    assert d._running() == [("j9", 12)]

@@ -149,3 +149,22 @@ def test_a_node_that_joins_again_without_its_jobs_gives_their_leases_back():
     kinds = [(type(e).__name__, getattr(e, "job_id", "")) for e in out.events]
     assert ("LeaseExpired", b) in kinds and ("RetryScheduled", b) in kinds
     assert desk.state.jobs[a].state == "leased" and desk.state.jobs[b].state == "queued"
+
+
+def test_the_invariant_check_passes_a_folded_state_and_sees_a_broken_one():
+    s = Seq()
+    st = fold([s(NodeJoined, node="n1", slots=2), s(JobSubmitted, job_id="a", spec=SPEC),
+               s(JobSubmitted, job_id="b", spec=JobSpec(command=["x"], after=["a"])),
+               s(JobLeased, job_id="a", attempt=1, node="n1")])
+    assert st.problems() == []
+    st.nodes["n1"].running.clear()  # a lease no node holds
+    st.queue.pop("b")
+    st.counts["queued"] += 1
+    assert st.problems() == [
+        "counts {'leased': 1, 'queued': 2} are not the jobs' {'leased': 1, 'queued': 1}",
+        "queue index differs from the queued jobs by ['b']",
+        "a is leased without a lease its node holds (epoch 4, node n1)"]
+    st.nodes["n1"].running.add("a")
+    st.queue["b"] = None
+    st.counts["queued"] -= 1
+    assert st.problems() == []
