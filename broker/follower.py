@@ -39,7 +39,12 @@ from evo.projections.files import open_projection
 from evo.projections.store import Projection, SqlError, query_at
 
 log = logging.getLogger("evo.projections")
+# Without a query, batches are applied only in a quiet moment (no batch for QUIET_S, and at
+# most every APPLY_EVERY_S), or when MAX_PENDING events wait: while trials stream events
+# the follower takes no CPU from them, and a query folds what waits before it is answered.
 APPLY_EVERY_S = 5.0
+QUIET_S = 1.0
+MAX_PENDING = 20_000
 RETRY_S = 1.0  # after a failed apply or open
 FILE_RETRY_S = 5.0  # answering from memory: how often the file is tried again
 QUERY_THREADS = 2
@@ -57,6 +62,7 @@ class Follower(threading.Thread):
         self.behind: str = ""  # why the file is behind the log (its last apply failed)
         self.durable = start_seq  # the last seq handed over (durable in the log)
         self.pending: list[bytes] = []
+        self.last_push = 0.0  # when the broker last handed a batch over
         self.fallback = ""  # why answers come from a copy in memory: the file cannot be written
         self._retry_at = 0.0
         self._file_retry_at = 0.0
@@ -75,6 +81,7 @@ class Follower(threading.Thread):
 
     def push(self, raws: list[bytes]) -> None:
         self.durable = decode_seq(raws[-1])  # first, so an open never misses what is queued
+        self.last_push = time.monotonic()
         self.inbox.put(raws)
 
     def stop(self) -> None:
@@ -255,12 +262,16 @@ class Follower(threading.Thread):
             else:
                 sock.send_multipart([ident, p.reply_encoder.encode(reply)])
             self._asking = None
-        elif proj is not None and time.monotonic() >= next_apply:
-            # Batches are applied when a query comes (so answers are fresh) and
-            # otherwise at most every APPLY_EVERY_S: bigger batches cost DuckDB far
-            # less per event, and on a small machine the CPU belongs to the jobs.
-            proj = self._drain(proj)
-            next_apply = time.monotonic() + APPLY_EVERY_S
+        elif proj is not None:
+            # Batches are applied when a query comes (so answers are fresh), otherwise in a
+            # quiet moment or when many wait: bigger batches cost DuckDB far less per event,
+            # and on a small machine the CPU belongs to the jobs.
+            self._take()
+            now = time.monotonic()
+            if len(self.pending) >= MAX_PENDING or (
+                    self.pending and now >= next_apply and now - self.last_push >= QUIET_S):
+                proj = self._drain(proj)
+                next_apply = time.monotonic() + APPLY_EVERY_S
         return proj, next_apply
 
     def _receive(self, sock: zmq.Socket) -> tuple[bytes, p.Reply | None]:

@@ -3,7 +3,13 @@
 A sweep runs a built-in trainer (``trainer: XGBoost``), a callable, or a command with
 ``{param}`` placeholders over a parameter space: ``method: grid`` takes every combination in
 the order written, ``method: random`` draws ``samples`` configurations with the sweep's seed.
-``trainer`` may itself be a dimension of the space (the ensemble comparison). Everything is
+``trainer`` may itself be a dimension of the space (the ensemble comparison).
+
+Trials are submitted longest expected first (``order: longest_first``, the default when a
+cost is known) so that the sweep does not end with one slot busy and the others idle: a
+trial's expected cost is the product of the parameters named in ``cost`` (for the tree
+trainers by default ``n_estimators`` x ``max_depth``, for MLP ``epochs``), ties in the order
+written. ``order: written`` keeps grid order as written. Everything is
 checked before anything is submitted: an unknown trainer, a parameter of the wrong type or out
 of bounds, an empty list, an unknown placeholder; each error names the file, the path
 (``$.space.max_depth[2]``) and what was expected.
@@ -58,6 +64,8 @@ class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
     max_attempts: int = 3
     tags: dict[str, str] = {}
     workdir: str | None = None  # where its jobs run: relative to the sweep file's folder
+    order: Literal["longest_first", "written"] | None = None  # default: longest first if costed
+    cost: list[str] | None = None  # parameters whose product is a trial's expected cost
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -147,6 +155,14 @@ def check(spec: SweepSpec, where: str) -> None:
                 continue
             for i, v in enumerate(values):
                 _check_value(cls, fields, t, name, v, f"$.space.{name}[{i}]", where)
+    for i, name in enumerate(spec.cost or []):
+        if name not in spec.space and name not in spec.params:
+            known = ", ".join(sorted({*spec.space, *spec.params}))
+            raise BadInput(f"{where}: $.cost[{i}]: {name!r} is not a parameter (expected one "
+                           f"of {known})")
+    if spec.order == "longest_first" and not cost_params(spec):
+        raise BadInput(f"{where}: $.order: longest_first needs `cost` (the parameters whose "
+                       "product is a trial's expected cost)")
     if spec.command is not None:
         known = set(spec.space) | set(spec.params) | {"seed"}
         for i, arg in enumerate(spec.command):
@@ -170,8 +186,38 @@ def _check_value(cls: type, fields: set[str], trainer: str, name: str, value: An
         raise BadInput(f"{where}: {at}: {trainer}.{name}: {expected}, got {value!r}") from None
 
 
+def cost_params(spec: SweepSpec) -> list[str]:
+    """The parameters whose product is a trial's expected cost ([] when none is known): the
+    sweep's ``cost``, else its trainer's (not across trainers: their costs do not compare)."""
+    from evo.trainers.registry import COST
+
+    if spec.cost is not None:
+        return list(spec.cost)
+    trainers = _trainers_of(spec)
+    return list(COST.get(trainers[0], ())) if len(trainers) == 1 else []
+
+
+def expected_cost(params: dict[str, Any], names: list[str]) -> float:
+    """The product of the named parameters (a value that is not a number counts 1)."""
+    out = 1.0
+    for n in names:
+        v = params.get(n)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out *= float(v)
+    return out
+
+
 def configurations(spec: SweepSpec) -> list[dict[str, Any]]:
-    """The parameter sets, in a stable order: grid order as written, or seeded draws."""
+    """The parameter sets, in a stable order: longest expected first (see the module), else
+    grid order as written or the seeded draws' order."""
+    confs = _drawn(spec)
+    names = cost_params(spec)
+    if spec.order == "written" or not names:
+        return confs
+    return sorted(confs, key=lambda conf: -expected_cost({**spec.params, **conf}, names))
+
+
+def _drawn(spec: SweepSpec) -> list[dict[str, Any]]:
     names = list(spec.space)
     if spec.method == "grid":
         lists = [spec.space[n] for n in names]

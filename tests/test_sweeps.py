@@ -61,6 +61,26 @@ space:
     assert configurations(other) != configurations(load_sweep(write(tmp_path, text)))
 
 
+def test_trials_start_longest_expected_first_unless_the_written_order_is_asked_for(tmp_path):
+    grid = load_sweep(ROOT / "configs" / "sweeps" / "xgboost_grid.yaml")
+    costs = [j.params["n_estimators"] * j.params["max_depth"] for j in job_specs(grid)]
+    assert costs == sorted(costs, reverse=True) and costs[0] == 500 * 9 and costs[-1] == 100 * 3
+    first = job_specs(grid)[:2]  # ties keep the order written
+    assert [j.params["learning_rate"] for j in first] == [0.01, 0.01]
+    assert [j.params["subsample"] for j in first] == [0.7, 0.7]
+    assert [j.params["colsample_bytree"] for j in first] == [0.7, 0.8]
+    written = load_sweep(write(tmp_path, "name: w\ntrainer: XGBoost\norder: written\n"
+                                         "space: {max_depth: [3, 9], n_estimators: [100, 500]}"))
+    assert [(c["max_depth"], c["n_estimators"]) for c in configurations(written)] == [
+        (3, 100), (3, 500), (9, 100), (9, 500)]
+    cmd = load_sweep(write(tmp_path, "name: c\ncommand: [x, '{a}', '{b}']\ncost: [a, b]\n"
+                                     "space: {a: [1, 3], b: [5, 2]}"))
+    assert [j.command for j in job_specs(cmd)] == [["x", "3", "5"], ["x", "3", "2"],
+                                                   ["x", "1", "5"], ["x", "1", "2"]]
+    plain = load_sweep(write(tmp_path, "name: p\ncommand: [x, '{a}']\nspace: {a: [1, 3]}"))
+    assert [c["a"] for c in configurations(plain)] == [1, 3]  # no cost known: as written
+
+
 @pytest.mark.parametrize("body, message", [
     ("trainer: SVM\nspace: {C: [1]}", r"\$.trainer: unknown trainer 'SVM' \(expected one of GLM"),
     ("trainer: XGBoost\nspace: {max_depth: [3, five]}",
@@ -76,6 +96,9 @@ space:
     ("trainer: GLM\nspace: {C: [1]}\nmethod: random", r"\$.samples: expected a positive number"),
     ("trainer: GLM\nspace: {C: [1\n", r"not valid YAML"),
     ("space:\n  trainer: [GLM, Lasso]\n  calibration: [none]", r"\$.space.trainer\[1\]: unknown trainer 'Lasso'"),
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\ncost: [lr, trees]",
+     r"\$.cost\[1\]: 'trees' is not a parameter \(expected one of lr\)"),
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\norder: longest_first", r"\$.order: longest_first needs `cost`"),
 ])
 def test_bad_specs_name_file_path_and_expectation(tmp_path, body, message):
     f = write(tmp_path, "name: bad\n" + body)

@@ -15,6 +15,14 @@ TRAINERS: dict[str, str] = {
     "MLP": "evo.trainers.experiment:mlp",
 }
 
+# name -> the parameters whose product is a trial's expected cost (sweeps start the longest
+# first): trees times depth, epochs.
+COST: dict[str, tuple[str, ...]] = {
+    "RandomForest": ("n_estimators", "max_depth"),
+    "XGBoost": ("n_estimators", "max_depth"),
+    "MLP": ("epochs",),
+}
+
 
 def resolve_trainer(name: str) -> str:
     try:
