@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evo.events.log import SegmentLog
 
 from .schema import VERSION
 
@@ -31,6 +30,8 @@ def open_projection(home: Path, upto: int | None = None, path: Path | str | None
     path = path or home / "evo.duckdb"
     proj = Projection(path)
     try:
+        from evo.events.log import SegmentLog  # not for json_cell's users (the CLI)
+
         with SegmentLog(home / "log", readonly=True) as lg:
             head = lg.last_seq if upto is None else min(upto, lg.last_seq)
             if proj.version != VERSION or proj.last_seq > head:
@@ -54,6 +55,8 @@ def read_projection(home: Path) -> Projection:
     from .store import Projection
 
     path = home / "evo.duckdb"
+    from evo.events.log import SegmentLog
+
     with SegmentLog(home / "log", readonly=True) as lg:
         head = lg.last_seq
     if path.exists():

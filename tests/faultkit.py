@@ -241,6 +241,15 @@ def power_loss(tmp: Path, rounds: int, rng: random.Random, *, sync: bool = True)
 
 # --- nodes ------------------------------------------------------------------------------------
 
+def _until(c: Client, cond, what: str, timeout_s: float = 30.0) -> None:  # noqa: ANN001
+    """Wait until the log's events meet ``cond`` (a condition with a deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond(list(c.read_all(1))):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fault suite: no {what} within {timeout_s:g}s")
+        time.sleep(0.05)
+
+
 MARK_JOB = ("import os, time; time.sleep({s}); "
             "fd = os.open({mark!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT); "
             "os.write(fd, (os.environ['EVO_JOB_ID'] + '\\n').encode())")
@@ -271,13 +280,17 @@ def node_faults(tmp: Path, fault: str, jobs: int, rng: random.Random) -> Row:
                                                                      mark=str(mark))],
                             max_attempts=5) for _ in range(jobs)]
         row.acknowledged = len(ids)
-        time.sleep(rng.uniform(0.8, 1.2))  # the first jobs are running: the fault comes now
+        with Client(b.address) as c:  # the fault comes once every slot runs a job
+            _until(c, lambda evs: sum(type(e).__name__ == "JobStarted" for e in evs)
+                   >= min(jobs, 4), "every slot running a job")
         if fault == "kill9":
             nodes[0].kill()
             nodes[0] = NodeProc(home, "a", "--slots", "2")
         elif fault == "sigstop":
             nodes[1].signal(signal.SIGSTOP)
-            time.sleep(2.0)  # past the lease (3 heartbeats of 0.3 s): that is the fault
+            with Client(b.address) as c:  # past its lease: the broker has lost it
+                _until(c, lambda evs: any(type(e).__name__ == "NodeLost" and e.node == "b"
+                                          for e in evs), "node b lost")
             nodes[1].signal(signal.SIGCONT)
         else:
             b.kill()
