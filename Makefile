@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test check bench clean
+.PHONY: install demo test check bench clean netns-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m evo.cli.demo
 
-test: $(STAMP)
+# Two-machine tests run in network namespaces (iproute2's `ip netns`): installed when missing
+# and root can (CI is root); elsewhere those tests skip and say why.
+netns-tools:
+	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null 2>&1; } || true
+
+test: $(STAMP) netns-tools
 	$(BIN)/python -m pytest -q
 
 # the type checker over the whole package (configured in pyproject.toml): zero errors

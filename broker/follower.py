@@ -31,6 +31,7 @@ from pathlib import Path
 import zmq
 
 from evo.broker import protocol as p
+from evo.broker.auth import Gate
 from evo.events.codec import decode_seq
 from evo.errors import EvoError
 
@@ -52,9 +53,11 @@ _ids = itertools.count(1)
 
 
 class Follower(threading.Thread):
-    def __init__(self, home: Path, ctx: zmq.Context, start_seq: int, host: str) -> None:
+    def __init__(self, home: Path, ctx: zmq.Context, start_seq: int, host: str,
+                 gate: Gate | None = None) -> None:
         super().__init__(name="evo-projection", daemon=True)
         self.home, self.ctx, self.start_seq, self.host = home, ctx, start_seq, host
+        self.gate = gate  # with keys: every query's sender is checked
         self.inbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self.pool: ThreadPoolExecutor  # the query threads, made when the loop starts (run)
         self.endpoint = ""
@@ -191,6 +194,8 @@ class Follower(threading.Thread):
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)  # like the broker's own socket
+        if self.gate is not None:
+            self.gate.serve(sock)
         sock.bind(f"{self.host}:*")
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         wake = self.ctx.socket(zmq.PULL)
@@ -277,7 +282,8 @@ class Follower(threading.Thread):
     def _receive(self, sock: zmq.Socket) -> tuple[bytes, p.Reply | None]:
         """The sender and, for anything but a well-formed query, the error to answer it with
         (the query itself is left in ``self._query``)."""
-        frames = sock.recv_multipart()
+        parts = sock.recv_multipart(copy=False)
+        frames = [f.bytes for f in parts]
         ident = frames[0]
         if len(frames) != 2:
             body = frames[1] if len(frames) > 1 else b""
@@ -291,6 +297,10 @@ class Follower(threading.Thread):
         if not isinstance(cmd, p.Query):
             return ident, p.Error(req=cmd.req, code="protocol",
                                   message="only queries are served here")
+        if self.gate is not None:
+            why = self.gate.refusal(str(parts[-1].get("User-Id") or ""), cmd)
+            if why is not None:
+                return ident, p.Error(req=cmd.req, code="unauthorized", message=why)
         self._query = cmd
         return ident, None
 

@@ -41,6 +41,9 @@ from evo.events.codec import EventDecodeError, pack_batch
 from evo.events.log import CorruptLog, LogWriteError, SegmentLog
 from evo.errors import BadInput, EvoError
 from evo.home import is_loopback, read_broker_file, write_broker_file
+from evo.keys import has_keys
+
+from .auth import Gate
 
 from . import protocol as p
 from .cluster import Cluster, load_cluster
@@ -81,10 +84,11 @@ class Broker:
     ) -> None:
         self.home = Path(home).absolute()
         self.home.mkdir(parents=True, exist_ok=True)
-        if not is_loopback(bind) and not allow_remote:
+        if not is_loopback(bind) and not allow_remote and not has_keys(self.home):
             raise BadInput(
-                f"refusing to bind {bind}: a non-loopback bind needs CURVE keys, which this "
-                "version does not configure yet; bind 127.0.0.1 (the default)"
+                f"refusing to bind {bind}: a non-loopback bind needs keys, and {self.home} has "
+                "none: run `evo keys init`, then `evo keys issue NAME` for each machine (or "
+                "bind 127.0.0.1, the default)"
             )
         self._lock_fd = self._lock()
         kw: dict[str, Any] = {"sync": sync}
@@ -110,18 +114,19 @@ class Broker:
         self._parked_seq = -1
         self.max_batch = max_batch
         self.ctx = zmq.Context()
+        # With keys, the authenticator runs before anything binds (broker/auth.py).
+        self.gate = Gate(self.ctx, self.home) if has_keys(self.home) else None
         self.router = self.ctx.socket(zmq.ROUTER)
+        if self.gate is not None:
+            self.gate.serve(self.router)
         self.router.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.setsockopt(zmq.SNDHWM, 0)
         self.router.bind(bind)
         self.address = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
         host = self.address.rsplit(":", 1)[0]
-        self.pub.bind(f"{host}:*")
+        self.pub = self._relay(f"{host}:*")
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
         self.stats = {"batches": 0, "events": 0, "commands": 0, "errors": 0, "restores": 0}
@@ -130,18 +135,49 @@ class Broker:
         self.follower: Follower | None = None
         self.query_endpoint = ""
         if projections:
-            self.follower = Follower(self.home, self.ctx, self.log.last_seq, host)
+            self.follower = Follower(self.home, self.ctx, self.log.last_seq, host, self.gate)
             self.follower.start_and_wait()
             self.query_endpoint = self.follower.endpoint
         try:
             write_broker_file(self.home, {"address": self.address, "events": self.events_endpoint,
                                           "queries": self.query_endpoint,
                                           "pid": os.getpid(), "hostname": socket.gethostname(),
+                                          "keys": self.gate is not None,
                                           "started": time.time()})
         except OSError as exc:  # a full disk: serve anyway, for reads, queries and --broker
             log.error("cannot write %s (%s): commands need --broker %s until the broker "
                       "restarts with space", self.home / "broker.json", exc.strerror or exc,
                       self.address)
+
+    def _relay(self, endpoint: str) -> zmq.Socket:
+        pub = self.ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 100_000)
+        if self.gate is not None:
+            self.gate.serve(pub)
+        try:
+            pub.bind(endpoint)
+        except zmq.ZMQError:
+            pub.close(0)
+            raise
+        return pub
+
+    def _rebind_relay(self) -> None:
+        """A PUB socket cannot refuse one subscriber: unbinding ends every connection to the
+        relay, and each subscriber shakes hands again (a revoked key is refused then). A
+        follower reads what it missed meanwhile (the relay's seqs show the gap)."""
+        self.pub.unbind(self.events_endpoint)
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self.pub.bind(self.events_endpoint)
+                return
+            except zmq.ZMQError as exc:  # the port is freed by ZeroMQ's own thread, soon
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    log.error("the event relay cannot bind %s again (%s): followers read "
+                              "from the broker instead", self.events_endpoint, exc)
+                    return
+                time.sleep(0.01)
 
     def _lock(self) -> int:
         path = self.home / "broker.lock"
@@ -202,6 +238,12 @@ class Broker:
             cmd = self._decode(ident, frames, replies)
             if cmd is None:
                 continue
+            if self.gate is not None:
+                why = self.gate.refusal(str(frame.get("User-Id") or ""), cmd)
+                if why is not None:
+                    replies.append((ident, p.Error(req=cmd.req, code="unauthorized",
+                                                   message=why)))
+                    continue
             if type(cmd) is p.Read:
                 reads.append((ident, cmd))
                 continue
@@ -211,6 +253,8 @@ class Broker:
             self._handle(ident, cmd, now, mono, events, encoded, replies)
         if mono >= self._next_tick and not self.write_error:
             self._next_tick = mono + self.tick_s
+            if self.gate is not None and self.gate.refresh():
+                self._rebind_relay()
             try:
                 out = self.desk.tick(now, mono)
                 events.extend(out.events)
@@ -405,6 +449,8 @@ class Broker:
             self.follower.join(30)
         for sock in (self.router, self.pub):
             sock.close(0)
+        if self.gate is not None:
+            self.gate.close()
         self.ctx.term()
         self.log.close()
         info = read_broker_file(self.home)

@@ -62,10 +62,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(home: Optional[Path] = typer.Option(None, "--home", envvar="EVO_HOME",
                                               help="evo's home folder (default ./.evo)"),
+          key: Optional[Path] = typer.Option(None, "--key", envvar="EVO_KEY",
+                                             help="key file for a broker with keys (`evo keys "
+                                             "issue`); default: this machine's own"),
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print evo's version and exit")) -> None:
     if home is not None:
         os.environ["EVO_HOME"] = str(home)
+    if key is not None:
+        os.environ["EVO_KEY"] = str(key)
 
 
 def _setup_logging() -> None:
@@ -101,6 +106,50 @@ def broker(
 
 def _labels(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+keys_app = typer.Typer(help="CURVE keys: the broker's, and one file per machine that may "
+                       "connect (a non-loopback --bind needs them).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init() -> None:
+    """Make the broker's key pair, the authorized-keys folder and this machine's own key."""
+    from evo.keys import init
+
+    typer.echo(f"keys in {init(evo_home())}; `evo keys issue NAME` makes one for a machine")
+
+
+@keys_app.command("issue")
+def keys_issue(name: str = typer.Argument(..., help="the machine's (or node's) name"),
+               out: Optional[Path] = typer.Option(None, "--out", help="default ./NAME.key")) -> None:
+    """Make and authorize a key for NAME; writes the one file to copy to that machine."""
+    from evo.keys import issue
+
+    path = issue(evo_home(), name, out)
+    typer.echo(f"{path}: copy it to {name} and run `evo node --broker tcp://HOST:PORT "
+               f"--key {path.name}` there (or set EVO_KEY); keep it private")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(...)) -> None:
+    """Take NAME's key back: a running broker refuses it from its next message."""
+    from evo.keys import revoke
+
+    revoke(evo_home(), name)
+    typer.echo(f"revoked {name}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key issued, authorized or revoked."""
+    from evo.keys import has_keys, keys_dir, listing
+
+    if not has_keys(evo_home()):
+        raise BadInput(f"no keys in {keys_dir(evo_home())}: run `evo keys init`")
+    for name, state, public in listing(evo_home()):
+        typer.echo(f"{name:<24} {state:<10} {public}")
 
 
 node_app = typer.Typer(help="Run a node daemon (no subcommand), or drain or resume one.")

@@ -36,7 +36,8 @@ class CommandRejected(EvoError):
 
     def __init__(self, error: p.Error) -> None:
         self.code, self.error = error.code, error
-        self.exit_code = 2 if error.code in ("invalid", "conflict", "protocol") else 1
+        self.exit_code = 2 if error.code in ("invalid", "conflict", "protocol",
+                                             "unauthorized") else 1
         super().__init__(error.message)
 
 
@@ -77,20 +78,51 @@ def with_code(specs: list[JobSpec]) -> list[JobSpec]:
     return out
 
 
+def _reachable(endpoint: str, address: str) -> str:
+    """``endpoint`` as this client can reach it: a broker bound to every interface
+    (0.0.0.0) names its other sockets so; they are on the host its address names."""
+    head, _, port = endpoint.rpartition(":")
+    if head in ("tcp://0.0.0.0", "tcp://*", "tcp://[::]"):
+        return f"{address.rpartition(':')[0]}:{port}"
+    return endpoint
+
+
 class Client:
     def __init__(self, broker: str | None = None, *, home: Any = None,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, key: str | os.PathLike[str] | None = None) -> None:
+        """``key``: a key file (`evo keys issue`); default EVO_KEY, else this machine's own
+        key when EVO_HOME has keys, else none (a loopback broker without keys)."""
+        from evo.home import evo_home
+        from evo.keys import find_key
+
+        self.key = find_key(key, evo_home(home))  # a bad key file is said first
         self.address = find_broker(broker, home)
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.address)
+        self.sock = self._socket(zmq.DEALER, self.address)
         self._req = 0
         self._early: dict[int, p.Reply] = {}
         self._events_endpoint: str | None = None
 
     # --- plumbing -----------------------------------------------------------------------------
+
+    def _socket(self, kind: int, endpoint: str, opts: dict | None = None) -> zmq.Socket:
+        """A socket to the broker at ``endpoint``, with this client's key when it has one."""
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        for opt, value in (opts or {}).items():
+            sock.setsockopt(opt, value)
+        if self.key is not None:
+            sock.curve_serverkey = self.key.broker_public
+            sock.curve_publickey = self.key.public
+            sock.curve_secretkey = self.key.secret
+        sock.connect(_reachable(endpoint, self.address))
+        return sock
+
+    def _no_answer(self, where: str, timeout_s: float) -> BrokerUnavailable:
+        hint = (f" (with key {self.key.name!r}: if the broker does not know it, or it was "
+                "revoked, the broker refuses it without an answer)") if self.key else ""
+        return BrokerUnavailable(f"no answer from {where} within {timeout_s:g}s{hint}")
 
     def _next_req(self) -> int:
         self._req += 1
@@ -116,8 +148,7 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
-                raise BrokerUnavailable(f"no answer from the broker at {self.address} within "
-                                        f"{self.timeout_s:g}s")
+                raise self._no_answer(f"the broker at {self.address}", self.timeout_s)
             reply = p.reply_decoder.decode(self.sock.recv())
             if reply.req == req:
                 return self._check(reply)
@@ -213,15 +244,12 @@ class Client:
         endpoint = self.hello().query_endpoint
         if not endpoint:
             raise EvoError(f"the broker at {self.address} runs without projections")
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+        sock = self._socket(zmq.DEALER, endpoint)
         try:
             sock.send(p.command_encoder.encode(p.Query(req=1, sql=sql, params=list(params),
                                                        as_of=as_of, kind=kind)))
             if not sock.poll(int(timeout_s * 1000)):
-                raise BrokerUnavailable(f"no answer from the projection at {endpoint} within "
-                                        f"{timeout_s:g}s")
+                raise self._no_answer(f"the projection at {endpoint}", timeout_s)
             reply = self._check(p.reply_decoder.decode(sock.recv()))
         finally:
             sock.close(0)
@@ -268,11 +296,7 @@ class Client:
         joining is never left behind. ``until`` (monotonic time) ends the iteration.
         """
         endpoint = self._events_endpoint or self.hello().events_endpoint
-        sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, p.RELAY_TOPIC)
-        sub.connect(endpoint)
+        sub = self._socket(zmq.SUB, endpoint, {zmq.RCVHWM: 0, zmq.SUBSCRIBE: p.RELAY_TOPIC})
         nxt = from_seq
         try:
             while True:
@@ -301,8 +325,7 @@ class Client:
             sub.close(0)
 
     def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # every socket, a follow() left open included
 
     def __enter__(self) -> Client:
         return self

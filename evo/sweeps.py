@@ -157,9 +157,9 @@ def check(spec: SweepSpec, where: str) -> None:
                 _check_value(cls, fields, t, name, v, f"$.space.{name}[{i}]", where)
     for i, name in enumerate(spec.cost or []):
         if name not in spec.space and name not in spec.params:
-            known = ", ".join(sorted({*spec.space, *spec.params}))
+            names = ", ".join(sorted({*spec.space, *spec.params}))
             raise BadInput(f"{where}: $.cost[{i}]: {name!r} is not a parameter (expected one "
-                           f"of {known})")
+                           f"of {names})")
     if spec.order == "longest_first" and not cost_params(spec):
         raise BadInput(f"{where}: $.order: longest_first needs `cost` (the parameters whose "
                        "product is a trial's expected cost)")

@@ -211,10 +211,9 @@ class NodeCore:
     def held(self) -> list[tuple[str, int]]:
         """The leases this node holds (for Join and heartbeats): what runs, waits here, or has
         a final report owed."""
-        held = {g.job_id: g.lease_epoch for g in
-                [*(r.grant for r in self.running.values()), *self.queued.values()]}
-        for cmd, _ in self.finishing.values():
-            held[cmd.job_id] = cmd.lease_epoch
+        held = {cmd.job_id: cmd.lease_epoch for cmd, _ in self.finishing.values()}
+        for g in [*(r.grant for r in self.running.values()), *self.queued.values()]:
+            held[g.job_id] = g.lease_epoch  # a job leased again: its newest lease
         return list(held.items())
 
     def ahead(self) -> int:
@@ -245,12 +244,17 @@ class NodeCore:
     def problems(self) -> list[str]:
         """What breaks the core's invariants (empty when none): checked after the tests."""
         out = []
-        both = set(self.queued) & set(self.running)
+        both = sorted(j for j, g in self.queued.items()
+                      if j in self.running and self.running[j].grant.lease_epoch == g.lease_epoch)
         if both:
-            out.append(f"queued and running at once: {sorted(both)}")
-        owed_running = set(self.finishing) & (set(self.running) | set(self.queued))
+            out.append(f"one lease queued and running at once: {both}")
+        owed_running = sorted(j for j, (cmd, _) in self.finishing.items()
+                              if (j in self.running
+                                  and self.running[j].grant.lease_epoch == cmd.lease_epoch)
+                              or (j in self.queued
+                                  and self.queued[j].lease_epoch == cmd.lease_epoch))
         if owed_running:
-            out.append(f"a final report owed for jobs still here: {sorted(owed_running)}")
+            out.append(f"a final report owed for leases still here: {owed_running}")
         if len(self.running) > 1:
             free = free_for(self.slots, self.cpus, self.mem_gb, self.vram,
                             [(r.grant.spec, r.grant.devices) for r in self.running.values()])
@@ -277,8 +281,9 @@ class NodeCore:
             self._send(out, event.cmd, ran=True)
             self.busy = True
         elif isinstance(event, Ended):
-            run = self.running.pop(event.cmd.job_id, None)
-            if run is not None:
+            run = self.running.get(event.cmd.job_id)
+            if run is not None and run.grant.lease_epoch == event.cmd.lease_epoch:
+                del self.running[event.cmd.job_id]
                 self.durations.append(max(0.0, now - run.started))
             self._send(out, event.cmd, ran=True)
             self.busy = True
@@ -288,10 +293,9 @@ class NodeCore:
             self.ready_out = False
             self._cancel(out, event.cancel, "cancel requested")
             if self.stop_at is None:  # else the broker takes them back when we leave
-                for grant in event.leases:
-                    if grant.job_id not in self.running:
-                        self.queued[grant.job_id] = grant
-                        self.busy = True
+                for grant in event.leases:  # (a job's old attempt may still be ending here)
+                    self.queued[grant.job_id] = grant
+                    self.busy = True
                 self._start_queued(out, now)
         elif isinstance(event, Beat):
             self._cancel(out, event.cancel, "cancel requested")
@@ -357,8 +361,10 @@ class NodeCore:
         started = False
         while self.queued:
             grant = next(iter(self.queued.values()))
-            if self.running and not self.fits(grant):
-                break  # first come, first started: later jobs wait behind it
+            if grant.job_id in self.running or (self.running and not self.fits(grant)):
+                # first come, first started: later jobs wait behind it (and a job leased
+                # again waits for its old attempt, being stopped, to end)
+                break
             del self.queued[grant.job_id]
             self.running[grant.job_id] = Running(grant, now)
             out.append(Start(grant))

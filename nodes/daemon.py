@@ -29,14 +29,16 @@ import zmq
 from evo.broker import protocol as p
 from evo.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
+from evo.errors import BadInput
 from evo.home import NoBroker
+from evo.keys import LOCAL, find_key
 
 from . import core as c
 from . import reports
 from .environment import fingerprint
 from .executor import LOOK_EVERY_S, Run
 from .keeper import KeeperClient
-from .link import Link, Reconnect
+from .link import KeyRefused, Link, Reconnect
 from .pool import WorkerPool
 from .probe import probe, sample
 
@@ -55,7 +57,9 @@ class NodeDaemon:
                  poll_s: float = 0.05, idle_wait_s: float = 1.0, ship_every_s: float = 0.5,
                  warm_workers: bool = True, lease_ahead: int | None = None) -> None:
         hw = probe()
-        self.name = name or hw["hostname"]
+        key = find_key(None, Path(os.environ.get("EVO_HOME", ".evo")).absolute())
+        # a node's name is its key's (the broker machine's own key runs any)
+        self.name = name or (key.name if key is not None and key.name != LOCAL else hw["hostname"])
         gpu_list: list[GpuInfo] = hw["gpus"]
         if gpus is not None:  # declared GPUs override the probe (tests, headroom)
             probed = {g.index: g for g in gpu_list}
@@ -92,6 +96,7 @@ class NodeDaemon:
         self._stop = threading.Event()
         self._drain_on_stop = False
         self._stop_told = False
+        self.refused = ""  # why the broker refused this node's key, once it has
         self._next_ship = 0.0
 
     # --- the core's instructions, carried out -------------------------------------------------
@@ -134,6 +139,9 @@ class NodeDaemon:
                 try:
                     joined = link.join(join)
                 except CommandRejected as exc:
+                    if exc.code == "unauthorized":
+                        self.refused = str(exc)
+                        raise KeyRefused(str(exc)) from None
                     if exc.code != "unavailable":
                         raise
                     raise BrokerUnavailable(str(exc)) from None  # its disk is full: wait
@@ -173,12 +181,16 @@ class NodeDaemon:
         self._keeper()
         if self.pool is not None:
             self.pool.warm(self.slots)
-        self.connect()
         poller = zmq.Poller()
         try:
+            self.connect()
             while self.client is not None and not self.core.left:
                 try:
                     self.turn(poller)
+                except KeyRefused as exc:
+                    log.error("the broker refuses this node's key: %s; stopping", exc)
+                    self.refused = str(exc)
+                    break
                 except Reconnect as exc:
                     if self._stop.is_set():
                         log.warning("leaving without the broker: %s", exc)
@@ -368,4 +380,9 @@ def run_node(broker: str | None, **kw) -> None:
     node = NodeDaemon(broker, **kw)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop(drain=True))
-    node.run()
+    try:
+        node.run()
+    except KeyRefused:
+        pass
+    if node.refused:
+        raise BadInput(f"node {node.name}: the broker refuses its key: {node.refused}")

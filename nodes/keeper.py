@@ -118,7 +118,10 @@ class _Keeper:
                 os.read(wake_r, 4096)
             self._reap()
             if fd in ready:
-                frame = read_frame(fd)
+                try:
+                    frame = read_frame(fd)
+                except OSError:  # reset: the node closed its end with our answers unread
+                    frame = None
                 if frame is None:  # the node is gone
                     self._kill_everything()
                     return

@@ -22,6 +22,10 @@ class Reconnect(Exception):
     """The broker went away or forgot us: join again."""
 
 
+class KeyRefused(Exception):
+    """The broker refuses this node's key (revoked, or not this node's): the node stops."""
+
+
 class Link:
     def __init__(self, client: Client, node: str,
                  sample: Callable[[], tuple[dict, list]] = lambda: ({}, [])) -> None:
@@ -60,6 +64,8 @@ class Link:
                 continue  # the answer to a request given up on
             if isinstance(reply, p.Error) and reply.code == "rejoin":
                 raise Reconnect(reply.message)
+            if isinstance(reply, p.Error) and reply.code == "unauthorized":
+                raise KeyRefused(reply.message)
             ev = entry[0](reply)
             if ev is not None:
                 out.append(ev)

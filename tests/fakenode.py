@@ -21,14 +21,14 @@ from evo.nodes.link import Link, Reconnect
 class FakeNode:
     def __init__(self, address: str, name: str = "fake", *, slots: int = 1, cpus: float = 4.0,
                  mem_gb: float = 8.0, heartbeat_s: float = 0.5, lease_ahead: int = 0,
-                 labels: tuple[str, ...] = ()) -> None:
+                 labels: tuple[str, ...] = (), key: str | None = None) -> None:
         self.name = name
         self.core = c.NodeCore(node=name, slots=slots, cpus=cpus, mem_gb=mem_gb,
                                lease_ahead=lease_ahead, heartbeat_s=heartbeat_s,
                                idle_wait_s=0.2)
         self.join_cmd = p.Join(node=name, hostname=name, cpus=cpus, mem_gb=mem_gb, slots=slots,
                                labels=list(labels), heartbeat_s=heartbeat_s)
-        self.client = Client(address, timeout_s=5.0)
+        self.client = Client(address, timeout_s=5.0, key=key)
         self.link = Link(self.client, name)
         self.started: dict[str, p.LeaseGrant] = {}  # running here, until ended
         self.kills: list[c.Kill] = []

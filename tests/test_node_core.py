@@ -58,7 +58,7 @@ def test_leases_start_while_they_fit_first_come_first_started_and_reports_are_ow
     done = report("j1", 10, DONE)
     assert n.handle(Ended(done), 3.3) == [SendReport(done)]
     assert list(n.durations) == [3.05]  # on the clock it was given
-    assert n.handle(Tick(), 3.3) == [SendHeartbeat(running=(("j2", 11), ("j3", 12), ("j1", 10)),
+    assert n.handle(Tick(), 3.3) == [SendHeartbeat(running=(("j1", 10), ("j2", 11), ("j3", 12)),
                                                    sample=False),
                                      Start(b), Start(d),
                                      SendReady(max_leases=1, wait_s=0.0, ahead=0)]
@@ -197,6 +197,23 @@ def test_a_drain_that_is_asked_again_without_waiting_stops_at_once():
     assert n.handle(Stop(drain=False), 1.5) == [Kill("j1", c.STOP_GRACE_S, "the node is stopping")]
 
 
+def test_a_job_leased_again_while_its_old_attempt_is_stopping_starts_once_that_ends():
+    n = core(slots=2)
+    joined(n)
+    old = grant("j1", 10)
+    n.handle(Leased(leases=(old,)), 0.1)
+    assert n.handle(Joined(cancel=("j1",)), 1.0) == [
+        Kill("j1", c.CANCEL_GRACE_S, "the broker no longer holds its lease")]
+    again = p.LeaseGrant(job_id="j1", lease_epoch=28, attempt=2, spec=old.spec)
+    assert n.handle(Leased(leases=(again,)), 1.1) == []  # waits for the old attempt
+    assert n.held() == [("j1", 28)]
+    stopped = report("j1", 10, p.CancelledReport(reason="stopped by the node"))
+    n.handle(Ended(stopped), 1.5)
+    assert n.held() == [("j1", 28)]  # the newest lease, not the stopped one's owed report
+    assert Start(again) in n.handle(Tick(), 1.6)
+    assert n.running["j1"].grant.lease_epoch == 28
+
+
 def test_a_job_bigger_than_the_node_starts_alone():
     n = core(slots=2, cpus=2.0)
     joined(n)
@@ -214,7 +231,7 @@ def test_the_invariant_check_sees_a_broken_core():
     n.queued["j1"] = grant("j1", 10)
     n.finishing["j2"] = (report("j2", 11, DONE), True)
     assert n.problems() == [
-        "queued and running at once: ['j1']",
-        "a final report owed for jobs still here: ['j2']",
+        "one lease queued and running at once: ['j1']",
+        "a final report owed for leases still here: ['j2']",
         "admitted past the node's size: Free(slots=-1, cpus=-1.0, mem_gb=8.0, gpus={})"]
     del n.running["j3"], n.queued["j1"], n.finishing["j2"]  # as it was: the check after passes
