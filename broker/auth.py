@@ -2,8 +2,9 @@
 sender's key on every message (evo/keys.py says where keys live).
 
 The authenticator (pyzmq's ThreadAuthenticator) is running before any socket binds; it lets
-in only authorized public keys and names each connection by its key's name (ZeroMQ's
-User-Id, carried by every message). Every command, query and read is checked again against
+in only authorized public keys and names each connection by its public key (ZeroMQ's
+User-Id, carried by every message; the key, not its name, so a name revoked and issued again
+does not let the old key back in). Every command, query and read is checked again against
 the keys authorized now, so a key revoked while its peer is connected is refused from its next
 message; the event relay (a PUB socket, which cannot refuse one subscriber) is bound again on
 its port when a key is revoked, so every subscriber shakes hands again and a revoked one is
@@ -36,7 +37,8 @@ class _Authenticator(ThreadAuthenticator):
         self.gate = gate
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.gate.names.get(z85.encode(client_public_key), "")
+        # the key itself, not its name: a name revoked and issued again has a new key
+        return z85.encode(client_public_key).decode()
 
 
 class Gate:
@@ -44,7 +46,7 @@ class Gate:
         self.home = home
         self.public, self.secret = broker_pair(home)
         self.names: dict[bytes, str] = authorized(home)
-        self.allowed = set(self.names.values())
+        self._revoked: dict[bytes, str] = {}  # to name a revoked key in its refusal
         self._stamp = self._mtime()
         self.auth = _Authenticator(ctx, self)
         self.auth.start()
@@ -74,17 +76,21 @@ class Gate:
         self._stamp = stamp
         names = authorized(self.home)
         gone = set(self.names) - set(names)
-        self.names, self.allowed = names, set(names.values())
+        self._revoked.update({k: self.names[k] for k in gone})
+        self.names = names
         if gone:
             log.warning("key(s) revoked: connections with them are refused from now on")
         return bool(gone)
 
     def refusal(self, user: str, cmd: p.Command | None) -> str | None:
-        """Why a message from ``user`` (its key's name) is refused, or None."""
-        if not user or user not in self.allowed:
-            return f"key {user or '(unknown)'} is not authorized (revoked or never issued)"
-        if isinstance(cmd, NODE_COMMANDS) and cmd.node != user and user != LOCAL:
-            return f"key {user!r} cannot act as node {cmd.node!r}: a node's name is its key's"
+        """Why a message from ``user`` (its sender's public key) is refused, or None."""
+        name = self.names.get(user.encode())
+        if name is None:
+            known = self._revoked.get(user.encode())
+            return (f"key {known or user[:8] + '...'} is not authorized "
+                    "(revoked or never issued)")
+        if isinstance(cmd, NODE_COMMANDS) and cmd.node != name and name != LOCAL:
+            return f"key {name!r} cannot act as node {cmd.node!r}: a node's name is its key's"
         return None
 
     def close(self) -> None:

@@ -34,7 +34,8 @@ from . import protocol as p
 from .cluster import Cluster
 from .liveness import compute_backoff, is_lost
 from .scheduler import decide, explain, never_fits
-from .state import ACTIVE, CANCELLED, COMPLETED, FAILED, QUEUED, TERMINAL, BrokerState, Job
+from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, QUEUED, TERMINAL, BrokerState,
+                    Job)
 from evo.names import nul_error
 
 
@@ -528,9 +529,9 @@ class Desk:
     def _attempt_failed(self, out: Outcome, job: Job, now: float, cause: str, *, error: str,
                         exit_code: int | None = None, retryable: bool = True,
                         expired_on: str | None = None) -> None:
-        if expired_on is not None and job.ahead:
-            # leased ahead and never started: given back, not an attempt (the fold takes the
-            # attempt back), so no backoff and never the last one
+        if expired_on is not None and job.state == LEASED:
+            # never started (leased ahead, or the node stopped before it started it): given
+            # back, not an attempt (the fold takes the attempt back): no backoff, never final
             self._emit(out, LeaseExpired, now, cause, job_id=job.job_id,
                        lease_epoch=job.lease_epoch, node=expired_on)
             return

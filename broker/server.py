@@ -251,10 +251,10 @@ class Broker:
                 replies.append((ident, self._output(cmd)))
                 continue
             self._handle(ident, cmd, now, mono, events, encoded, replies)
+        if self.gate is not None and mono >= self._next_tick and self.gate.refresh():
+            self._rebind_relay()  # (a revocation counts while the log cannot be written too)
         if mono >= self._next_tick and not self.write_error:
             self._next_tick = mono + self.tick_s
-            if self.gate is not None and self.gate.refresh():
-                self._rebind_relay()
             try:
                 out = self.desk.tick(now, mono)
                 events.extend(out.events)
@@ -413,6 +413,9 @@ class Broker:
         job = self.desk.state.jobs.get(cmd.job_id)
         if job is None:
             return p.Error(req=cmd.req, code="invalid", message=f"no job {cmd.job_id!r}")
+        if isinstance(cmd, p.Output) and self.gate is not None and job.node != cmd.node:
+            return p.Error(req=cmd.req, code="unauthorized",
+                           message=f"node {cmd.node} does not run {cmd.job_id}")
         try:
             if isinstance(cmd, p.Output):
                 size = self.outputs.write(cmd.job_id, cmd.attempt, cmd.stream, cmd.offset,

@@ -288,10 +288,9 @@ class BrokerState:
         self._release(job)
 
     def _expired(self, job: Job, ev: LeaseExpired) -> None:
-        if job.ahead:  # leased ahead, never started: given back, not an attempt
+        if job.state == LEASED:  # never started: given back, not an attempt
             job.attempt -= 1
-        else:
-            job.error = f"lease {ev.lease_epoch} on {ev.node} expired"
+        job.error = f"lease {ev.lease_epoch} on {ev.node} expired"
         self._release(job)
 
     def _retry(self, job: Job, ev: RetryScheduled) -> None:

@@ -62,7 +62,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(home: Optional[Path] = typer.Option(None, "--home", envvar="EVO_HOME",
                                               help="evo's home folder (default ./.evo)"),
-          key: Optional[Path] = typer.Option(None, "--key", envvar="EVO_KEY",
+          key: Optional[Path] = typer.Option(None, "--key-file", envvar="EVO_KEY",
                                              help="key file for a broker with keys (`evo keys "
                                              "issue`); default: this machine's own"),
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
@@ -128,8 +128,8 @@ def keys_issue(name: str = typer.Argument(..., help="the machine's (or node's) n
     from evo.keys import issue
 
     path = issue(evo_home(), name, out)
-    typer.echo(f"{path}: copy it to {name} and run `evo node --broker tcp://HOST:PORT "
-               f"--key {path.name}` there (or set EVO_KEY); keep it private")
+    typer.echo(f"{path}: copy it to {name} and run `evo --key-file {path.name} node --broker "
+               "tcp://HOST:PORT` there (or set EVO_KEY); keep it private")
 
 
 @keys_app.command("revoke")

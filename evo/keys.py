@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evo.errors import BadInput
+from evo.home import _gone, read_broker_file
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LOCAL = "local"  # the key of the broker machine's own commands
@@ -48,7 +49,8 @@ def has_keys(home: Path) -> bool:
 def _write_private(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover's mode (or a link) is never reused
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
@@ -110,6 +112,8 @@ def issue(home: Path, name: str, out: Path | None = None) -> Path:
     broker_public, _ = broker_pair(home)
     public, secret = zmq.curve_keypair()
     out = (out or Path(f"{name}.key")).absolute()
+    if out.exists():
+        raise BadInput(f"{out} exists: give another --out (a key file is never overwritten)")
     _write_private(out, {"evo_key": 1, "name": name, "public": public.decode(),
                          "secret": secret.decode(), "broker_public": broker_public.decode()})
     _write_private(d / "authorized" / f"{name}.json", {"name": name, "public": public.decode()})
@@ -152,17 +156,17 @@ def authorized(home: Path) -> dict[bytes, str]:
 def load_key(path: str | os.PathLike[str]) -> Key:
     """A key file written by ``evo keys issue``; BadInput naming the file otherwise."""
     path = Path(path).expanduser()
-    data = _read(path, "--key")
+    data = _read(path, "--key-file")
     try:
         return Key(name=str(data["name"]), public=data["public"].encode(),
                    secret=data["secret"].encode(), broker_public=data["broker_public"].encode())
     except (KeyError, AttributeError):
-        raise BadInput(f"--key: {path} is not an evo key file (expected name, public, secret "
+        raise BadInput(f"--key-file: {path} is not an evo key file (expected name, public, secret "
                        "and broker_public)") from None
 
 
 def find_key(explicit: str | os.PathLike[str] | None, home: Path | None) -> Key | None:
-    """The key to connect with: ``--key``, else EVO_KEY, else this machine's own key when
+    """The key to connect with: ``--key-file``, else EVO_KEY, else this machine's own key when
     the broker's home has keys, else none (loopback without keys)."""
     if explicit:
         return load_key(explicit)
@@ -170,5 +174,8 @@ def find_key(explicit: str | os.PathLike[str] | None, home: Path | None) -> Key 
     if env:
         return load_key(env)
     if home is not None and (keys_dir(home) / "local.json").is_file():
+        info = read_broker_file(home) or {}
+        if info.get("keys") is False and not _gone(info):
+            return None  # a broker started before `evo keys init`: it runs without keys
         return load_key(keys_dir(home) / "local.json")
     return None

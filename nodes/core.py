@@ -230,7 +230,7 @@ class NodeCore:
     def next_deadline(self) -> float:
         """When the core next has something to do without a new event."""
         times = [self.next_hb]
-        if self.stop_at is not None:
+        if self.stop_at is not None and not self.left:
             times.append(self.leave_at if self.killed else self.stop_at)
         return min(times)
 
@@ -347,8 +347,8 @@ class NodeCore:
 
     def _stopping(self, out: list[Instruction], now: float) -> None:
         assert self.stop_at is not None
-        if not self.killed and now >= self.stop_at and self.running:
-            for job_id, run in self.running.items():
+        if not self.killed and now >= self.stop_at:  # what runs is stopped; owed reports
+            for job_id, run in self.running.items():  # get LEAVE_AFTER_S more
                 out.append(Kill(job_id, STOP_GRACE_S, "the node is stopping"))
                 run.stopping = True
             self.killed = True
@@ -401,15 +401,17 @@ class NodeCore:
         ran = self.finishing.pop(job_id)[1] if final else True
         if not ev.code:
             return
+        run = self.running.get(job_id)
+        if run is not None and run.grant.lease_epoch != cmd.lease_epoch:
+            run = None  # the answer is about an earlier attempt of a job leased here again
         if ev.code == "stale":
             out.append(Warn(f"{job_id}: {ev.message}; stopping the attempt"))
-            run = self.running.get(job_id)
             if run is not None:
                 run.stopping = True
                 out.append(Kill(job_id, STALE_GRACE_S, "its lease is not current"))
         elif ev.code == "rejected":
             out.append(Warn(f"{job_id}: {ev.message}"))
-            if job_id in self.running:
+            if run is not None:
                 out.append(Note(job_id, ev.message))
             if final and ran and cmd.report != REFUSED_FINAL:
                 # the job must end: with the one report that cannot be refused

@@ -378,8 +378,9 @@ def _fields(s) -> dict:  # noqa: ANN001
 
 def run_node(broker: str | None, **kw) -> None:
     node = NodeDaemon(broker, **kw)
+    # the first Ctrl-C (or SIGTERM) drains; a second one stops what runs at once
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: node.stop(drain=True))
+        signal.signal(sig, lambda *_: node.stop(drain=not node._stop.is_set()))
     try:
         node.run()
     except KeyRefused:

@@ -38,6 +38,8 @@ def test_a_silent_node_loses_its_lease_at_the_tick_its_late_report_is_stale_and_
     job = desk.handle(p.Submit(spec=JobSpec(command=["a"], max_attempts=2)), now).reply.job_id
     (grant,) = desk.handle(p.Ready(node="n", max_leases=1), now, mono=0.0).reply.leases
     assert grant.attempt == 1
+    desk.handle(p.Report(node="n", job_id=job, lease_epoch=grant.lease_epoch,
+                         report=p.StartedReport(pid=7)), now, mono=0.0)
     assert _types(desk.tick(now + 5, 5.9)) == []  # under three heartbeats missed
     out = desk.tick(now + 7, 6.1)
     assert _types(out) == ["LeaseExpired", "RetryScheduled", "NodeLost"]
@@ -67,7 +69,11 @@ def test_a_lease_given_back_unstarted_is_not_an_attempt():
     leases = desk.handle(p.Ready(node="n", max_leases=2, ahead=1), now, mono=0.0).reply.leases
     assert [g.job_id for g in leases] == [first, ahead]
     assert desk.state.jobs[ahead].ahead
+    desk.handle(p.Report(node="n", job_id=first, lease_epoch=leases[0].lease_epoch,
+                         report=p.StartedReport(pid=7)), now, mono=0.0)
     out = desk.handle(p.Leave(node="n"), now + 1, mono=1.0)
+    # the one that ran lost an attempt; the one never started did not
     assert _types(out) == ["LeaseExpired", "RetryScheduled", "LeaseExpired", "NodeLeft"]
+    assert desk.state.jobs[first].attempt == 1
     job = desk.state.jobs[ahead]
     assert job.state == "queued" and job.attempt == 0 and job.not_before == 0.0

@@ -45,7 +45,7 @@ def test_keys_are_made_listed_issued_and_revoked_and_mistakes_exit_2(tmp_path):
     r = run_evo("keys", "revoke", "laptop", home=home)
     assert r.returncode == 2 and "no authorized key 'laptop'" in r.stderr
     assert "laptop                   revoked" in run_evo("keys", "list", home=home).stdout
-    r = run_evo("--key", str(tmp_path / "nope.key"), "status", home=home)
+    r = run_evo("--key-file", str(tmp_path / "nope.key"), "status", home=home)
     assert r.returncode == 2 and "no such key file" in r.stderr
 
 
@@ -170,12 +170,12 @@ def test_a_node_on_a_second_machine_runs_a_job_with_one_key_file(two_machines, t
         procs.append(broker)
         wait_until(lambda: (home / "broker.json").exists(), 20, "the broker on machine A")
         node = subprocess.Popen(["ip", "netns", "exec", ns_b, *evo_cmd(
-            "--home", str(far), "--key", str(key), "node", "--broker", "tcp://10.77.0.1:5555",
+            "--home", str(far), "--key-file", str(key), "node", "--broker", "tcp://10.77.0.1:5555",
             "--slots", "1", "--heartbeat-s", "0.5")],
             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "n.log", "wb"))
         procs.append(node)
         out = subprocess.run(["ip", "netns", "exec", ns_b, *evo_cmd(
-            "--home", str(far), "--key", str(key), "submit", "--broker", "tcp://10.77.0.1:5555",
+            "--home", str(far), "--key-file", str(key), "submit", "--broker", "tcp://10.77.0.1:5555",
             "--", sys.executable, "-c", "print('on B')")], env=env, capture_output=True,
             text=True, timeout=60)
         assert out.returncode == 0, out.stderr

@@ -147,8 +147,10 @@ def test_a_node_that_joins_again_without_its_jobs_gives_their_leases_back():
     keep = next(g for g in grants if g.job_id == a)
     out = desk.handle(p.Join(node="a", cpus=4, slots=2, running=[(a, keep.lease_epoch)]), 2.0)
     kinds = [(type(e).__name__, getattr(e, "job_id", "")) for e in out.events]
-    assert ("LeaseExpired", b) in kinds and ("RetryScheduled", b) in kinds
+    # b never started: given back without a retry's backoff, and not counted as an attempt
+    assert ("LeaseExpired", b) in kinds and ("RetryScheduled", b) not in kinds
     assert desk.state.jobs[a].state == "leased" and desk.state.jobs[b].state == "queued"
+    assert desk.state.jobs[b].attempt == 0
 
 
 def test_the_invariant_check_passes_a_folded_state_and_sees_a_broken_one():
