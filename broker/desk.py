@@ -531,11 +531,13 @@ class Desk:
                         expired_on: str | None = None) -> None:
         if expired_on is not None and job.state == LEASED:
             # never started (leased ahead, or the node stopped before it started it): given
-            # back, not an attempt (the fold takes the attempt back): no backoff, never final
+            # back, not an attempt that counts (max_attempts counts runs): no backoff
             self._emit(out, LeaseExpired, now, cause, job_id=job.job_id,
                        lease_epoch=job.lease_epoch, node=expired_on)
             return
-        final = not retryable or job.attempt >= job.spec.max_attempts
+        # a failed report means the attempt ran, JobStarted or not (the fold counts it too)
+        runs = job.runs + (expired_on is None and job.started_epoch != job.lease_epoch)
+        final = not retryable or runs >= job.spec.max_attempts
         if expired_on is not None:
             self._emit(out, LeaseExpired, now, cause, job_id=job.job_id,
                        lease_epoch=job.lease_epoch, node=expired_on)

@@ -75,7 +75,9 @@ class Job:
     state: str = QUEUED
     submitted_seq: int = 0
     submitted_at: float = 0.0
-    attempt: int = 0  # attempts started so far (the current one while leased/running)
+    attempt: int = 0  # leases so far (the current one while leased/running)
+    runs: int = 0  # attempts that started: what max_attempts counts (a lease given back
+    started_epoch: int = 0  # unstarted is not one); the lease the last one started under
     lease_epoch: int = 0  # seq of the current JobLeased, 0 when none
     node: str | None = None
     devices: list[int] = field(default_factory=list)
@@ -266,12 +268,18 @@ class BrokerState:
 
     def _started(self, job: Job, ev: JobStarted) -> None:
         job.started_at = ev.time
+        self._ran(job)
+
+    def _ran(self, job: Job) -> None:
         job.ahead = False
+        if job.started_epoch != job.lease_epoch:
+            job.started_epoch = job.lease_epoch
+            job.runs += 1
 
     def _progress(self, job: Job, ev: Progress | Checkpointed) -> None:
         if not job.started_at:
             job.started_at = ev.time
-        job.ahead = False
+        self._ran(job)
         job.metrics.update(ev.metrics)
         job.last_progress_seq = ev.seq
 
@@ -282,14 +290,14 @@ class BrokerState:
         self._release(job)
 
     def _failed(self, job: Job, ev: JobFailed) -> None:
+        if ev.lease_epoch and ev.lease_epoch == job.lease_epoch:  # reported: it ran
+            self._ran(job)
         job.error = ev.error
         if ev.final:
             job.finished_at = ev.time
         self._release(job)
 
     def _expired(self, job: Job, ev: LeaseExpired) -> None:
-        if job.state == LEASED:  # never started: given back, not an attempt
-            job.attempt -= 1
         job.error = f"lease {ev.lease_epoch} on {ev.node} expired"
         self._release(job)
 

@@ -74,6 +74,6 @@ def test_a_lease_given_back_unstarted_is_not_an_attempt():
     out = desk.handle(p.Leave(node="n"), now + 1, mono=1.0)
     # the one that ran lost an attempt; the one never started did not
     assert _types(out) == ["LeaseExpired", "RetryScheduled", "LeaseExpired", "NodeLeft"]
-    assert desk.state.jobs[first].attempt == 1
+    assert desk.state.jobs[first].runs == 1
     job = desk.state.jobs[ahead]
-    assert job.state == "queued" and job.attempt == 0 and job.not_before == 0.0
+    assert job.state == "queued" and job.runs == 0 and job.not_before == 0.0

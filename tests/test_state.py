@@ -150,7 +150,7 @@ def test_a_node_that_joins_again_without_its_jobs_gives_their_leases_back():
     # b never started: given back without a retry's backoff, and not counted as an attempt
     assert ("LeaseExpired", b) in kinds and ("RetryScheduled", b) not in kinds
     assert desk.state.jobs[a].state == "leased" and desk.state.jobs[b].state == "queued"
-    assert desk.state.jobs[b].attempt == 0
+    assert desk.state.jobs[b].runs == 0
 
 
 def test_the_invariant_check_passes_a_folded_state_and_sees_a_broken_one():
