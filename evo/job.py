@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def _write(record: dict) -> None:
@@ -21,21 +23,34 @@ def _write(record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def report(step: int | None = None, *, epoch: int | None = None, eta_s: float | None = None,
-           **metrics: float) -> None:
-    """Report progress from inside a job."""
+def _numbers(call: str, given: Mapping[str, Any] | None, named: dict[str, Any]) -> dict:
+    """The metrics of a call (a mapping, keywords, or both) as floats; TypeError naming the
+    call and the metric for a value that is not a number."""
+    out = {}
+    for k, v in {**(given or {}), **named}.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+            raise TypeError(f"{call}: metric {k!r} must be a number, got {type(v).__name__}")
+        out[str(k)] = float(v)
+    return out
+
+
+def report(step: int | None = None, metrics: Mapping[str, float] | None = None, *,
+           epoch: int | None = None, eta_s: float | None = None, **named: float) -> None:
+    """Report progress from inside a job: ``evo.report(step=3, loss=0.41)``, or the metrics
+    as a mapping, ``evo.report(3, {"loss": 0.41})``."""
     _write({"kind": "progress", "step": step, "epoch": epoch, "eta_s": eta_s, "t": time.time(),
-            "metrics": {k: float(v) for k, v in metrics.items()}})
+            "metrics": _numbers("evo.report", metrics, named)})
 
 
-def result(**metrics: float) -> None:
-    """Record this job's final metrics (a command's, or a callable's that returns nothing).
+def result(metrics: Mapping[str, float] | None = None, **named: float) -> None:
+    """Record this job's final metrics (a command's, or a callable's that returns nothing):
+    ``evo.result(auc=0.7)`` or ``evo.result({"auc": 0.7})``.
 
     Several calls add up, a later value of a name replacing an earlier one. A job that neither
     returns metrics nor calls this has the last value it reported of each metric as its final
     one."""
     _write({"kind": "result", "t": time.time(),
-            "metrics": {k: float(v) for k, v in metrics.items()}})
+            "metrics": _numbers("evo.result", metrics, named)})
 
 
 def checkpoint_dir() -> Path:
@@ -52,4 +67,4 @@ def checkpoint_dir() -> Path:
 def checkpoint(path: str, step: int | None = None, **metrics: float) -> None:
     """Record that a checkpoint was written (it lives in EVO_CHECKPOINT_DIR across retries)."""
     _write({"kind": "checkpoint", "path": str(path), "step": step,
-            "metrics": {k: float(v) for k, v in metrics.items()}})
+            "metrics": _numbers("evo.checkpoint", None, metrics)})

@@ -147,3 +147,24 @@ def test_an_oversized_final_report_stays_final():
     done = reports.fit(p.Report(node="n", job_id="j1", lease_epoch=3, report=p.CompletedReport(
         artifacts={"a": "y" * (3 << 20)})), notes)
     assert isinstance(done.report, p.FailedReport) and not done.report.retryable
+
+
+def test_the_job_api_takes_metrics_as_keywords_or_a_mapping_and_names_a_bad_value(tmp_path,
+                                                                                  monkeypatch):
+    import json
+
+    import pytest
+
+    import evo
+
+    out = tmp_path / "reports.jsonl"
+    monkeypatch.setenv("EVO_REPORT_FILE", str(out))
+    evo.report(3, {"loss": 0.5}, acc=1)
+    evo.report(step=4, loss=0.25)
+    evo.result({"auc": 0.7})
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["metrics"] for r in recs] == [{"loss": 0.5, "acc": 1.0}, {"loss": 0.25},
+                                            {"auc": 0.7}]
+    assert recs[0]["step"] == 3 and recs[2]["kind"] == "result"
+    with pytest.raises(TypeError, match="evo.report: metric 'loss' must be a number, got dict"):
+        evo.report(step=1, loss={"x": 1})
