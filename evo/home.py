@@ -55,7 +55,7 @@ def find_broker(explicit: str | None = None, home: Path | None = None) -> str:
     info = read_broker_file(home)
     gone = ""
     if info and info.get("address"):
-        if not _gone(info):
+        if not broker_gone(info):
             return str(info["address"])
         gone = f"; the broker {broker_file(home)} names (pid {info['pid']}) is gone"
     raise NoBroker(
@@ -64,7 +64,7 @@ def find_broker(explicit: str | None = None, home: Path | None = None) -> str:
     )
 
 
-def _gone(info: dict) -> bool:
+def broker_gone(info: dict) -> bool:
     """True when the broker a broker.json names was on this machine and its process is gone
     (killed, so it could not remove the file): commands read the files instead of waiting."""
     pid = info.get("pid")

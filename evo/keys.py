@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evo.errors import BadInput
-from evo.home import _gone, read_broker_file
+from evo.home import broker_gone, read_broker_file
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LOCAL = "local"  # the key of the broker machine's own commands
@@ -175,7 +175,7 @@ def find_key(explicit: str | os.PathLike[str] | None, home: Path | None) -> Key 
         return load_key(env)
     if home is not None and (keys_dir(home) / "local.json").is_file():
         info = read_broker_file(home) or {}
-        if info.get("keys") is False and not _gone(info):
+        if info.get("keys") is False and not broker_gone(info):
             return None  # a broker started before `evo keys init`: it runs without keys
         return load_key(keys_dir(home) / "local.json")
     return None
