@@ -24,6 +24,7 @@ from evo.names import relative_error
 PROTOCOL_VERSION = 2  # 2: reports are typed bodies; numbers are bounded
 RELAY_TOPIC = b"ev"
 MAX_MESSAGE_BYTES = 16 << 20  # ZMQ_MAXMSGSIZE: a peer that sends more is disconnected
+BLOB_CHUNK = 4 << 20  # bytes of a file per PutBlob or Blob message
 MAX_DEPTH = 32  # nesting of maps and arrays in one frame, checked before it is decoded
 
 # Bounded numbers for the wire (the projections keep these in 32-bit INTEGER columns).
@@ -252,8 +253,36 @@ class Query(Command, frozen=True, tag="query"):
     kind: Literal["sql", "digest"] = "sql"
 
 
+Digest = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]  # sha256, lowercase hex
+
+
+class Have(Command, frozen=True, tag="have"):
+    """Which of these blobs the broker's content store lacks: ``Ok.data["missing"]``."""
+
+    digests: Annotated[list[Digest], Meta(max_length=200_000)]
+
+
+class PutBlob(Command, frozen=True, tag="put_blob"):
+    """A chunk of a file for the content store, appended at ``offset`` (as for Output); the
+    reply's ``data["size"]`` is how much the store has. The last chunk is checked against
+    ``digest`` before the blob is kept."""
+
+    digest: Digest
+    size: Annotated[int, Meta(ge=0, le=2**50)]
+    offset: Annotated[int, Meta(ge=0, le=2**50)]
+    data: Annotated[bytes, Meta(max_length=BLOB_CHUNK)]
+
+
+class GetBlob(Command, frozen=True, tag="get_blob"):
+    """Read a stored blob: answered with ``Blob``."""
+
+    digest: Digest
+    offset: Annotated[int, Meta(ge=0, le=2**50)] = 0
+    limit: Annotated[int, Meta(ge=0, le=BLOB_CHUNK)] = BLOB_CHUNK
+
+
 AnyCommand = Union[Hello, Submit, SubmitSweep, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
-                   Output, Logs, Query, Retry, Drain, Hold]
+                   Output, Logs, Query, Retry, Drain, Hold, Have, PutBlob, GetBlob]
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
@@ -360,8 +389,15 @@ class QueryResult(Reply, frozen=True, tag="query_result"):
     behind: str = ""  # why the answer may miss recent events (the projection cannot apply them)
 
 
+class Blob(Reply, frozen=True, tag="blob"):
+    digest: str
+    offset: int
+    data: bytes
+    size: int  # of the whole blob
+
+
 AnyReply = Union[Error, Welcome, Submitted, SweepAccepted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
-                 LogChunk, QueryResult, Retried, Changed]
+                 LogChunk, QueryResult, Retried, Changed, Blob]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(AnyCommand)

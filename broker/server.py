@@ -49,6 +49,7 @@ from . import protocol as p
 from .cluster import Cluster, load_cluster
 from .desk import Desk
 from .outputs import OutputStore
+from .store import ContentStore, StoreError
 from evo.broker.follower import Follower
 from .state import IllegalTransition, fold
 
@@ -104,6 +105,7 @@ class Broker:
                 f"{exc}. `evo log check` lists every problem; `evo log salvage --to DIR` writes "
                 "the valid prefix as a new log to go on from") from None
         self.outputs = OutputStore(self.home / "logs")
+        self.store = ContentStore(self.home / "store")
         for msg in self.log.recovered:
             log.warning(msg)
         self.desk = Desk(state, cluster or load_cluster(cluster_path, self.home),
@@ -250,6 +252,14 @@ class Broker:
             if type(cmd) is p.Output or type(cmd) is p.Logs:
                 replies.append((ident, self._output(cmd)))
                 continue
+            if type(cmd) is p.Have or type(cmd) is p.PutBlob or type(cmd) is p.GetBlob:
+                replies.append((ident, self._blob(cmd)))
+                continue
+            if type(cmd) is p.Submit or type(cmd) is p.SubmitSweep:
+                why = self._unstored(cmd)
+                if why:  # checked before anything of it becomes durable
+                    replies.append((ident, p.Error(req=cmd.req, code="invalid", message=why)))
+                    continue
             self._handle(ident, cmd, now, mono, events, encoded, replies)
         if self.gate is not None and mono >= self._next_tick and self.gate.refresh():
             self._rebind_relay()  # (a revocation counts while the log cannot be written too)
@@ -434,6 +444,36 @@ class Broker:
         return p.LogChunk(req=cmd.req, job_id=cmd.job_id, attempt=attempt, stream=cmd.stream,
                           offset=cmd.offset, data=data, size=size, attempts=attempts,
                           state=job.state)
+
+    def _blob(self, cmd: p.Have | p.PutBlob | p.GetBlob) -> p.Reply:
+        try:
+            if isinstance(cmd, p.Have):
+                return p.Ok(req=cmd.req, data={"missing": self.store.missing(cmd.digests)})
+            if isinstance(cmd, p.PutBlob):
+                size = self.store.put(cmd.digest, cmd.size, cmd.offset, cmd.data)
+                return p.Ok(req=cmd.req, data={"size": size})
+            data, size = self.store.read(cmd.digest, cmd.offset, cmd.limit)
+        except StoreError as exc:
+            return p.Error(req=cmd.req, code="invalid", message=str(exc))
+        except OSError as exc:  # a full disk: nothing is kept, the sender may try again
+            return p.Error(req=cmd.req, code="unavailable",
+                           message=f"the broker's store: {exc.strerror or exc}")
+        return p.Blob(req=cmd.req, digest=cmd.digest, offset=cmd.offset, data=data, size=size)
+
+    def _unstored(self, cmd: p.Submit | p.SubmitSweep) -> str:
+        """Why a submit names files the store does not have ("" when it has them all)."""
+        specs = [cmd.spec] if isinstance(cmd, p.Submit) else cmd.jobs
+        seen: set[tuple] = set()
+        for i, spec in enumerate(specs):
+            key = (spec.tree, tuple(sorted(spec.data.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            why = self.store.absent(spec.tree, spec.data)
+            if why:
+                where = "" if isinstance(cmd, p.Submit) else f"job {i + 1} of the sweep: "
+                return f"{where}{why}: send the files first (evo.Client's submit does)"
+        return ""
 
     def _read(self, cmd: p.Read) -> p.Reply:
         raws: list[bytes] = []

@@ -169,6 +169,7 @@ def node(
     heartbeat_s: float = typer.Option(2.0, "--heartbeat-s"),
     lease_ahead: Optional[int] = typer.Option(
         None, "--lease-ahead", help="short trials queued here beyond free slots (default 4 x slots; 0: off)"),
+    cache_gb: float = typer.Option(20.0, "--cache-gb", help="bound of the cache of jobs' files (EVO_HOME/cache)"),
     broker: Optional[str] = BrokerOpt,
 ) -> None:
     """Run a node daemon: lease the jobs that fit this machine, run them, report back.
@@ -182,7 +183,8 @@ def node(
 
     for flag, value, least in (("--slots", slots, 1), ("--cpus", cpus, 0), ("--mem-gb", mem_gb, 0),
                                ("--gpus", gpus, 0), ("--vram-gb", vram_gb, 0),
-                               ("--lease-ahead", lease_ahead, 0), ("--heartbeat-s", heartbeat_s, 0.01)):
+                               ("--lease-ahead", lease_ahead, 0), ("--heartbeat-s", heartbeat_s, 0.01),
+                               ("--cache-gb", cache_gb, 0)):
         if value is not None and not value >= least:  # not >=: NaN is refused too
             raise BadInput(f"{flag}: expected >= {least}, got {value}")
     _setup_logging()
@@ -192,7 +194,7 @@ def node(
     run_node(normalize_address(broker) if broker else None, name=name, labels=_labels(labels),
              slots=slots, cpus=cpus,
              mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb, heartbeat_s=heartbeat_s,
-             lease_ahead=lease_ahead)
+             lease_ahead=lease_ahead, cache_gb=cache_gb)
 
 
 def _changed(reply, what: str, already: str) -> None:  # noqa: ANN001
@@ -321,11 +323,14 @@ def submit(
     isolate: bool = typer.Option(False, "--isolate", help="fresh process instead of a warm worker"),
     workdir: Optional[Path] = typer.Option(
         None, "--workdir", help="where the job runs (default: here, the current directory)"),
+    input_: Optional[list[str]] = typer.Option(
+        None, "--input", help="a file the job reads, taken with it to any node (repeatable)"),
     broker: Optional[str] = BrokerOpt,
 ) -> None:
     """Submit a job; prints its id. It runs in the directory it was submitted from (or
-    --workdir): relative paths in its command, and a callable's module, are found there."""
-    from evo.client import make_spec
+    --workdir): relative paths in its command, and a callable's module, are found there. That
+    folder's files (and each --input) go with the job, so any node runs what was submitted."""
+    from evo.client import input_files, make_spec
 
     if trainer and callable_:
         raise BadInput("--trainer and --callable: give one")
@@ -349,6 +354,7 @@ def submit(
         parse_params(trainer, params)
         params, data = data_fingerprint(params)
         model_type = model_type or trainer
+    data.update(input_files(input_ or []))
     spec = make_spec(command or None, callable=target, trainer=trainer, cpus=cpus, mem_gb=mem_gb,
                      gpus=gpus, vram_gb=vram_gb, model_type=model_type, priority=priority,
                      after=list(after or []), max_attempts=max_attempts, key=key,

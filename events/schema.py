@@ -56,6 +56,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     workdir: str | None = None
     retry_of: str | None = None  # the finished job this one runs again (`evo retry`)
     code: dict[str, str] = {}  # what code it runs: git commit and changes, or files (at submit)
+    tree: str = ""  # the manifest's digest of its files in the broker's store (evo.content)
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):

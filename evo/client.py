@@ -78,6 +78,27 @@ def with_code(specs: list[JobSpec]) -> list[JobSpec]:
     return out
 
 
+def input_files(paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+    """``JobSpec.data`` for files a job reads (``--input``): absolute path -> sha256. A path
+    that is not a file is BadInput, said before anything is sent."""
+    from evo.content import hash_file
+    from evo.errors import BadInput
+
+    out = {}
+    for given in paths:
+        path = os.path.abspath(os.path.expanduser(os.fspath(given)))
+        if not os.path.isfile(path):
+            raise BadInput(f"--input {os.fspath(given)!r}: no such file")
+        out[path] = hash_file(path)[0]
+    return out
+
+
+def _needs_tree(spec: JobSpec) -> bool:
+    """A job whose code is the user's (a command, a callable of theirs) takes its folder's
+    files with it; a built-in trainer's code is evo's own, and its data is an input."""
+    return bool(spec.workdir) and not spec.tree and spec.trainer is None
+
+
 def _reachable(endpoint: str, address: str) -> str:
     """``endpoint`` as this client can reach it: a broker bound to every interface
     (0.0.0.0) names its other sockets so; they are on the host its address names."""
@@ -103,6 +124,7 @@ class Client:
         self._req = 0
         self._early: dict[int, p.Reply] = {}
         self._events_endpoint: str | None = None
+        self._hashes: Any = None  # evo.content.HashCache, made when files are first sent
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -176,6 +198,125 @@ class Client:
 
     # --- operations ---------------------------------------------------------------------------
 
+    # --- files ----------------------------------------------------------------------------
+
+    def with_files(self, specs: list[JobSpec]) -> list[JobSpec]:
+        """``specs`` with their code fingerprinted and their files in the broker's store:
+        the manifest of each folder's code (``JobSpec.tree``) and every input of
+        ``JobSpec.data``, sent once per content (what the store has is not sent again)."""
+        from evo.content import HashCache, build_tree, digest_bytes, encode_manifest
+
+        if self._hashes is None:
+            self._hashes = HashCache()
+        trees: dict[str, str] = {}
+        blobs: dict[str, bytes | str] = {}
+        out = []
+        for spec in with_code(specs):
+            if _needs_tree(spec):
+                assert spec.workdir is not None
+                if spec.workdir not in trees:
+                    manifest, where = build_tree(spec.workdir, self._hashes)
+                    raw = encode_manifest(manifest)
+                    trees[spec.workdir] = digest_bytes(raw)
+                    blobs[trees[spec.workdir]] = raw
+                    for digest, file in where.items():
+                        blobs.setdefault(digest, str(file))
+                spec = msgspec.structs.replace(spec, tree=trees[spec.workdir])
+            for path, digest in spec.data.items():
+                if os.path.isabs(path):
+                    blobs.setdefault(digest, path)
+            out.append(spec)
+        if blobs:
+            self.send_files(blobs)
+        return out
+
+    def send_files(self, blobs: dict[str, bytes | str]) -> int:
+        """Put every blob (digest -> its bytes, or a file's path) the broker's store lacks;
+        returns how many bytes were sent. A file that changed since it was hashed is refused
+        by the broker (BadInput naming it)."""
+        from evo.errors import BadInput
+
+        digests = list(blobs)
+        missing: list[str] = []
+        for i in range(0, len(digests), 100_000):
+            reply = self.request(p.Have(digests=digests[i:i + 100_000]))
+            assert isinstance(reply, p.Ok)
+            missing += reply.data["missing"]
+        sent = 0
+        for digest in missing:
+            source = blobs[digest]
+            try:
+                sent += self._put(digest, source)
+            except CommandRejected as exc:
+                if exc.code == "invalid" and isinstance(source, str):
+                    raise BadInput(f"{source}: {exc}") from None
+                raise
+            except OSError as exc:
+                raise BadInput(f"{source!r}: {exc.strerror or exc}") from None
+        return sent
+
+    def _put(self, digest: str, source: bytes | str, window: int = 8) -> int:
+        CHUNK = p.BLOB_CHUNK
+        if isinstance(source, bytes):
+            size, f = len(source), None
+        else:
+            f = open(source, "rb")  # noqa: SIM115 - closed below
+            size = os.fstat(f.fileno()).st_size
+        try:
+            inflight: list[int] = []
+            offset = 0
+            while True:
+                data = f.read(CHUNK) if f is not None else source[offset:offset + CHUNK]  # type: ignore[assignment]
+                assert isinstance(data, bytes)
+                inflight.append(self.send(p.PutBlob(digest=digest, size=size, offset=offset,
+                                                    data=data)))
+                offset += len(data)
+                if len(inflight) >= window:
+                    self.receive(inflight.pop(0))
+                if offset >= size or not data:
+                    break
+            for req in inflight:
+                reply = self.receive(req)
+            assert isinstance(reply, p.Ok)
+            if int(reply.data.get("size", -1)) != size:
+                raise EvoError(f"the broker's store took {reply.data.get('size')} of the "
+                               f"{size:,} bytes of {digest[:12]}")
+            return size
+        finally:
+            if f is not None:
+                f.close()
+
+    def fetch(self, digest: str, dest: str | os.PathLike[str], window: int = 4) -> int:
+        """Write the stored blob ``digest`` to ``dest`` (made anew), checked against its
+        digest; returns its size. EvoError when the bytes do not match."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(dest, "wb") as f:
+            first = self.request(p.GetBlob(digest=digest, offset=0))
+            assert isinstance(first, p.Blob)
+            size, offset = first.size, len(first.data)
+            f.write(first.data)
+            h.update(first.data)
+            inflight: list[int] = []
+            nxt = offset
+            while offset < size:
+                while len(inflight) < window and nxt < size:
+                    inflight.append(self.send(p.GetBlob(digest=digest, offset=nxt)))
+                    nxt += p.BLOB_CHUNK
+                reply = self.receive(inflight.pop(0))
+                assert isinstance(reply, p.Blob)
+                if reply.offset != offset or not reply.data:
+                    raise EvoError(f"blob {digest[:12]}: got offset {reply.offset}, wanted {offset}")
+                f.write(reply.data)
+                h.update(reply.data)
+                offset += len(reply.data)
+            f.flush()
+            os.fsync(f.fileno())
+        if h.hexdigest() != digest:
+            raise EvoError(f"blob {digest[:12]} arrived as {h.hexdigest()[:12]}")
+        return size
+
     def hello(self) -> p.Welcome:
         reply = self.request(p.Hello(client="evo.Client"))
         assert isinstance(reply, p.Welcome)
@@ -189,14 +330,14 @@ class Client:
     def submit_reply(self, command: Sequence[str] | JobSpec | None = None,
                      **fields: Any) -> p.Submitted:
         spec = command if isinstance(command, JobSpec) else make_spec(command, **fields)
-        reply = self.request(p.Submit(spec=with_code([spec])[0]))
+        reply = self.request(p.Submit(spec=self.with_files([spec])[0]))
         assert isinstance(reply, p.Submitted)
         return reply
 
     def submit_sweep(self, name: str, jobs: list[JobSpec], spec: dict | None = None,
                      into: str = "") -> p.SweepAccepted:
         """A sweep and its jobs in one durable batch (``into``: jobs that join that sweep)."""
-        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=with_code(jobs),
+        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=self.with_files(jobs),
                                            into=into))
         assert isinstance(reply, p.SweepAccepted)
         return reply

@@ -68,3 +68,13 @@ def checkpoint(path: str, step: int | None = None, **metrics: float) -> None:
     """Record that a checkpoint was written (it lives in EVO_CHECKPOINT_DIR across retries)."""
     _write({"kind": "checkpoint", "path": str(path), "step": step,
             "metrics": _numbers("evo.checkpoint", None, metrics)})
+
+
+def input(path: str | os.PathLike[str]) -> Path:  # noqa: A001 - evo.input, as the CLI's --input
+    """Where an input file submitted with the job (``--input``, a sweep's ``inputs:``, a
+    trainer's ``data``) is on the node running it: ``open(evo.input("/data/games.csv"))``.
+    The node copies it when the path it was submitted from is not there (or holds other bytes);
+    outside evo, and where nothing was moved, the path itself."""
+    given = os.fspath(path)
+    moved = json.loads(os.environ.get("EVO_INPUTS") or "{}")
+    return Path(moved.get(given) or moved.get(os.path.abspath(given)) or given)

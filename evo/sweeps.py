@@ -66,6 +66,7 @@ class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
     workdir: str | None = None  # where its jobs run: relative to the sweep file's folder
     order: Literal["longest_first", "written"] | None = None  # default: longest first if costed
     cost: list[str] | None = None  # parameters whose product is a trial's expected cost
+    inputs: list[str] = []  # files its jobs read, taken with them: relative to the sweep file
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -93,6 +94,11 @@ def load_sweep(path: Path) -> SweepSpec:
     if not workdir.is_dir():
         raise BadInput(f"{path}: $.workdir: {str(workdir)!r} is not a directory")
     spec.workdir = str(workdir.absolute())
+    for i, given in enumerate(spec.inputs):
+        p = (path.parent / given).expanduser().absolute()
+        if not p.is_file():
+            raise BadInput(f"{path}: $.inputs[{i}]: no such file {str(p)!r}")
+        spec.inputs[i] = str(p)
     return spec
 
 
@@ -261,8 +267,11 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
 
     res = Resources(cpus=spec.resources.cpus, mem_gb=spec.resources.mem_gb,
                     gpus=spec.resources.gpus, vram_gb=spec.resources.vram_gb)
+    from evo.client import input_files
+
     out = []
     prints: dict[str, tuple[dict, dict]] = {}
+    inputs = input_files(spec.inputs)
     for conf in configurations(spec):
         params = {**spec.params, **conf}
         trainer = params.pop("trainer", None) or spec.trainer
@@ -273,7 +282,7 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
             values = {**params, "seed": spec.seed}
             argv = [_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), a) for a in spec.command]
             out.append(JobSpec(command=argv, params=params, model_type=spec.model_type,
-                               name=_label(spec.name, conf), **common))
+                               name=_label(spec.name, conf), data=dict(inputs), **common))
             continue
         data: dict[str, str] = {}
         if trainer is not None:
@@ -284,7 +293,7 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
             params["data"] = resolved.get("data", params.get("data", "games"))
         out.append(JobSpec(
             callable=resolve_trainer(trainer) if trainer else spec.callable, trainer=trainer,
-            params=params, model_type=spec.model_type or trainer, data=data,
+            params=params, model_type=spec.model_type or trainer, data={**data, **inputs},
             name=_label(trainer or spec.name, conf), **common))
     return out
 

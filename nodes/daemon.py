@@ -35,12 +35,14 @@ from evo.keys import LOCAL, find_key
 
 from . import core as c
 from . import reports
+from .cache import Cache
 from .environment import fingerprint
 from .executor import LOOK_EVERY_S, Run
 from .keeper import KeeperClient
 from .link import KeyRefused, Link, Reconnect
 from .pool import WorkerPool
 from .probe import probe, sample
+from .staging import Placement, Stager, needs_staging
 
 log = logging.getLogger("evo.node")
 
@@ -55,7 +57,8 @@ class NodeDaemon:
                  vram_gb: float | None = None, work: Path | None = None,
                  heartbeat_s: float = 2.0, util_every_s: float = 5.0,
                  poll_s: float = 0.05, idle_wait_s: float = 1.0, ship_every_s: float = 0.5,
-                 warm_workers: bool = True, lease_ahead: int | None = None) -> None:
+                 warm_workers: bool = True, lease_ahead: int | None = None,
+                 cache_gb: float = 20.0) -> None:
         hw = probe()
         key = find_key(None, Path(os.environ.get("EVO_HOME", ".evo")).absolute())
         # a node's name is its key's (the broker machine's own key runs any)
@@ -91,6 +94,10 @@ class NodeDaemon:
         self.keeper: KeeperClient | None = None
         self.use_keeper = sys.platform.startswith("linux")
         self.runs: dict[str, Run] = {}
+        # jobs' files, by digest, for every node of this machine's home
+        home = Path(os.environ.get("EVO_HOME", ".evo")).absolute()
+        self.stager = Stager(Cache(home / "cache", int(cache_gb * (1 << 30))),
+                             lambda: Client(self.broker, timeout_s=30.0))
         self.client: Client | None = None
         self.link: Link | None = None  # while joined
         self._stop = threading.Event()
@@ -110,7 +117,9 @@ class NodeDaemon:
                 self._start(ins.grant)
             elif isinstance(ins, c.Kill):
                 run = self.runs.get(ins.job_id)
-                if run is not None:
+                if ins.job_id in self.stager.pending:
+                    self.stager.cancel(ins.job_id)  # it ends, cancelled, once staged
+                elif run is not None:
                     log.info("stopping %s: %s", ins.job_id, ins.why)
                     run.cancel(grace_s=ins.grace_s)
             elif isinstance(ins, c.Note):
@@ -227,6 +236,8 @@ class NodeDaemon:
             poller = zmq.Poller()
         poller.register(self.client.sock, zmq.POLLIN)
         fds = [r.fd for r in self.runs.values() if r.fd is not None]
+        if self.stager.pending:
+            fds.append(self.stager.fd)
         if self.keeper is not None and not self.keeper.gone and any(r.kept for r in self.runs.values()):
             fds.append(self.keeper.fd)
         for fd in fds:
@@ -239,15 +250,20 @@ class NodeDaemon:
             poller.unregister(self.client.sock)
         for event in self.link.events():
             self._do(event)
+        for grant, placement in self.stager.ready():
+            self._start(grant, placement)
         return did
 
-    def _start(self, grant: p.LeaseGrant) -> None:
+    def _start(self, grant: p.LeaseGrant, placement: Placement | None = None) -> None:
+        if placement is None and needs_staging(grant.spec):
+            self.stager.submit(grant)  # started once its files are here (staging.py)
+            return
         needs_process = grant.spec.command is not None or grant.spec.isolate or self.pool is None
         keeper = self._keeper() if needs_process else None
-        run = Run(grant, self.work, self.name, self.pool, keeper)
+        run = Run(grant, self.work, self.name, self.pool, keeper, placement)
         if keeper is not None and keeper.gone and run.rc is not None:
             # the keeper had died while idle (nothing watched it): once more, with a new one
-            run = Run(grant, self.work, self.name, self.pool, self._keeper())
+            run = Run(grant, self.work, self.name, self.pool, self._keeper(), placement)
         self.runs[grant.job_id] = run
         if run.rc is not None:
             return  # could not start: reported as failed by _collect
@@ -321,6 +337,8 @@ class NodeDaemon:
                 continue
             run.finish()
             del self.runs[job_id]
+            if run.placement is not None:
+                self.stager.release(run.placement)
             self._do(c.Ended(run.final))
         return did
 
@@ -351,6 +369,7 @@ class NodeDaemon:
             run.cancel(grace_s=0.0)
             run.poll()
             run.finish()
+        self.stager.close()
         if self.pool is not None:
             self.pool.close()
         if self.keeper is not None:

@@ -30,6 +30,7 @@ from evo.broker.protocol import LeaseGrant
 
 from . import reports
 from .reports import Notes  # the class's method `reports` hides the module in annotations
+from .staging import Placement
 from .keeper import KeeperClient, KeptProcess
 from .pool import THREAD_VARS, Worker, WorkerPool
 from .progress import MAX_LINE, parse_line
@@ -41,24 +42,56 @@ REPORT_BYTES = 1 << 20  # of the report file per look (8x at the last look)
 OUTPUT_BYTES = 256 << 10  # of stdout parsed for progress lines per look (4x at the last)
 
 
+def relocated(value, paths: dict[str, str]):  # noqa: ANN001, ANN201 - argv, params
+    """``value`` (an argv list, a params dict) with every recorded input path that is
+    elsewhere on this node replaced by where it is: a whole argument or value, or one that
+    ends in ``=PATH`` (``--data=PATH``)."""
+    if not paths:
+        return value
+    if isinstance(value, dict):
+        return {k: relocated(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocated(v, paths) for v in value]
+    if isinstance(value, str):
+        if value in paths:
+            return paths[value]
+        head, eq, tail = value.rpartition("=")
+        if eq and tail in paths:
+            return f"{head}={paths[tail]}"
+    return value
+
+
 class Run:
     def __init__(self, grant: LeaseGrant, root: Path, node: str,
-                 pool: WorkerPool | None = None, keeper: KeeperClient | None = None) -> None:
+                 pool: WorkerPool | None = None, keeper: KeeperClient | None = None,
+                 placement: Placement | None = None) -> None:
         self.grant = grant
         spec = grant.spec
+        self.placement = placement
         self.job_dir = root / "jobs" / grant.job_id
         self.ckpt = self.job_dir / "checkpoints"
         self.worker: Worker | None = None
         self.retryable = True  # False: the same attempt anywhere would fail the same way
         self.error = ""
         self.rc: int | None = None
+        self.cancelled = False
+        self.finished = False
         workdir = Path(spec.workdir) if spec.workdir else None
-        if workdir is not None and not workdir.is_dir():
-            # Until files are staged between machines, a job runs where its files are.
-            self.error = (f"the job's working directory {workdir} is not on node {node}: run "
-                          f"a node where the files are (evo does not copy them yet), or submit "
-                          f"with --workdir set to a folder this node has")
-            self.rc, self.retryable = 127, False
+        moved: dict[str, str] = {}  # input paths -> where they are on this node
+        if placement is not None:  # staged (staging.py): where its files are on this node
+            workdir = Path(placement.workdir) if placement.workdir else None
+            moved = placement.paths
+            if placement.cancelled:
+                self.cancelled, self.rc = True, 1
+            elif placement.error:
+                self.error, self.rc, self.retryable = placement.error, 127, placement.retryable
+        elif workdir is not None and not workdir.is_dir():
+            if spec.trainer is not None:
+                workdir = None  # a built-in trainer needs no folder of the user's
+            else:  # a job submitted without its files (an older client): it runs where they are
+                self.error = (f"the job's working directory {workdir} is not on node {node}, "
+                              "and it was submitted without its files")
+                self.rc, self.retryable = 127, False
         warm = (spec.callable is not None and not spec.isolate and pool is not None
                 and self.rc is None)
         if warm:
@@ -87,6 +120,9 @@ class Run:
             "EVO_CHECKPOINT_DIR": str(self.ckpt), "EVO_REPORT_FILE": str(self.report_file),
             "EVO_WORKDIR": str(workdir),
         }
+        if moved:  # inputs that are elsewhere here than where they were submitted from
+            env["EVO_INPUTS"] = json.dumps(moved)
+        params = relocated(spec.params, moved)
         if spec.seed is not None:
             env["EVO_SEED"] = str(spec.seed)
         self.started = time.monotonic()  # durations on the monotonic clock
@@ -96,19 +132,19 @@ class Run:
         if self.rc is not None:
             pass  # it cannot start here (said in self.error)
         elif self.worker is not None:
-            self.worker.send(Task(callable=spec.callable or "", params=spec.params,
+            self.worker.send(Task(callable=spec.callable or "", params=params,
                                   seed=spec.seed, cwd=str(workdir), env=env, threads=threads))
         else:
             env = {**{v: str(threads) for v in THREAD_VARS}, **os.environ, **env,
                    "PYTHONUNBUFFERED": "1",
                    "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in grant.devices)}
             if spec.command is not None:
-                argv = list(spec.command)
+                argv = relocated(list(spec.command), moved)
             else:
-                params = self.dir / "params.json"
-                params.write_text(json.dumps({"callable": spec.callable, "params": spec.params,
-                                              "seed": spec.seed}))
-                env["EVO_PARAMS_FILE"] = str(params)
+                params_file = self.dir / "params.json"
+                params_file.write_text(json.dumps({"callable": spec.callable, "params": params,
+                                                   "seed": spec.seed}))
+                env["EVO_PARAMS_FILE"] = str(params_file)
                 env["EVO_RESULT_FILE"] = str(self.dir / "result.json")
                 argv = [sys.executable, "-m", "evo.nodes.runner"]
             try:
@@ -128,7 +164,6 @@ class Run:
                 self.rc = 127
         self._reports = self._stdout = None  # opened once the job has written to them
         self._next_look = time.monotonic() + LOOK_EVERY_S
-        self.finished = False
         self.final: p.Report | None = None  # once it has ended: its final report, to send
         self.frozen: dict[str, int] | None = None  # a process's output sizes once it ended
         self._skipping = {"reports": False, "stdout": False}  # inside a line too long to read
@@ -136,8 +171,10 @@ class Run:
         self.reported = False  # it called evo.report (or evo.result): its prints are output only
         self.last_metrics: dict[str, float] = {}  # the last reported value of each metric
         self.kill_at: float | None = None
-        self.cancelled = False
         self.shipped: dict[str, int] = {}  # stream -> bytes sent to the broker
+        if placement is not None and placement.how and not placement.error:
+            for line in placement.how.splitlines():  # where its files came from
+                self.note(line)
 
     def span(self, stream: str) -> tuple[Path, int, int]:
         """(file, where this attempt's bytes start in it, how many there are so far)."""

@@ -168,6 +168,18 @@ def test_a_node_on_a_second_machine_runs_a_job_with_one_key_file(two_machines, t
             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "b.log", "wb"))
         procs.append(broker)
         wait_until(lambda: (home / "broker.json").exists(), 20, "the broker on machine A")
+        # a job submitted on A from a folder that B does not have (it is moved away before B
+        # runs it): its files travel through the broker's store, over CURVE
+        proj = tmp_path / "proj"
+        proj.mkdir()
+        (proj / "train.py").write_text("print('read on B:', open('words.txt').read())")
+        (proj / "words.txt").write_text("from A")
+        out = subprocess.run(["ip", "netns", "exec", ns_a, *evo_cmd(
+            "--home", str(home), "submit", "--", sys.executable, "train.py")], env=env,
+            capture_output=True, text=True, timeout=60, cwd=proj)
+        assert out.returncode == 0, out.stderr
+        carried = out.stdout.strip()
+        proj.rename(tmp_path / "gone")
         node = subprocess.Popen(["ip", "netns", "exec", ns_b, *evo_cmd(
             "--home", str(far), "--key-file", str(key), "node", "--broker", "tcp://10.77.0.1:5555",
             "--slots", "1", "--heartbeat-s", "0.5")],
@@ -180,14 +192,18 @@ def test_a_node_on_a_second_machine_runs_a_job_with_one_key_file(two_machines, t
         assert out.returncode == 0, out.stderr
         job = out.stdout.strip()
 
-        def done() -> bool:
+        def done(job: str) -> bool:
             r = subprocess.run(["ip", "netns", "exec", ns_a, *evo_cmd(
                 "--home", str(home), "show", job, "--json")], env=env, capture_output=True,
                 text=True, timeout=60)
             shown = json.loads(r.stdout) if r.returncode == 0 else {}
             return shown.get("state") == "completed" and shown.get("node") == "workstation"
 
-        wait_until(done, 60, "the job completed on machine B")
+        wait_until(lambda: done(job) and done(carried), 60, "the jobs completed on machine B")
+        r = subprocess.run(["ip", "netns", "exec", ns_a, *evo_cmd(
+            "--home", str(home), "logs", carried)], env=env, capture_output=True, text=True,
+            timeout=60)
+        assert "read on B: from A" in r.stdout, r.stdout + r.stderr
         # without the key, machine B gets nothing from the broker
         r = subprocess.run(["ip", "netns", "exec", ns_b, *evo_cmd(
             "--home", str(far), "status", "--broker", "tcp://10.77.0.1:5555")],

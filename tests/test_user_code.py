@@ -82,21 +82,29 @@ def test_a_module_function_is_imported_from_the_folder_it_was_submitted_from(clu
     assert r.returncode == 0 and "identical" in r.stdout, r.stdout + r.stderr
 
 
-def test_a_workdir_missing_on_the_node_fails_once_with_a_clear_error(cluster, tmp_path):
+def test_a_workdir_missing_on_the_node_runs_in_a_copy_and_one_sent_without_files_fails_once(
+        cluster, tmp_path):
+    from evo.broker import protocol as p
+    from evo.client import make_spec
+
     home, b, node = cluster
     gone = tmp_path / "elsewhere"
     gone.mkdir()
     r = run_evo("submit", "--workdir", str(gone), "--", "true", home=home)
     j = r.stdout.strip()
+    with Client(b.address) as c:  # as an older client did: the spec names no files
+        bare = c.request(p.Submit(spec=make_spec(["true"], workdir=str(gone)))).job_id  # type: ignore[attr-defined]
     gone.rmdir()  # as on a second machine that does not have the folder
     node("n1")
     with Client(b.address) as c:
-        events = wait_for(c, done(j))
-    fails = of(events, "JobFailed", j)
+        events = wait_for(c, lambda evs: done(j)(evs) and done(bare)(evs))
+    assert of(events, "JobCompleted", j)  # its (empty) folder came with it
+    fails = of(events, "JobFailed", bare)
     assert len(fails) == 1, [(e.error, e.final, e.retryable) for e in fails]
     (failed,) = fails
     assert failed.final and not failed.retryable and str(gone) in failed.error
-    assert len(of(events, "JobLeased", j)) == 1, "retried although it cannot run there"
+    assert "submitted without its files" in failed.error
+    assert len(of(events, "JobLeased", bare)) == 1, "retried although it cannot run there"
 
 
 def test_evo_result_gives_a_command_job_its_final_metrics(cluster, tmp_path):

@@ -1,0 +1,268 @@
+"""Before a job starts: its files, as recorded at submit, on this machine.
+
+A job whose spec names a code tree or input files (``JobSpec.tree``, absolute paths in
+``JobSpec.data``) is staged first, in a thread of its own so that the node's loop (heartbeats,
+other jobs) never waits for a fetch:
+
+* when the job's original folder is on this machine and every file in it still has its
+  recorded digest (and so has every input at its path), it runs there and nothing is copied;
+* otherwise it runs in a copy made from the cache (``nodes/cache.py``), whatever is missing
+  fetched from the broker's store and checked against its digest. Inputs inside the job's
+  folder are placed at their relative paths in the copy; inputs elsewhere are given under
+  their own file names, and the job is told where (``Placement.paths``).
+
+Either way a job never runs against a file whose digest differs from the recorded one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from evo.broker.protocol import LeaseGrant
+from evo.content import HashCache, Manifest, decode_manifest, digest_bytes
+from evo.events.schema import JobSpec
+
+from .cache import Cache, Fetch
+
+log = logging.getLogger("evo.node")
+
+
+class Placement(NamedTuple):
+    workdir: str = ""  # where the job runs ("": as the spec says)
+    paths: dict[str, str] = {}  # an input's recorded path -> where it is here (if elsewhere)
+    how: str = ""  # lines for the job's stderr: where its files came from
+    error: str = ""  # it cannot run: why
+    retryable: bool = True
+    cancelled: bool = False
+    holds: tuple[str, ...] = ()  # cache entries in use by the job until it ends
+
+
+class StageFailed(Exception):
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def needs_staging(spec: JobSpec) -> bool:
+    return bool(spec.tree) or any(os.path.isabs(path) for path in spec.data)
+
+
+def _inputs(spec: JobSpec) -> dict[str, str]:
+    return {path: digest for path, digest in spec.data.items() if os.path.isabs(path)}
+
+
+def _top(workdir: str, manifest: Manifest) -> Path:
+    """The tree's top on the submitting machine: the working directory, less its place in it."""
+    top = Path(workdir)
+    for _ in Path(manifest.workdir).parts if manifest.workdir else ():
+        top = top.parent
+    return top
+
+
+def place(spec: JobSpec, cache: Cache, hashes: HashCache, fetch: Fetch,
+          manifest_of: Callable[[str], Manifest]) -> Placement:
+    """Where ``spec`` runs here, with its files made right first."""
+    inputs = _inputs(spec)
+    manifest = manifest_of(spec.tree) if spec.tree else None
+    original = spec.workdir or ""
+    there = bool(original) and Path(original).is_dir()
+    workdir = original
+    paths: dict[str, str] = {}
+    notes: list[str] = []
+    holds: list[str] = []
+    rest = dict(inputs)  # inputs not placed in a copy of the tree
+    if manifest is not None:
+        top = _top(original, manifest)
+        inside: dict[str, str] = {}  # inputs in the job's folder, by their relative path
+        for path, digest in inputs.items():
+            try:
+                rel = Path(path).relative_to(top).as_posix()
+            except ValueError:
+                continue
+            inside[rel] = digest
+            del rest[path]
+        in_place = there and all(hashes.matches(top / e.path, e.digest) for e in manifest.files) \
+            and all(hashes.matches(top / rel, dg) for rel, dg in inside.items())
+        if not in_place:
+            sized = {rel: (dg, _size(cache, dg, fetch)) for rel, dg in inside.items()}
+            key = digest_bytes(f"{spec.tree}\0{sorted(sized.items())}".encode())
+            cache.in_use[key] = cache.in_use.get(key, 0) + 1
+            holds.append(key)
+            folder = cache.tree(key, manifest, sized, fetch)
+            workdir = str(folder / manifest.workdir if manifest.workdir else folder)
+            paths.update({str(top / rel): str(folder / rel) for rel in inside})
+            why = (f"its folder {original} is not on this node" if not there else
+                   f"files in {original} differ from those it was submitted with")
+            notes.append(f"{why}: it runs in a copy of those, {workdir}")
+    for path, digest in rest.items():
+        if hashes.matches(path, digest):
+            continue
+        local = cache.named(digest, path, _size(cache, digest, fetch), fetch)
+        cache.in_use[digest] = cache.in_use.get(digest, 0) + 1
+        holds.append(digest)
+        paths[path] = str(local)
+        notes.append(f"input {path} "
+                     f"{'differs from the one submitted' if os.path.exists(path) else 'is not on this node'}"
+                     f": it reads the one submitted, {local}")
+    if not workdir or not Path(workdir).is_dir():
+        workdir = ""  # a built-in trainer's job whose folder is not here: the node's own
+    return Placement(workdir=workdir, paths=paths, how="\n".join(notes), holds=tuple(holds))
+
+
+def _size(cache: Cache, digest: str, fetch: Fetch) -> int:
+    path = cache.blob(digest, fetch)
+    return path.stat().st_size
+
+
+class Stager:
+    """Stages leases in a thread; ``ready()`` gives the placements made (the daemon waits on
+    ``fd`` with its other sockets)."""
+
+    def __init__(self, cache: Cache, connect: Callable[[], object]) -> None:
+        self.cache = cache
+        self.hashes = HashCache()
+        self._connect = connect  # -> an evo.Client (in the thread that uses it)
+        self._client: object = None
+        self._todo: queue.Queue[LeaseGrant | None] = queue.Queue()
+        self._done: list[tuple[LeaseGrant, Placement]] = []
+        self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._manifests: dict[str, Manifest] = {}
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        self._thread: threading.Thread | None = None
+        self.pending: dict[str, LeaseGrant] = {}  # job id -> grant, until it is ready
+
+    @property
+    def fd(self) -> int:
+        return self._rfd
+
+    def submit(self, grant: LeaseGrant) -> None:
+        self.pending[grant.job_id] = grant
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="evo-stage", daemon=True)
+            self._thread.start()
+        self._todo.put(grant)
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def ready(self) -> list[tuple[LeaseGrant, Placement]]:
+        try:
+            while os.read(self._rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            done, self._done = self._done, []
+        for grant, _ in done:
+            self.pending.pop(grant.job_id, None)
+        return done
+
+    def release(self, placement: Placement) -> None:
+        """The job that ``placement`` was for has ended: its cache entries may be evicted."""
+        for key in placement.holds:
+            n = self.cache.in_use.get(key, 0) - 1
+            if n > 0:
+                self.cache.in_use[key] = n
+            else:
+                self.cache.in_use.pop(key, None)
+
+    def close(self) -> None:
+        self._todo.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()  # type: ignore[attr-defined]
+        for fd in (self._rfd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # --- the thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            grant = self._todo.get()
+            if grant is None:
+                return
+            with self._lock:
+                cancelled = grant.job_id in self._cancelled
+                self._cancelled.discard(grant.job_id)
+            if cancelled:
+                placement = Placement(cancelled=True)
+            else:
+                placement = self._stage(grant)
+                with self._lock:
+                    if grant.job_id in self._cancelled:
+                        self._cancelled.discard(grant.job_id)
+                        placement = placement._replace(cancelled=True)
+            with self._lock:
+                self._done.append((grant, placement))
+            try:
+                os.write(self._wfd, b"x")
+            except OSError:
+                return
+
+    def _stage(self, grant: LeaseGrant) -> Placement:
+        t0 = time.monotonic()
+        try:
+            placement = place(grant.spec, self.cache, self.hashes, self._fetch, self._manifest)
+        except StageFailed as exc:
+            return Placement(error=str(exc), retryable=exc.retryable)
+        except (OSError, ValueError) as exc:
+            return Placement(error=f"could not stage the job's files: {exc}")
+        finally:
+            try:
+                self.cache.evict()
+            except OSError as exc:
+                log.warning("the cache could not be trimmed: %s", exc)
+        if placement.how:
+            log.info("%s staged in %.2fs: %s", grant.job_id, time.monotonic() - t0,
+                     placement.how.replace("\n", "; "))
+        return placement
+
+    def _manifest(self, tree: str) -> Manifest:
+        m = self._manifests.get(tree)
+        if m is None:
+            raw = self.cache.blob(tree, self._fetch).read_bytes()
+            if digest_bytes(raw) != tree:
+                raise StageFailed(f"the manifest {tree[:12]} does not match its digest")
+            m = self._manifests[tree] = decode_manifest(raw)
+        return m
+
+    def _fetch(self, digest: str, dest: Path) -> int:
+        """A blob from the broker's store, a few tries over a minute while it is away."""
+        from evo.client import BrokerUnavailable, CommandRejected
+        from evo.errors import EvoError
+        from evo.home import NoBroker
+
+        delay, deadline = 0.5, time.monotonic() + 60
+        while True:
+            try:
+                if self._client is None:
+                    self._client = self._connect()
+                return self._client.fetch(digest, dest)  # type: ignore[attr-defined]
+            except CommandRejected as exc:
+                if exc.code != "unavailable":
+                    raise StageFailed(f"the broker's store: {exc}", retryable=False) from None
+                why = str(exc)
+            except (BrokerUnavailable, NoBroker, EvoError, OSError) as exc:
+                why = str(exc)
+            client, self._client = self._client, None
+            if client is not None:
+                client.close()  # type: ignore[attr-defined]
+            if time.monotonic() + delay > deadline:
+                raise StageFailed(f"could not fetch {digest[:12]} from the broker: {why}")
+            time.sleep(delay)  # a back-off between tries, in the staging thread only
+            delay = min(delay * 2, 8.0)
