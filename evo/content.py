@@ -159,8 +159,10 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
     return False
 
 
-def code_files(workdir: Path) -> tuple[Path, str, list[str]]:
-    """(the tree's top, the working directory inside it, the files' '/'-paths from the top)."""
+def code_files(workdir: Path, most: int | None = None) -> tuple[Path, str, list[str]]:
+    """(the tree's top, the working directory inside it, the files' '/'-paths from the top).
+    A folder walk stops past ``most`` files (a home folder is not read to its end to be told
+    it is too big)."""
     workdir = Path(workdir).absolute()
     top_out = _git(workdir, "rev-parse", "--show-toplevel")
     if top_out is not None:
@@ -175,6 +177,8 @@ def code_files(workdir: Path) -> tuple[Path, str, list[str]]:
             dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
             rel = Path(dirpath).relative_to(top)
             names += [(rel / f).as_posix() for f in sorted(files)]
+            if most is not None and len(names) > most:
+                break
     try:
         inside = workdir.resolve().relative_to(top.resolve()).as_posix()
     except ValueError:
@@ -191,11 +195,13 @@ def build_tree(workdir: Path | str, hashes: HashCache | None = None
     Bounded: past EVO_MAX_CODE_MB (256) or EVO_MAX_CODE_FILES (20,000) it is refused with the
     largest files named, before anything is sent."""
     hashes = hashes or HashCache()
-    top, inside, names = code_files(Path(workdir))
     limit_bytes, limit_files = max_code_bytes(), max_code_files()
+    top, inside, names = code_files(Path(workdir), most=limit_files)
     sized: list[tuple[str, Path, os.stat_result]] = []
     total = 0
     for name in names:
+        if total > limit_bytes or len(sized) > limit_files:
+            break  # over already: said below
         path = top / name
         try:
             st = os.stat(path)  # a link is followed: its target is what the job reads
@@ -205,14 +211,18 @@ def build_tree(workdir: Path | str, hashes: HashCache | None = None
             continue  # a submodule's folder, a socket
         sized.append((name, path, st))
         total += st.st_size
-    if total > limit_bytes or len(sized) > limit_files:
+    fix = (f"name what the job does not need in {top / IGNORE_FILE}, pass data files with "
+           f"--input, or raise EVO_MAX_CODE_MB / EVO_MAX_CODE_FILES")
+    if len(sized) > limit_files:
+        raise BadInput(f"the code of {workdir} has over {limit_files:,} files, the bound for "
+                       f"what a job takes with it: {fix}")
+    if total > limit_bytes:
         big = sorted(sized, key=lambda t: -t[2].st_size)[:3]
         raise BadInput(
-            f"the code of {workdir} is {total / (1 << 20):,.1f} MiB in {len(sized):,} files, over "
-            f"the bound of {limit_bytes / (1 << 20):.3g} MiB or {limit_files:,} files for what a "
-            f"job takes with it (largest: {', '.join(f'{n} {st.st_size / (1 << 20):,.1f} MiB' for n, _, st in big)}): "
-            f"name what the job does not need in {top / IGNORE_FILE}, pass data files with "
-            f"--input, or raise EVO_MAX_CODE_MB / EVO_MAX_CODE_FILES")
+            f"the code of {workdir} is {'at least ' if len(sized) < len(names) else ''}"
+            f"{total / (1 << 20):,.1f} MiB, over the bound of {limit_bytes / (1 << 20):.3g} MiB "
+            f"for what a job takes with it (largest: "
+            f"{', '.join(f'{n} {st.st_size / (1 << 20):,.1f} MiB' for n, _, st in big)}): {fix}")
     entries: list[Entry] = []
     where: dict[str, Path] = {}
     for name, path, st in sized:

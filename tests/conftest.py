@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,3 +175,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- two machines ---------------------------------------------------------------------------
+
+
+def _netns_ok() -> str:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and iproute2 for network namespaces"
+    if shutil.which("unshare") is None:
+        return "needs unshare (util-linux) for a node that cannot see the client's files"
+    r = subprocess.run(["ip", "netns", "add", "evo-probe"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot make a network namespace: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "evo-probe"], capture_output=True)
+    return ""
+
+
+@pytest.fixture
+def two_machines():
+    """Two network namespaces joined by a veth pair: A at 10.77.0.1, B at 10.77.0.2."""
+    why = _netns_ok()
+    if why:
+        pytest.skip(why)
+    tag = f"{os.getpid() % 10000}"
+    a, b = f"evo-a{tag}", f"evo-b{tag}"
+    sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    sh("ip", "netns", "add", a)
+    sh("ip", "netns", "add", b)
+    try:
+        sh("ip", "link", "add", f"va{tag}", "netns", a, "type", "veth", "peer", "name",
+           f"vb{tag}", "netns", b)
+        for ns, dev, ip in ((a, f"va{tag}", "10.77.0.1/24"), (b, f"vb{tag}", "10.77.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield a, b, f"va{tag}"  # the namespaces, and machine A's interface
+    finally:
+        subprocess.run(["ip", "netns", "del", a], capture_output=True)
+        subprocess.run(["ip", "netns", "del", b], capture_output=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from evo.content import build_tree, code_files, digest_bytes, encode_manifest
 from evo.errors import BadInput
 from evo.events.schema import JobSpec
 from evo.nodes.cache import Cache
-from tests.conftest import run_evo, wait_until
+from tests.conftest import run_evo
 from tests.test_nodes import PY, NodeProc, done, of, wait_for
 
 

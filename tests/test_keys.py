@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,41 +120,8 @@ def _refused(c: Client) -> bool:
 # --- two machines ---------------------------------------------------------------------------
 
 
-def _netns_ok() -> str:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root and iproute2 for network namespaces"
-    r = subprocess.run(["ip", "netns", "add", "evo-probe"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"cannot make a network namespace: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "evo-probe"], capture_output=True)
-    return ""
-
-
-@pytest.fixture
-def two_machines():
-    why = _netns_ok()
-    if why:
-        pytest.skip(why)
-    tag = f"{os.getpid() % 10000}"
-    a, b = f"evo-a{tag}", f"evo-b{tag}"
-    sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
-    try:
-        sh("ip", "link", "add", f"va{tag}", "netns", a, "type", "veth", "peer", "name",
-           f"vb{tag}", "netns", b)
-        for ns, dev, ip in ((a, f"va{tag}", "10.77.0.1/24"), (b, f"vb{tag}", "10.77.0.2/24")):
-            sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield a, b
-    finally:
-        subprocess.run(["ip", "netns", "del", a], capture_output=True)
-        subprocess.run(["ip", "netns", "del", b], capture_output=True)
-
-
 def test_a_node_on_a_second_machine_runs_a_job_with_one_key_file(two_machines, tmp_path):
-    ns_a, ns_b = two_machines
+    ns_a, ns_b, _ = two_machines
     home, far = tmp_path / "broker-home", tmp_path / "node-home"
     init(home)
     key = issue(home, "workstation", tmp_path / "workstation.key")

@@ -74,14 +74,14 @@ def test_flipped_byte_mid_segment_is_corruption_naming_segment_and_offset(tmp_pa
 
 
 def test_corruption_in_an_older_segment_is_reported_by_the_reader(tmp_path):
-    segs = write_log(tmp_path / "log", n=20, segment_bytes=300)
+    segs = write_log(tmp_path / "log", n=20, segment_bytes=600)
     assert len(segs) > 2
     first = segs[0]
     data = bytearray(first.read_bytes())
     off = record_offsets(bytes(data))[1]
     data[off + HEADER.size + 3] ^= 0xFF
     first.write_bytes(bytes(data))
-    with SegmentLog(tmp_path / "log", segment_bytes=300) as lg:  # tail is fine: opens
+    with SegmentLog(tmp_path / "log", segment_bytes=600) as lg:  # tail is fine: opens
         assert lg.last_seq == 20
         with pytest.raises(CorruptLog, match=rf"{first.name} at offset {off} \(last good seq 1\)"):
             list(lg.read_from(1))
