@@ -432,9 +432,11 @@ _SKIP: dict[int, tuple[int, int]] = {
 def check_depth(frame: bytes, limit: int = MAX_DEPTH) -> None:
     """Raise BadFrame if maps and arrays nest deeper than ``limit`` in ``frame`` (msgpack).
 
-    Decoders recurse per level, so this runs before any decoding. Most frames hold fewer
-    container bytes than the limit and pass at once; the others are walked item by item."""
-    if len(frame) - len(frame.translate(None, _CONTAINERS)) <= limit:
+    Decoders recurse per level, so this runs before any decoding. Most small frames hold
+    fewer container bytes than the limit and pass at once; the others are walked item by item
+    (a large frame at once: counting its bytes costs more than walking a few items past a
+    file chunk's bytes)."""
+    if len(frame) <= 1 << 16 and len(frame) - len(frame.translate(None, _CONTAINERS)) <= limit:
         return
     stack: list[int] = []
     i, n, left = 0, len(frame), 1
