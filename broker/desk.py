@@ -453,7 +453,8 @@ class Desk:
                             deadline=mono + 3 * self.heartbeat_s.get(cmd.node, 2.0),
                             fallback=g.fallback, ahead=g.ahead)
             grants.append(p.LeaseGrant(job_id=g.job_id, lease_epoch=ev.seq, attempt=job.attempt,
-                                       spec=job.spec, devices=list(g.devices)))
+                                       spec=job.spec, devices=list(g.devices),
+                                       resume=job.checkpoint, resume_step=job.checkpoint_step))
         out.reply = p.Leases(req=cmd.req, leases=grants, cancel=self._to_cancel(cmd.node),
                              seq=self.state.last_seq)
         out.park = not grants and not out.reply.cancel and cmd.wait_s > 0
@@ -512,10 +513,11 @@ class Desk:
             self._emit(out, JobStarted, now, cause, pid=body.pid, env=body.env, **ids)
         elif isinstance(body, p.CheckpointReport):
             self._emit(out, Checkpointed, now, cause, path=body.path, step=body.step,
-                       metrics=body.metrics, **ids)
+                       metrics=body.metrics, digest=body.digest, size=body.size, **ids)
         elif isinstance(body, p.CompletedReport):
             self._emit(out, JobCompleted, now, cause, metrics=body.metrics,
-                       artifacts=body.artifacts, duration_s=body.duration_s, **ids)
+                       artifacts=body.artifacts, duration_s=body.duration_s,
+                       outputs=body.outputs, **ids)
         elif isinstance(body, p.CancelledReport) and job.cancel_requested:
             self._emit(out, JobCancelled, now, cause, job_id=cmd.job_id,
                        reason=body.reason or "cancelled")

@@ -156,12 +156,16 @@ class CheckpointReport(ReportBody, frozen=True, tag="checkpoint"):
     path: Annotated[str, Meta(min_length=1, max_length=4096)]
     step: Int64 | None = None
     metrics: dict[str, Finite] = {}
+    digest: Annotated[str, Meta(pattern="^([0-9a-f]{64})?$")] = ""  # its manifest, once stored
+    size: Annotated[int, Meta(ge=0, le=2**62)] = 0
 
 
 class CompletedReport(ReportBody, frozen=True, tag="completed"):
     metrics: dict[str, Finite] = {}
     artifacts: dict[str, str] = {}
     duration_s: Seconds = 0.0
+    outputs: Annotated[dict[str, Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]],
+                       Meta(max_length=10_000)] = {}
 
 
 class FailedReport(ReportBody, frozen=True, tag="failed"):
@@ -362,6 +366,8 @@ class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int
     spec: JobSpec
     devices: list[int] = []
+    resume: str = ""  # the job's latest stored checkpoint (its manifest), to restore first
+    resume_step: int | None = None
 
 
 class Leases(Reply, frozen=True, tag="leases"):

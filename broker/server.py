@@ -255,6 +255,12 @@ class Broker:
             if type(cmd) is p.Have or type(cmd) is p.PutBlob or type(cmd) is p.GetBlob:
                 replies.append((ident, self._blob(cmd)))
                 continue
+            if type(cmd) is p.Report and type(cmd.report) is p.CheckpointReport \
+                    and cmd.report.digest:  # a retry restores it: it must be whole here
+                why = self.store.absent(cmd.report.digest, {})
+                if why:
+                    replies.append((ident, p.Error(req=cmd.req, code="invalid", message=why)))
+                    continue
             if type(cmd) is p.Submit or type(cmd) is p.SubmitSweep:
                 why = self._unstored(cmd)
                 if why:  # checked before anything of it becomes durable

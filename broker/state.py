@@ -92,6 +92,8 @@ class Job:
     queued_at: float = 0.0  # when it (re)entered the queue: the fallback wait counts from here
     ahead: bool = False  # leased ahead and not started: holds none of the node's resources yet
     held: bool = False  # kept queued until released (`evo hold`)
+    checkpoint: str = ""  # the latest stored checkpoint's manifest: a retry starts from it
+    checkpoint_step: int | None = None
 
 
 @dataclass(slots=True)
@@ -282,6 +284,8 @@ class BrokerState:
         self._ran(job)
         job.metrics.update(ev.metrics)
         job.last_progress_seq = ev.seq
+        if isinstance(ev, Checkpointed) and ev.digest:
+            job.checkpoint, job.checkpoint_step = ev.digest, ev.step
 
     def _completed(self, job: Job, ev: JobCompleted) -> None:
         job.metrics.update(ev.metrics)

@@ -325,6 +325,8 @@ def submit(
         None, "--workdir", help="where the job runs (default: here, the current directory)"),
     input_: Optional[list[str]] = typer.Option(
         None, "--input", help="a file the job reads, taken with it to any node (repeatable)"),
+    output: Optional[list[str]] = typer.Option(
+        None, "--output", help="files it makes (a glob in its folder) that come home: `evo pull`"),
     broker: Optional[str] = BrokerOpt,
 ) -> None:
     """Submit a job; prints its id. It runs in the directory it was submitted from (or
@@ -359,7 +361,8 @@ def submit(
                      gpus=gpus, vram_gb=vram_gb, model_type=model_type, priority=priority,
                      after=list(after or []), max_attempts=max_attempts, key=key,
                      tags=_kv(tag, "--tag", False), params=params, data=data,
-                     seed=seed, name=name, isolate=isolate, workdir=_workdir(workdir))
+                     seed=seed, name=name, isolate=isolate, workdir=_workdir(workdir),
+                     outputs=list(output or []))
     with _client(broker) as c:
         reply = c.submit_reply(spec)
     if reply.warning:

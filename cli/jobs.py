@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -70,6 +71,40 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
             FROM j LEFT JOIN shown s USING (job_id) ORDER BY j.submitted_seq DESC""", broker,
             params=[*values, int(limit)])
         print_table(table, "json" if as_json else "table")
+
+    @app.command()
+    def pull(job: str = typer.Argument(..., help="a job id"),
+             to: Optional[Path] = typer.Option(None, "--to", help="where (default ./JOB)"),
+             checkpoint: bool = typer.Option(False, "--checkpoint",
+                                             help="also its latest stored checkpoint, into TO/checkpoints"),
+             broker: Optional[str] = broker_opt) -> None:
+        """A job's outputs (`evo.artifact`, `--output`) from the broker's store, wherever it
+        ran: each at its path in the job's folder under TO (one from elsewhere under its name)."""
+        from evo.client import Client
+
+        if not sql("SELECT 1 FROM jobs WHERE job_id = ?", broker, params=[job]).num_rows:
+            raise BadInput(f"no job {job!r}")
+        rows = sql("SELECT type, payload ->> '$.outputs' AS outputs, payload ->> '$.digest' AS "
+                   "digest FROM events WHERE job_id = ? AND type IN ('JobCompleted', "
+                   "'Checkpointed') ORDER BY seq", broker, params=[job]).to_pylist()
+        outputs: dict[str, str] = {}
+        for r in rows:
+            if r["type"] == "JobCompleted":
+                outputs = _j(r["outputs"]) or {}
+        stored = [r["digest"] for r in rows if r["type"] == "Checkpointed" and r["digest"]]
+        wanted = [(digest, "") for digest in outputs.values()]
+        if checkpoint and stored:
+            wanted.append((stored[-1], "checkpoints"))
+        if not wanted:
+            typer.echo(f"{job} has no outputs in the store" + (" and no stored checkpoint"
+                       if checkpoint else "") + ": a job names them with evo.artifact(path) "
+                       "or `evo submit --output GLOB`", err=True)
+            raise typer.Exit(1)
+        dest = (to or Path(job)).expanduser()
+        with Client(broker) as c:
+            for digest, under in wanted:
+                for path in c.fetch_tree(digest, dest / under if under else dest):
+                    typer.echo(path)
 
     @app.command()
     def show(job: str = typer.Argument(..., help="a job id"),

@@ -57,6 +57,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     retry_of: str | None = None  # the finished job this one runs again (`evo retry`)
     code: dict[str, str] = {}  # what code it runs: git commit and changes, or files (at submit)
     tree: str = ""  # the manifest's digest of its files in the broker's store (evo.content)
+    outputs: list[str] = []  # files (globs, from its folder) that come home when it completes
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +120,8 @@ class Checkpointed(Event, frozen=True, tag="Checkpointed"):
     path: str
     step: int | None = None
     metrics: dict[str, float] = {}
+    digest: str = ""  # its manifest in the broker's store ("": it was not stored)
+    size: int = 0  # bytes of its files
 
 
 class JobCompleted(Event, frozen=True, tag="JobCompleted"):
@@ -127,6 +130,7 @@ class JobCompleted(Event, frozen=True, tag="JobCompleted"):
     metrics: dict[str, float] = {}
     artifacts: dict[str, str] = {}
     duration_s: float = 0.0
+    outputs: dict[str, str] = {}  # a file it made (its path) -> its manifest in the store
 
 
 class JobFailed(Event, frozen=True, tag="JobFailed"):

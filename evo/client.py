@@ -317,6 +317,31 @@ class Client:
             raise EvoError(f"blob {digest[:12]} arrived as {h.hexdigest()[:12]}")
         return size
 
+    def fetch_tree(self, manifest: str, dest: str | os.PathLike[str]) -> list[str]:
+        """Write every file a stored manifest lists under ``dest`` (each checked against its
+        digest, written beside and renamed into place); their paths."""
+        import tempfile
+
+        from evo.content import decode_manifest
+
+        root = os.fspath(dest)
+        with tempfile.TemporaryDirectory() as tmp:
+            raw_path = os.path.join(tmp, "manifest")
+            self.fetch(manifest, raw_path)
+            with open(raw_path, "rb") as f:
+                listed = decode_manifest(f.read())  # paths checked: none leads outside
+        written = []
+        for e in listed.files:
+            target = os.path.join(root, *e.path.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            part = f"{target}.evo-part"
+            self.fetch(e.digest, part)
+            if e.exe:
+                os.chmod(part, 0o755)
+            os.replace(part, target)
+            written.append(target)
+        return written
+
     def hello(self) -> p.Welcome:
         reply = self.request(p.Hello(client="evo.Client"))
         assert isinstance(reply, p.Welcome)

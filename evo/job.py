@@ -70,6 +70,12 @@ def checkpoint(path: str, step: int | None = None, **metrics: float) -> None:
             "metrics": _numbers("evo.checkpoint", None, metrics)})
 
 
+def artifact(path: str | os.PathLike[str]) -> None:
+    """Bring a file or folder this job made home with it when it completes (``evo pull JOB``
+    gets it): ``evo.artifact("model.pkl")``. Relative to the current directory."""
+    _write({"kind": "artifact", "path": os.path.abspath(os.fspath(path))})
+
+
 def input(path: str | os.PathLike[str]) -> Path:  # noqa: A001 - evo.input, as the CLI's --input
     """Where an input file submitted with the job (``--input``, a sweep's ``inputs:``, a
     trainer's ``data``) is on the node running it: ``open(evo.input("/data/games.csv"))``.

@@ -67,6 +67,7 @@ class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
     order: Literal["longest_first", "written"] | None = None  # default: longest first if costed
     cost: list[str] | None = None  # parameters whose product is a trial's expected cost
     inputs: list[str] = []  # files its jobs read, taken with them: relative to the sweep file
+    outputs: list[str] = []  # files its jobs make (globs, in their folder) that come home
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -277,7 +278,8 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
         trainer = params.pop("trainer", None) or spec.trainer
         common: dict[str, Any] = dict(
             resources=res, priority=spec.priority, max_attempts=spec.max_attempts,
-            seed=spec.seed, tags=dict(spec.tags), workdir=spec.workdir)
+            seed=spec.seed, tags=dict(spec.tags), workdir=spec.workdir,
+            outputs=list(spec.outputs))
         if spec.command is not None:
             values = {**params, "seed": spec.seed}
             argv = [_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), a) for a in spec.command]

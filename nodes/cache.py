@@ -12,6 +12,7 @@ evicted oldest first (trees, then blobs), by the access time set on every use.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -50,7 +51,7 @@ class Cache:
         return (st.st_mtime_ns == MARK_NS and (size is None or st.st_size == size)
                 and stat.S_ISREG(st.st_mode) and (not exe or bool(st.st_mode & stat.S_IXUSR)))
 
-    def _seal(self, path: Path, exe: bool = False) -> None:
+    def seal(self, path: Path, exe: bool = False) -> None:
         os.chmod(path, 0o555 if exe else 0o444)
         os.utime(path, ns=(time.time_ns(), MARK_NS))
 
@@ -67,11 +68,35 @@ class Cache:
         tmp = self._tmp()
         try:
             fetch(digest, tmp)
-            self._seal(tmp)
+            self.seal(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+    def adopt(self, path: Path) -> tuple[str, int, Path]:
+        """A copy of the local file ``path`` among the blobs, hashed on the way (a snapshot:
+        the file may change once copied): (digest, size, the cached file)."""
+        tmp = self._tmp()
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    h.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+            digest = h.hexdigest()
+            blob = self.blob_path(digest)
+            if not self.intact(blob, size):
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                self.seal(tmp)
+                os.replace(tmp, blob)
+            else:
+                os.utime(blob, ns=(time.time_ns(), MARK_NS))  # its last use, for eviction
+            return digest, size, blob
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _place(self, target: Path, source: Path, exe: bool) -> None:
         """``target`` becomes the cached file ``source`` (a link; a copy for an executable, so
@@ -81,13 +106,13 @@ class Cache:
         try:
             if exe:
                 shutil.copyfile(source, tmp)
-                self._seal(tmp, exe=True)
+                self.seal(tmp, exe=True)
             else:
                 try:
                     os.link(source, tmp)
                 except OSError:  # another file system: a copy
                     shutil.copyfile(source, tmp)
-                    self._seal(tmp)
+                    self.seal(tmp)
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(tmp, target)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from evo.broker import protocol as p
@@ -43,11 +44,13 @@ from .link import KeyRefused, Link, Reconnect
 from .pool import WorkerPool
 from .probe import probe, sample
 from .staging import Placement, Stager, needs_staging
+from .uploads import Sent, Upload, Uploader, output_uploads
 
 log = logging.getLogger("evo.node")
 
 OUTPUT_CHUNK = 256 << 10
 FINAL_SHIP_BYTES = 4 << 20  # of an ended attempt's output per turn, per stream
+UPLOAD_WAIT_S = 600.0  # an ended attempt's checkpoints and outputs are waited for this long
 
 
 class NodeDaemon:
@@ -96,8 +99,9 @@ class NodeDaemon:
         self.runs: dict[str, Run] = {}
         # jobs' files, by digest, for every node of this machine's home
         home = Path(os.environ.get("EVO_HOME", ".evo")).absolute()
-        self.stager = Stager(Cache(home / "cache", int(cache_gb * (1 << 30))),
-                             lambda: Client(self.broker, timeout_s=30.0))
+        cache = Cache(home / "cache", int(cache_gb * (1 << 30)))
+        self.stager = Stager(cache, lambda: Client(self.broker, timeout_s=30.0), self.work / "jobs")
+        self.uploader = Uploader(cache, lambda: Client(self.broker, timeout_s=60.0))
         self.client: Client | None = None
         self.link: Link | None = None  # while joined
         self._stop = threading.Event()
@@ -238,6 +242,8 @@ class NodeDaemon:
         fds = [r.fd for r in self.runs.values() if r.fd is not None]
         if self.stager.pending:
             fds.append(self.stager.fd)
+        if self.uploader.pending:
+            fds.append(self.uploader.fd)
         if self.keeper is not None and not self.keeper.gone and any(r.kept for r in self.runs.values()):
             fds.append(self.keeper.fd)
         for fd in fds:
@@ -252,10 +258,12 @@ class NodeDaemon:
             self._do(event)
         for grant, placement in self.stager.ready():
             self._start(grant, placement)
+        for sent in self.uploader.ready():
+            self._sent(sent)
         return did
 
     def _start(self, grant: p.LeaseGrant, placement: Placement | None = None) -> None:
-        if placement is None and needs_staging(grant.spec):
+        if placement is None and needs_staging(grant):
             self.stager.submit(grant)  # started once its files are here (staging.py)
             return
         needs_process = grant.spec.command is not None or grant.spec.isolate or self.pool is None
@@ -319,16 +327,30 @@ class NodeDaemon:
             updates = run.reports()
             rc = run.poll()
             for body in updates:
-                self._do(c.Reported(self._prepared(run, body)))
+                self._report(run, body)
                 did = True
             if rc is None:
                 if ship:
                     self._ship(run)
                 continue
-            if run.final is None:  # it has just ended
+            if run.ending_at is None:  # it has just ended
+                run.ending_at = time.monotonic()
                 run.end_leftovers()  # nothing of it writes on while its output is shipped
                 for body in run.reports(final=True):  # whatever it wrote last
-                    self._do(c.Reported(self._prepared(run, body)))
+                    self._report(run, body)
+                if rc == 0 and not run.cancelled:
+                    uploads, notes = output_uploads(job_id, run.grant.lease_epoch, run.workdir,
+                                                    run.declared, run.grant.spec.outputs)
+                    for text in notes:
+                        run.note(text)
+                    for upload in uploads:
+                        self.uploader.send(upload)
+            if run.final is None:
+                if self.uploader.pending.get(job_id):
+                    if time.monotonic() < run.ending_at + UPLOAD_WAIT_S:
+                        continue  # its checkpoints and outputs go home before its final report
+                    run.note(f"what it made was still being sent after {UPLOAD_WAIT_S:g}s: "
+                             "it ends without it")
                 run.final = self._prepared(run, self._final(run, rc))
                 run.freeze()
             # Its output (notes included) lands before its final report, a few MiB a turn.
@@ -342,6 +364,34 @@ class NodeDaemon:
             self._do(c.Ended(run.final))
         return did
 
+    def _report(self, run: Run, body: p.AnyReport) -> None:
+        """Send a report of ``run``'s; a checkpoint goes home first (uploads.py)."""
+        if isinstance(body, p.CheckpointReport) and not body.digest:
+            self.uploader.send(Upload(run.grant.job_id, run.grant.lease_epoch, "checkpoint",
+                                      body.path, run.ckpt, (body.path,), extra=body))
+            return
+        self._do(c.Reported(self._prepared(run, body)))
+
+    def _sent(self, sent: Sent) -> None:
+        """An upload is done (or failed): its report goes, or a note says what is missing."""
+        up = sent.upload
+        run = self.runs.get(up.job_id)
+        if run is None or run.grant.lease_epoch != up.epoch:
+            log.warning("%s: %s %s was sent after its attempt ended", up.job_id, up.kind, up.key)
+            return
+        if up.kind == "checkpoint":
+            body = up.extra
+            if sent.digest:
+                body = msgspec.structs.replace(body, digest=sent.digest, size=sent.size)
+            else:
+                run.note(f"checkpoint {up.key} not sent home ({sent.error}): a retry on another "
+                         "node starts without it")
+            self._do(c.Reported(self._prepared(run, body)))
+        elif sent.digest:
+            run.outputs[up.key] = sent.digest
+        else:
+            run.note(f"output {up.key} not sent home: {sent.error}")
+
     def _final(self, run: Run, rc: int) -> p.AnyReport:
         """The final report of an attempt that ended with ``rc`` (its notes written)."""
         notes = reports.Notes()
@@ -351,7 +401,7 @@ class NodeDaemon:
             # What it returned or gave evo.result; else the last value it reported of each.
             metrics = run.result.get("metrics") or run.last_metrics
             final = reports.completed(metrics, run.result.get("artifacts", {}),
-                                      time.monotonic() - run.started, notes)
+                                      time.monotonic() - run.started, notes, run.outputs)
         else:
             error = (run.error or f"exit code {rc}")[-reports.MAX_TEXT:]
             tail = run.tail("stderr")
@@ -370,6 +420,7 @@ class NodeDaemon:
             run.poll()
             run.finish()
         self.stager.close()
+        self.uploader.close()
         if self.pool is not None:
             self.pool.close()
         if self.keeper is not None:

@@ -122,6 +122,9 @@ class Run:
         }
         if moved:  # inputs that are elsewhere here than where they were submitted from
             env["EVO_INPUTS"] = json.dumps(moved)
+        if placement is not None and placement.resumed and placement.resume_step is not None:
+            env["EVO_RESUME_STEP"] = str(placement.resume_step)  # its checkpoint is restored
+        self.workdir = workdir
         params = relocated(spec.params, moved)
         if spec.seed is not None:
             env["EVO_SEED"] = str(spec.seed)
@@ -172,6 +175,9 @@ class Run:
         self.last_metrics: dict[str, float] = {}  # the last reported value of each metric
         self.kill_at: float | None = None
         self.shipped: dict[str, int] = {}  # stream -> bytes sent to the broker
+        self.declared: list[str] = []  # outputs it named with evo.artifact (absolute paths)
+        self.outputs: dict[str, str] = {}  # output path -> its manifest in the store, once sent
+        self.ending_at: float | None = None  # when it ended (its uploads are waited for)
         if placement is not None and placement.how and not placement.error:
             for line in placement.how.splitlines():  # where its files came from
                 self.note(line)
@@ -241,6 +247,8 @@ class Run:
                     if isinstance(body, reports.Result):
                         self.result = {"metrics": {**self.result.get("metrics", {}),
                                                    **body.metrics}}
+                    elif isinstance(body, reports.Artifact):
+                        self.declared.append(body.path)
                     else:
                         out.append(body)
         if self._stdout is None and self._wrote("stdout"):

@@ -19,9 +19,10 @@ the job's stderr can say so (``notes``):
 from __future__ import annotations
 
 import json
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
+from msgspec import Meta
 
 from evo.broker import protocol as p
 from evo.events.codec import MAX_EVENT_BYTES
@@ -41,7 +42,13 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result", tag_field=
     metrics: dict[str, p.Finite] = {}
 
 
-_RECORD = Union[p.ProgressReport, p.CheckpointReport, Result]
+class Artifact(msgspec.Struct, frozen=True, kw_only=True, tag="artifact", tag_field="kind"):
+    """A file or folder the job made, to come home when it completes (``evo.artifact``)."""
+
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+_RECORD = Union[p.ProgressReport, p.CheckpointReport, Result, Artifact]
 
 
 def finite_metrics(metrics: dict, notes: Notes, where: str) -> dict:
@@ -60,7 +67,7 @@ def _where(rec: dict) -> str:
 
 
 def from_record(rec: Any, notes: Notes, checkpoints: str | None = None
-                ) -> p.AnyReport | Result:
+                ) -> p.AnyReport | Result | Artifact:
     """One record of the job's report file (or a parsed output line) as a report body."""
     kind = str(rec.get("kind", "progress"))[:40] if isinstance(rec, dict) else ""
     try:
@@ -83,7 +90,7 @@ def from_record(rec: Any, notes: Notes, checkpoints: str | None = None
 
 
 def from_line(line: bytes, notes: Notes, checkpoints: str | None = None
-              ) -> p.AnyReport | Result:
+              ) -> p.AnyReport | Result | Artifact:
     """A line of the report file: JSON (NaN and Infinity as Python writes them)."""
     try:
         rec = json.loads(line)
@@ -92,10 +99,11 @@ def from_line(line: bytes, notes: Notes, checkpoints: str | None = None
     return from_record(rec, notes, checkpoints)
 
 
-def completed(metrics: dict, artifacts: dict, duration_s: float, notes: Notes) -> p.AnyReport:
+def completed(metrics: dict, artifacts: dict, duration_s: float, notes: Notes,
+              outputs: dict[str, str] | None = None) -> p.AnyReport:
     """A callable's result (or none, for a command) as the completed report."""
     rec = {"kind": "completed", "metrics": finite_metrics(metrics, notes, "the result"),
-           "artifacts": artifacts, "duration_s": max(0.0, duration_s)}
+           "artifacts": artifacts, "duration_s": max(0.0, duration_s), "outputs": outputs or {}}
     try:
         body = msgspec.convert(rec, p.CompletedReport)
     except msgspec.ValidationError as exc:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from evo.broker.protocol import LeaseGrant
 from evo.content import HashCache, Manifest, decode_manifest, digest_bytes
 from evo.events.schema import JobSpec
 
+from .background import Background, StoreFailed
 from .cache import Cache, Fetch
 
 log = logging.getLogger("evo.node")
@@ -42,16 +42,13 @@ class Placement(NamedTuple):
     retryable: bool = True
     cancelled: bool = False
     holds: tuple[str, ...] = ()  # cache entries in use by the job until it ends
+    resumed: bool = False  # its latest checkpoint is in its checkpoint folder
+    resume_step: int | None = None
 
 
-class StageFailed(Exception):
-    def __init__(self, message: str, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-def needs_staging(spec: JobSpec) -> bool:
-    return bool(spec.tree) or any(os.path.isabs(path) for path in spec.data)
+def needs_staging(grant: LeaseGrant) -> bool:
+    spec = grant.spec
+    return bool(spec.tree or grant.resume) or any(os.path.isabs(path) for path in spec.data)
 
 
 def _inputs(spec: JobSpec) -> dict[str, str]:
@@ -121,48 +118,30 @@ def _size(cache: Cache, digest: str, fetch: Fetch) -> int:
     return path.stat().st_size
 
 
-class Stager:
-    """Stages leases in a thread; ``ready()`` gives the placements made (the daemon waits on
-    ``fd`` with its other sockets)."""
+class Stager(Background):
+    """Stages leases in a thread; ``ready()`` gives (grant, placement) pairs."""
 
-    def __init__(self, cache: Cache, connect: Callable[[], object]) -> None:
+    name = "evo-stage"
+
+    def __init__(self, cache: Cache, connect: Callable[[], object], checkpoints: Path) -> None:
+        super().__init__(connect)
         self.cache = cache
         self.hashes = HashCache()
-        self._connect = connect  # -> an evo.Client (in the thread that uses it)
-        self._client: object = None
-        self._todo: queue.Queue[LeaseGrant | None] = queue.Queue()
-        self._done: list[tuple[LeaseGrant, Placement]] = []
-        self._lock = threading.Lock()
+        self.checkpoints = checkpoints  # a job's folder is checkpoints/JOB/checkpoints
         self._cancelled: set[str] = set()
         self._manifests: dict[str, Manifest] = {}
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        self._thread: threading.Thread | None = None
         self.pending: dict[str, LeaseGrant] = {}  # job id -> grant, until it is ready
-
-    @property
-    def fd(self) -> int:
-        return self._rfd
 
     def submit(self, grant: LeaseGrant) -> None:
         self.pending[grant.job_id] = grant
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="evo-stage", daemon=True)
-            self._thread.start()
-        self._todo.put(grant)
+        self.put(grant)
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self._cancelled.add(job_id)
 
     def ready(self) -> list[tuple[LeaseGrant, Placement]]:
-        try:
-            while os.read(self._rfd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self._lock:
-            done, self._done = self._done, []
+        done = super().ready()
         for grant, _ in done:
             self.pending.pop(grant.job_id, None)
         return done
@@ -176,49 +155,28 @@ class Stager:
             else:
                 self.cache.in_use.pop(key, None)
 
-    def close(self) -> None:
-        self._todo.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()  # type: ignore[attr-defined]
-        for fd in (self._rfd, self._wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
     # --- the thread ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            grant = self._todo.get()
-            if grant is None:
-                return
-            with self._lock:
-                cancelled = grant.job_id in self._cancelled
+    def _work(self, grant: LeaseGrant) -> tuple[LeaseGrant, Placement]:
+        with self._lock:
+            cancelled = grant.job_id in self._cancelled
+            self._cancelled.discard(grant.job_id)
+        if cancelled:
+            return grant, Placement(cancelled=True)
+        placement = self._stage(grant)
+        with self._lock:
+            if grant.job_id in self._cancelled:
                 self._cancelled.discard(grant.job_id)
-            if cancelled:
-                placement = Placement(cancelled=True)
-            else:
-                placement = self._stage(grant)
-                with self._lock:
-                    if grant.job_id in self._cancelled:
-                        self._cancelled.discard(grant.job_id)
-                        placement = placement._replace(cancelled=True)
-            with self._lock:
-                self._done.append((grant, placement))
-            try:
-                os.write(self._wfd, b"x")
-            except OSError:
-                return
+                placement = placement._replace(cancelled=True)
+        return grant, placement
 
     def _stage(self, grant: LeaseGrant) -> Placement:
         t0 = time.monotonic()
         try:
             placement = place(grant.spec, self.cache, self.hashes, self._fetch, self._manifest)
-        except StageFailed as exc:
+            if grant.resume:
+                placement = self._resume(grant, placement)
+        except StoreFailed as exc:
             return Placement(error=str(exc), retryable=exc.retryable)
         except (OSError, ValueError) as exc:
             return Placement(error=f"could not stage the job's files: {exc}")
@@ -232,37 +190,48 @@ class Stager:
                      placement.how.replace("\n", "; "))
         return placement
 
+    def _resume(self, grant: LeaseGrant, placement: Placement) -> Placement:
+        """The job's latest stored checkpoint, in its checkpoint folder on this node (files
+        that already have their digests there are left as they are)."""
+        folder = self.checkpoints / grant.job_id / "checkpoints"
+        try:
+            manifest = self._manifest(grant.resume)
+            restored = restore(manifest, folder, self.cache, self.hashes, self._fetch)
+        except StoreFailed as exc:  # start from nothing rather than not at all
+            note = f"its checkpoint {grant.resume[:12]} could not be restored ({exc}): it starts anew"
+            return placement._replace(how="\n".join(filter(None, [placement.how, note])))
+        note = (f"checkpoint at step {grant.resume_step} restored into {folder} "
+                f"({restored} file(s) fetched)" if restored else "")
+        return placement._replace(how="\n".join(filter(None, [placement.how, note])),
+                                  resume_step=grant.resume_step, resumed=True)
+
     def _manifest(self, tree: str) -> Manifest:
         m = self._manifests.get(tree)
         if m is None:
             raw = self.cache.blob(tree, self._fetch).read_bytes()
             if digest_bytes(raw) != tree:
-                raise StageFailed(f"the manifest {tree[:12]} does not match its digest")
+                raise StoreFailed(f"the manifest {tree[:12]} does not match its digest")
             m = self._manifests[tree] = decode_manifest(raw)
         return m
 
     def _fetch(self, digest: str, dest: Path) -> int:
-        """A blob from the broker's store, a few tries over a minute while it is away."""
-        from evo.client import BrokerUnavailable, CommandRejected
-        from evo.errors import EvoError
-        from evo.home import NoBroker
+        return self.call(f"fetch {digest[:12]} from the broker",
+                         lambda client: client.fetch(digest, dest))
 
-        delay, deadline = 0.5, time.monotonic() + 60
-        while True:
-            try:
-                if self._client is None:
-                    self._client = self._connect()
-                return self._client.fetch(digest, dest)  # type: ignore[attr-defined]
-            except CommandRejected as exc:
-                if exc.code != "unavailable":
-                    raise StageFailed(f"the broker's store: {exc}", retryable=False) from None
-                why = str(exc)
-            except (BrokerUnavailable, NoBroker, EvoError, OSError) as exc:
-                why = str(exc)
-            client, self._client = self._client, None
-            if client is not None:
-                client.close()  # type: ignore[attr-defined]
-            if time.monotonic() + delay > deadline:
-                raise StageFailed(f"could not fetch {digest[:12]} from the broker: {why}")
-            time.sleep(delay)  # a back-off between tries, in the staging thread only
-            delay = min(delay * 2, 8.0)
+
+def restore(manifest: Manifest, folder: Path, cache: Cache, hashes: HashCache,
+            fetch: Fetch) -> int:
+    """Write ``manifest``'s files under ``folder`` (copies: a job writes its checkpoints in
+    place); how many had to be written."""
+    n = 0
+    for e in manifest.files:
+        target = folder / e.path
+        if hashes.matches(target, e.digest):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.evo-restore")
+        shutil.copyfile(cache.blob(e.digest, fetch, e.size), tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+        n += 1
+    return n

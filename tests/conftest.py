@@ -177,6 +177,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def nodes():
+    """``nodes(home, name, *args)``: `evo node` processes, each with its own EVO_HOME (another
+    machine's, when it is not the broker's); killed at the end."""
+    from tests.test_nodes import NodeProc
+
+    made: list = []
+
+    def start(home: Path, name: str, *args: str):  # noqa: ANN202
+        home.mkdir(parents=True, exist_ok=True)
+        n = NodeProc(home, name, *args)
+        made.append(n)
+        return n
+
+    yield start
+    for n in made:
+        n.kill()
+
+
 # --- two machines ---------------------------------------------------------------------------
 
 

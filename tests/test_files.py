@@ -21,7 +21,7 @@ from evo.errors import BadInput
 from evo.events.schema import JobSpec
 from evo.nodes.cache import Cache
 from tests.conftest import run_evo
-from tests.test_nodes import PY, NodeProc, done, of, wait_for
+from tests.test_nodes import PY, done, of, wait_for
 
 
 def _project(root: Path) -> Path:
@@ -33,21 +33,6 @@ def _project(root: Path) -> Path:
         "print('cwd', os.getcwd())\n")
     (root / "data" / "words.txt").write_text("as submitted\n")
     return root
-
-
-@pytest.fixture
-def nodes():
-    made: list[NodeProc] = []
-
-    def start(home: Path, name: str, *args: str) -> NodeProc:
-        home.mkdir(parents=True, exist_ok=True)
-        n = NodeProc(home, name, *args)
-        made.append(n)
-        return n
-
-    yield start
-    for n in made:
-        n.kill()
 
 
 def _submit(home: Path, cwd: Path, *args: str) -> str:
