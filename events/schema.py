@@ -61,10 +61,11 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
-    index: int
+    index: int  # the node's number for it (jobs' devices); NVML's, for a whole GPU
     name: str = ""
     vram_gb: float = 0.0
-    uuid: str = ""
+    uuid: str = ""  # GPU-... (or MIG-... for a MIG instance): what CUDA_VISIBLE_DEVICES names
+    parent: str = ""  # a MIG instance's GPU (its uuid)
 
 
 class GpuSample(msgspec.Struct, frozen=True, kw_only=True):

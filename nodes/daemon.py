@@ -42,7 +42,7 @@ from .executor import LOOK_EVERY_S, Run
 from .keeper import KeeperClient
 from .link import KeyRefused, Link, Reconnect
 from .pool import WorkerPool
-from .probe import probe, sample
+from .probe import device_env, probe, sample
 from .staging import Placement, Stager, needs_staging
 from .uploads import Sent, Upload, Uploader, output_uploads
 
@@ -71,11 +71,12 @@ class NodeDaemon:
             probed = {g.index: g for g in gpu_list}
             gpu_list = [GpuInfo(index=i, name=probed[i].name if i in probed else "declared",
                                 vram_gb=vram_gb if vram_gb is not None else
-                                (probed[i].vram_gb if i in probed else 0.0))
+                                (probed[i].vram_gb if i in probed else 0.0),
+                                uuid=probed[i].uuid if i in probed else "",
+                                parent=probed[i].parent if i in probed else "")
                         for i in range(gpus)]
         elif vram_gb is not None:
-            gpu_list = [GpuInfo(index=g.index, name=g.name, vram_gb=vram_gb, uuid=g.uuid)
-                        for g in gpu_list]
+            gpu_list = [msgspec.structs.replace(g, vram_gb=vram_gb) for g in gpu_list]
         self.join_cmd = p.Join(node=self.name, hostname=hw["hostname"],
                                cpus=cpus if cpus is not None else hw["cpus"],
                                mem_gb=mem_gb if mem_gb is not None else hw["mem_gb"],
@@ -92,7 +93,9 @@ class NodeDaemon:
         self.work = Path(work or Path(os.environ.get("EVO_HOME", ".evo")) / "nodes" / self.name).absolute()
         self.work.mkdir(parents=True, exist_ok=True)
         self.heartbeat_s, self.poll_s, self.ship_every_s = heartbeat_s, poll_s, ship_every_s
-        self.pool = WorkerPool(self.work / "workers", keep_idle=self.slots) if warm_workers else None
+        self.gpus = {g.index: g for g in gpu_list}  # what jobs' device numbers are
+        self.pool = WorkerPool(self.work / "workers", keep_idle=self.slots,
+                               visible=lambda d: device_env(d, self.gpus)) if warm_workers else None
         # Job processes are started by the keeper, which kills them when this node dies.
         self.keeper: KeeperClient | None = None
         self.use_keeper = sys.platform.startswith("linux")
@@ -268,15 +271,18 @@ class NodeDaemon:
             return
         needs_process = grant.spec.command is not None or grant.spec.isolate or self.pool is None
         keeper = self._keeper() if needs_process else None
-        run = Run(grant, self.work, self.name, self.pool, keeper, placement)
+        run = Run(grant, self.work, self.name, self.pool, keeper, placement, self.gpus)
         if keeper is not None and keeper.gone and run.rc is not None:
             # the keeper had died while idle (nothing watched it): once more, with a new one
-            run = Run(grant, self.work, self.name, self.pool, self._keeper(), placement)
+            run = Run(grant, self.work, self.name, self.pool, self._keeper(), placement, self.gpus)
         self.runs[grant.job_id] = run
         if run.rc is not None:
             return  # could not start: reported as failed by _collect
-        self._do(c.Reported(self._prepared(run, p.StartedReport(
-            pid=run.pid, env=fingerprint(grant.spec, run.dir)))))
+        env = fingerprint(grant.spec, run.dir)
+        if grant.devices:  # which physical devices this attempt had
+            env["gpus"] = [{"device": d, "uuid": g.uuid, "name": g.name, "parent": g.parent}
+                           for d in grant.devices for g in [self.gpus.get(d, GpuInfo(index=d))]]
+        self._do(c.Reported(self._prepared(run, p.StartedReport(pid=run.pid, env=env))))
 
     def _prepared(self, run: Run, body: p.AnyReport) -> p.Report:
         """The report to send for ``body`` (what fits in an event), its notes written."""

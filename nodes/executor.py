@@ -27,9 +27,11 @@ import subprocess
 
 from evo.broker import protocol as p
 from evo.broker.protocol import LeaseGrant
+from evo.events.schema import GpuInfo
 
 from . import reports
 from .reports import Notes  # the class's method `reports` hides the module in annotations
+from .probe import device_env
 from .staging import Placement
 from .keeper import KeeperClient, KeptProcess
 from .pool import THREAD_VARS, Worker, WorkerPool
@@ -64,7 +66,8 @@ def relocated(value, paths: dict[str, str]):  # noqa: ANN001, ANN201 - argv, par
 class Run:
     def __init__(self, grant: LeaseGrant, root: Path, node: str,
                  pool: WorkerPool | None = None, keeper: KeeperClient | None = None,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None,
+                 gpus: dict[int, GpuInfo] | None = None) -> None:
         self.grant = grant
         spec = grant.spec
         self.placement = placement
@@ -140,7 +143,7 @@ class Run:
         else:
             env = {**{v: str(threads) for v in THREAD_VARS}, **os.environ, **env,
                    "PYTHONUNBUFFERED": "1",
-                   "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in grant.devices)}
+                   **device_env(grant.devices, gpus or {})}
             if spec.command is not None:
                 argv = relocated(list(spec.command), moved)
             else:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -33,7 +34,8 @@ class Worker:
     """One warm worker process and its folder: the default working directory of its tasks and
     the files that capture them (stdout, stderr, reports; a task owns a byte range of each)."""
 
-    def __init__(self, devices: tuple[int, ...], folder: Path) -> None:
+    def __init__(self, devices: tuple[int, ...], folder: Path,
+                 visible: dict[str, str] | None = None) -> None:
         self.devices = devices
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -41,8 +43,8 @@ class Worker:
         for path in self.paths.values():
             path.write_bytes(b"")  # a name reused after a node restart starts empty
         self.ends = [0, 0, 0]  # where the last task's output ended, per stream
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)),
-                   PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   **(visible or {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}))
         for var in THREAD_VARS:  # one thread per task unless it asked for more CPUs
             env.setdefault(var, "1")
         with open(folder / "worker.log", "ab") as log:
@@ -122,8 +124,10 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, root: Path, keep_idle: int) -> None:
+    def __init__(self, root: Path, keep_idle: int,
+                 visible: Callable[[tuple[int, ...]], dict[str, str]] | None = None) -> None:
         self.root = root
+        self.visible = visible  # devices -> the variables that make a worker see them
         root.mkdir(parents=True, exist_ok=True)
         self.keep_idle = keep_idle
         self.idle: list[Worker] = []
@@ -131,7 +135,8 @@ class WorkerPool:
 
     def _spawn(self, devices: tuple[int, ...]) -> Worker:
         self.spawned += 1
-        return Worker(devices, self.root / f"w{self.spawned}")
+        return Worker(devices, self.root / f"w{self.spawned}",
+                      self.visible(devices) if self.visible is not None else None)
 
     def warm(self, n: int) -> None:
         """Start n CPU workers ahead of the first jobs, so they pay the imports while idle."""

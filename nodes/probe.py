@@ -29,20 +29,62 @@ def _nvml():
     return _nvml_state["mod"]
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _mig_devices(nv, h) -> list:  # noqa: ANN001 - pynvml and a handle
+    """The MIG instances of a GPU in MIG mode (handles), else []."""
+    try:
+        current, _ = nv.nvmlDeviceGetMigMode(h)
+    except Exception:  # noqa: BLE001 - no MIG on this GPU or driver
+        return []
+    if current != getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1):
+        return []
+    out = []
+    for j in range(nv.nvmlDeviceGetMaxMigDeviceCount(h)):
+        try:
+            out.append(nv.nvmlDeviceGetMigDeviceHandleByIndex(h, j))
+        except Exception:  # noqa: BLE001 - an empty slot
+            continue
+    return out
+
+
 def probe_gpus() -> list[GpuInfo]:
+    """Every device a job can be given: each GPU, or each MIG instance of a GPU in MIG mode
+    (the GPU itself is then not given whole). Numbered in NVML's order, which is the PCI bus
+    order that jobs see (CUDA_DEVICE_ORDER=PCI_BUS_ID); each with its UUID, by which jobs are
+    given it."""
     nv = _nvml()
     if nv is None:
         return []
-    out = []
+    out: list[GpuInfo] = []
     for i in range(nv.nvmlDeviceGetCount()):
         h = nv.nvmlDeviceGetHandleByIndex(i)
-        name = nv.nvmlDeviceGetName(h)
-        uuid = nv.nvmlDeviceGetUUID(h)
-        mem = nv.nvmlDeviceGetMemoryInfo(h)
-        out.append(GpuInfo(index=i, name=name.decode() if isinstance(name, bytes) else name,
-                           vram_gb=round(mem.total / 2**30, 2),
-                           uuid=uuid.decode() if isinstance(uuid, bytes) else uuid))
+        name, uuid = _text(nv.nvmlDeviceGetName(h)), _text(nv.nvmlDeviceGetUUID(h))
+        migs = _mig_devices(nv, h)
+        if not migs:
+            out.append(GpuInfo(index=len(out), name=name, uuid=uuid,
+                               vram_gb=round(nv.nvmlDeviceGetMemoryInfo(h).total / 2**30, 2)))
+            continue
+        for m in migs:
+            try:
+                mname = _text(nv.nvmlDeviceGetName(m))
+            except Exception:  # noqa: BLE001 - older drivers name only the GPU
+                mname = f"{name} MIG"
+            out.append(GpuInfo(index=len(out), name=mname, uuid=_text(nv.nvmlDeviceGetUUID(m)),
+                               vram_gb=round(nv.nvmlDeviceGetMemoryInfo(m).total / 2**30, 2),
+                               parent=uuid))
     return out
+
+
+def device_env(devices: list[int] | tuple[int, ...], gpus: dict[int, GpuInfo]) -> dict[str, str]:
+    """What makes a job see exactly ``devices`` (the node's numbers): their UUIDs in
+    CUDA_VISIBLE_DEVICES when the node knows them (a MIG instance has no index), else their
+    indices in PCI bus order, NVML's (CUDA's default order is fastest-first, which is not)."""
+    known = [gpus[d].uuid for d in devices if d in gpus and gpus[d].uuid]
+    ids = known if len(known) == len(devices) else [str(d) for d in devices]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def probe() -> dict:

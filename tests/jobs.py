@@ -56,3 +56,12 @@ def keep(text: str) -> dict:
 def huge(mb: int = 20) -> dict:
     """A result far over what one event may hold."""
     return {"blob": "x" * (mb << 20)}
+
+
+def devices() -> dict:
+    """What devices a warm worker's task sees, as a string artifact."""
+    import json
+    import os
+
+    return {"seen": json.dumps([os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                os.environ.get("CUDA_DEVICE_ORDER")])}

@@ -58,7 +58,7 @@ def test_a_gpu_job_sees_exactly_its_device(tbroker, tmp_path):
         return json.loads((tmp_path / "work" / "jobs" / job / "attempt-1" / "stdout.log").read_text())
 
     g, cpu = out(gpu_job), out(cpu_job)
-    assert g["cvd"] == "0" and cpu["cvd"] == ""
+    assert g["cvd"] == GPUS[0].uuid and cpu["cvd"] == ""  # given by UUID
     if "torch_count" in g:
         assert g["torch_count"] == 1 and cpu["torch_count"] == 0
     assert utils and len(utils[0].gpus) == len(GPUS)
