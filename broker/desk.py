@@ -33,7 +33,7 @@ from evo.events.schema import (
 from . import protocol as p
 from .cluster import Cluster
 from .liveness import compute_backoff, is_lost
-from .scheduler import decide, explain, never_fits
+from .scheduler import decide, explain, never_fits, waiting_for
 from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, QUEUED, TERMINAL, BrokerState,
                     Job)
 from evo.names import nul_error
@@ -608,7 +608,7 @@ class Desk:
                                            text=explain(self.state, cmd.job_id, now, self.cluster)))
 
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
-        return Outcome(reply=status_of(self.state, cmd.req, now=now))
+        return Outcome(reply=status_of(self.state, cmd.req, now=now, cluster=self.cluster))
 
 
 def _handlers_of(cls: type) -> dict[type, Callable[..., Outcome]]:
@@ -636,15 +636,20 @@ def best_job(jobs: list[Job], metric: str, mode: str) -> str | None:
 
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
-              now: float = 0.0) -> p.StatusReply:
+              now: float = 0.0, cluster: Cluster | None = None) -> p.StatusReply:
     """Counts, nodes, and the newest jobs running, queued and failed (a lease taken ahead of a
-    free slot is queued on its node, not running: it is listed with the queued)."""
-    nodes = [
-        {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
-         "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
-         "running": sum(not state.jobs[j].ahead for j in n.running)}
-        for n in state.nodes.values()
-    ]
+    free slot is queued on its node, not running: it is listed with the queued). A node that
+    is gone says since when, and what of the queue waits for it (``waiting_for``)."""
+    nodes = []
+    for n in state.nodes.values():
+        row = {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
+               "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
+               "running": sum(not state.jobs[j].ahead for j in n.running)}
+        if not n.alive:
+            row.update(gone=n.gone, since=n.gone_at)
+            if cluster is not None:
+                row.update(waiting_for(n, state, cluster, now))
+        nodes.append(row)
     running: list[dict] = []
     queued: list[dict] = []
     failed: list[dict] = []

@@ -216,6 +216,25 @@ def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: flo
     return False, ""
 
 
+def waiting_for(node: Node, state: BrokerState, cluster: Cluster, now: float) -> dict:
+    """For a node that is gone: how many queued jobs prefer it (their rule routes to its
+    labels), and in how many seconds the last of them may fall back to another node (0: they
+    may now, no node they prefer being present). The rule is ``routing``'s."""
+    prefer = 0
+    fall_back_s = 0.0
+    for job_id in state.queue:
+        job = state.jobs[job_id]
+        rule = cluster.rule_for(job.spec.model_type)
+        if rule is None or not prefers(rule, node.labels):
+            continue
+        prefer += 1
+        present = any(n.alive and not n.drained and prefers(rule, n.labels)
+                      for n in state.nodes.values())
+        if present:  # another preferred node is there: they wait for it, up to the limit
+            fall_back_s = max(fall_back_s, cluster.wait_limit(rule) - (now - job.queued_at))
+    return {"prefer": prefer, "fall_back_s": round(max(fall_back_s, 0.0), 1)}
+
+
 class QueueIndex:
     """Queued job ids per sweep, each in (priority desc, submit order): kept across calls.
 

@@ -48,6 +48,7 @@ from .auth import Gate
 from . import protocol as p
 from .cluster import Cluster, load_cluster
 from .desk import Desk
+from .notify import Notifier
 from .outputs import OutputStore
 from .store import ContentStore, StoreError
 from evo.broker.follower import Follower
@@ -82,8 +83,10 @@ class Broker:
         cluster_path: str | os.PathLike[str] | None = None,
         tick_s: float = 0.2,
         projections: bool = True,
+        notify: list[str] | None = None,
     ) -> None:
         self.home = Path(home).absolute()
+        self.notifier = Notifier(notify) if notify else None  # `--notify CMD`
         self.home.mkdir(parents=True, exist_ok=True)
         if not is_loopback(bind) and not allow_remote and not has_keys(self.home):
             raise BadInput(
@@ -301,6 +304,8 @@ class Broker:
             self.stats["batches"] += 1
             self.stats["events"] += len(encoded)
             self.pub.send_multipart([p.RELAY_TOPIC, pack_batch(encoded)])
+        if self.notifier is not None:
+            self.notifier.events(events)  # durable now: told to the user's command
         for ident, read in reads:
             self.router.send_multipart([ident, p.reply_encoder.encode(self._read(read))])
 
@@ -493,6 +498,8 @@ class Broker:
         return p.Events(req=cmd.req, events=msgspec.Raw(pack_batch(raws)), head=self.log.last_seq)
 
     def close(self) -> None:
+        if self.notifier is not None:
+            self.notifier.close()
         if self.follower is not None:
             self.follower.stop()
             self.follower.join(30)

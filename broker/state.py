@@ -112,6 +112,8 @@ class Node:
     running: set[str] = field(default_factory=set)
     last_util: UtilizationSampled | None = None
     drained: bool = False  # takes nothing new (`evo node drain`)
+    gone: str = ""  # "lost" (missed its heartbeats) or "left", while not alive
+    gone_at: float = 0.0  # since when
 
 
 @dataclass(slots=True)
@@ -337,6 +339,7 @@ class BrokerState:
         node = self.nodes.get(ev.node)
         if node is not None:
             node.alive = False
+            node.gone, node.gone_at = ("lost" if type(ev) is NodeLost else "left"), ev.time
 
     def _drained(self, ev: NodeDrained | NodeResumed) -> None:
         node = self.nodes.get(ev.node)

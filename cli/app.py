@@ -92,16 +92,21 @@ def broker(
     no_sync: bool = typer.Option(False, "--no-sync", help="skip fdatasync (tests only: unsafe)"),
     segment_bytes: Optional[int] = typer.Option(None, "--segment-bytes", hidden=True,
                                                 help="rotate log segments at this size (tests)"),
+    notify: Optional[str] = typer.Option(
+        None, "--notify", help="a command run with the event as JSON on stdin when a node is "
+        "lost, a job fails for good or a sweep completes (split like a shell, never run by one)"),
 ) -> None:
     """Run the broker in the foreground (Ctrl-C stops it cleanly)."""
     from evo.broker.cluster import load_cluster
+    from evo.broker.notify import parse_command
     from evo.broker.server import run_broker
     from evo.home import normalize_address
 
     _setup_logging()
     rules = load_cluster(cluster, evo_home())  # bad file: exit 2 before binding anything
+    argv = parse_command(notify) if notify is not None else None
     run_broker(evo_home(), normalize_address(bind), sync=not no_sync, cluster=rules,
-               segment_bytes=segment_bytes)
+               segment_bytes=segment_bytes, notify=argv)
 
 
 def _labels(text: str | None) -> list[str]:

@@ -20,12 +20,16 @@ def status_view(st: p.StatusReply, show: int = 10) -> Group:
         t = Table(title="nodes", title_justify="left")
         for col in ("node", "alive", "labels", "slots", "running", "cpus", "mem GB", "GPUs"):
             t.add_column(col)
+        gone = []
         for n in st.nodes:
-            alive = ("drained" if n.get("drained") else "yes") if n["alive"] else "no"
+            alive = ("drained" if n.get("drained") else "yes") if n["alive"] else n.get("gone") or "no"
             t.add_row(n["node"], alive, ",".join(n["labels"]),
                       str(n["slots"]), str(n["running"]), f"{n['cpus']:g}",
                       f"{n['mem_gb']:.1f}", str(n["gpus"]))
+            if not n["alive"] and n.get("gone") == "lost":
+                gone.append(gone_line(n))
         parts.append(t)
+        parts += [Text(line, style="yellow") for line in gone]
     for title, rows, cols in (
             ("running", st.running, ("job_id", "node", "attempt", "elapsed_s", "last", "name")),
             ("queued", st.queued, ("job_id", "priority", "attempt", "held", "on", "name")),
@@ -42,6 +46,30 @@ def status_view(st: p.StatusReply, show: int = 10) -> Group:
                 t.caption = f"... and {total - show} more {title}"
             parts.append(t)
     return Group(*parts)
+
+
+def gone_line(n: dict) -> str:
+    """``gpu-1 lost at 14:02:11 (5m ago): 12 queued jobs prefer it; they fall back now``."""
+    import time
+
+    since = n.get("since") or 0.0
+    ago = max(0.0, time.time() - since)
+    head = (f"{n['node']} lost at {time.strftime('%H:%M:%S', time.localtime(since))} "
+            f"({_ago(ago)} ago)")
+    prefer = n.get("prefer", 0)
+    if not prefer:
+        return f"{head}: no queued job prefers it"
+    wait = n.get("fall_back_s", 0.0)
+    when = "now (no node they prefer is present)" if not wait else f"in {_ago(wait)}"
+    return f"{head}: {prefer} queued job(s) prefer it; they fall back to other nodes {when}"
+
+
+def _ago(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"
 
 
 def _cell(v: object) -> str:
