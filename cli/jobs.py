@@ -122,9 +122,14 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
             "pid FROM attempts WHERE job_id = ? ORDER BY attempt, lease_epoch",
             broker, params=[job]).to_pylist()
         checkpoints = sql(
-            "SELECT seq, payload ->> '$.path' AS path, payload ->> '$.step' AS step FROM events "
+            "SELECT seq, payload ->> '$.path' AS path, payload ->> '$.step' AS step, "
+            "payload ->> '$.digest' AS digest, payload ->> '$.size' AS size FROM events "
             "WHERE job_id = ? AND type = 'Checkpointed' ORDER BY seq", broker,
             params=[job]).to_pylist()
+        done = sql("SELECT payload ->> '$.outputs' AS outputs FROM events WHERE job_id = ? AND "
+                   "type = 'JobCompleted' ORDER BY seq DESC LIMIT 1", broker,
+                   params=[job]).to_pylist()
+        outputs = (_j(done[0]["outputs"]) or {}) if done else {}
         doc = {"job_id": job, "name": row["name"], "state": row["state"],
                "sweep_id": row["sweep_id"], "model_type": row["model_type"],
                "node": row["node"], "error": row["error"] or None,
@@ -133,7 +138,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
                "params": _j(row["params"]), "seed": spec.get("seed"),
                "resources": spec.get("resources"), "metrics": _j(row["metrics"]),
                "code": spec.get("code") or {}, "data": spec.get("data") or {},
-               "attempts": attempts, "checkpoints": checkpoints}
+               "attempts": attempts, "checkpoints": checkpoints, "outputs": outputs}
         if as_json:
             typer.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
             return
@@ -156,4 +161,8 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
                                           else "")
                        + (f": {a['error']}" if a["error"] else ""))
         for c in checkpoints:
-            typer.echo(f"  checkpoint {c['path']} (step {c['step']})")
+            kept = (f", {int(c['size'] or 0):,} bytes in the store" if c["digest"] else
+                    ", not stored")
+            typer.echo(f"  checkpoint {c['path']} (step {c['step']}{kept})")
+        if outputs:
+            typer.echo(f"  outputs ({len(outputs)}, `evo pull {job}`): {', '.join(sorted(outputs))}")
