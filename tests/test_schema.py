@@ -45,6 +45,8 @@ def _within(old, new) -> bool:  # noqa: ANN001
     """``new`` holds ``old``: nested structs may have grown fields (with defaults) since v1."""
     if isinstance(old, dict) and isinstance(new, dict):
         return all(k in new and _within(v, new[k]) for k, v in old.items())
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_within(o, n) for o, n in zip(old, new))
     return old == new
 
 
