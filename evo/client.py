@@ -120,6 +120,7 @@ class Client:
         self.address = find_broker(broker, home)
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
+        self._monitors: dict[zmq.Socket, zmq.Socket] = {}
         self.sock = self._socket(zmq.DEALER, self.address)
         self._req = 0
         self._early: dict[int, p.Reply] = {}
@@ -138,13 +139,44 @@ class Client:
             sock.curve_serverkey = self.key.broker_public
             sock.curve_publickey = self.key.public
             sock.curve_secretkey = self.key.secret
+            if kind == zmq.DEALER:  # a refused handshake is told here, not by an answer
+                self._monitors[sock] = sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         sock.connect(_reachable(endpoint, self.address))
         return sock
 
+    def _wait(self, sock: zmq.Socket, timeout_ms: int) -> bool:
+        """Whether ``sock`` has an answer within ``timeout_ms``; CommandRejected (exit 2) at
+        once if the broker refuses this client's key in the handshake."""
+        monitor = self._monitors.get(sock)
+        if monitor is None:
+            return bool(sock.poll(timeout_ms))
+        from zmq.utils.monitor import parse_monitor_message
+
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_ms / 1000
+        blind = 0
+        while True:
+            ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if sock in ready or monitor not in ready:
+                return sock in ready
+            event = parse_monitor_message(monitor.recv_multipart())["event"]
+            assert self.key is not None
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the broker said no to this key
+                why = "it does not know it, or it was revoked (`evo keys list` there)"
+            else:  # the broker could not read our hello: sealed for another broker's key
+                blind += 1
+                if blind < 2:
+                    continue
+                why = ("the key file was issued by another broker, or this broker's keys were "
+                       "made anew (`evo keys issue` there gives a new one)")
+            raise CommandRejected(p.Error(code="unauthorized", message=(
+                f"the broker at {self.address} refuses key {self.key.name!r}: {why}")))
+
     def _no_answer(self, where: str, timeout_s: float) -> BrokerUnavailable:
-        hint = (f" (with key {self.key.name!r}: if the broker does not know it, or it was "
-                "revoked, the broker refuses it without an answer)") if self.key else ""
-        return BrokerUnavailable(f"no answer from {where} within {timeout_s:g}s{hint}")
+        return BrokerUnavailable(f"no answer from {where} within {timeout_s:g}s")
 
     def _next_req(self) -> int:
         self._req += 1
@@ -169,7 +201,7 @@ class Client:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+            if left <= 0 or not self._wait(self.sock, int(left * 1000) + 1):
                 raise self._no_answer(f"the broker at {self.address}", self.timeout_s)
             reply = p.reply_decoder.decode(self.sock.recv())
             if reply.req == req:
@@ -414,10 +446,14 @@ class Client:
         try:
             sock.send(p.command_encoder.encode(p.Query(req=1, sql=sql, params=list(params),
                                                        as_of=as_of, kind=kind)))
-            if not sock.poll(int(timeout_s * 1000)):
+            if not self._wait(sock, int(timeout_s * 1000)):
                 raise self._no_answer(f"the projection at {endpoint}", timeout_s)
             reply = self._check(p.reply_decoder.decode(sock.recv()))
         finally:
+            monitor = self._monitors.pop(sock, None)
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(0)
             sock.close(0)
         assert isinstance(reply, p.QueryResult)
         return reply
