@@ -40,7 +40,7 @@ from evo import failpoints
 from evo.events.codec import EventDecodeError, pack_batch
 from evo.events.log import CorruptLog, LogWriteError, SegmentLog
 from evo.errors import BadInput, EvoError
-from evo.home import is_loopback, read_broker_file, write_broker_file
+from evo.home import is_loopback, mark_home, read_broker_file, write_broker_file
 from evo.keys import has_keys
 
 from .auth import Gate
@@ -88,6 +88,7 @@ class Broker:
         self.home = Path(home).absolute()
         self.notifier = Notifier(notify) if notify else None  # `--notify CMD`
         self.home.mkdir(parents=True, exist_ok=True)
+        mark_home(self.home)
         if not is_loopback(bind) and not allow_remote and not has_keys(self.home):
             raise BadInput(
                 f"refusing to bind {bind}: a non-loopback bind needs keys, and {self.home} has "

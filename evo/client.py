@@ -116,7 +116,8 @@ class Client:
         from evo.home import evo_home
         from evo.keys import find_key
 
-        self.key = find_key(key, evo_home(home))  # a bad key file is said first
+        self.home = evo_home(home)
+        self.key = find_key(key, self.home)  # a bad key file is said first
         self.address = find_broker(broker, home)
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
@@ -247,7 +248,8 @@ class Client:
             if _needs_tree(spec):
                 assert spec.workdir is not None
                 if spec.workdir not in trees:
-                    manifest, where = build_tree(spec.workdir, self._hashes)
+                    manifest, where = build_tree(spec.workdir, self._hashes,
+                                                 exclude=(self.home,))
                     raw = encode_manifest(manifest)
                     trees[spec.workdir] = digest_bytes(raw)
                     blobs[trees[spec.workdir]] = raw

@@ -25,6 +25,7 @@ from pathlib import Path
 import msgspec
 
 from evo.errors import BadInput
+from evo.home import HOME_MARK
 
 IGNORE_FILE = ".evoignore"
 # Never a job's code: version control, evo's own homes, environments and caches.
@@ -159,10 +160,13 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
     return False
 
 
-def code_files(workdir: Path, most: int | None = None) -> tuple[Path, str, list[str]]:
+def code_files(workdir: Path, most: int | None = None,
+               exclude: tuple[Path, ...] = ()) -> tuple[Path, str, list[str]]:
     """(the tree's top, the working directory inside it, the files' '/'-paths from the top).
-    A folder walk stops past ``most`` files (a home folder is not read to its end to be told
-    it is too big)."""
+    Never inside an evo home (a folder with HOME_MARK, or one of ``exclude``), whatever its
+    name. A folder walk stops past ``most`` files (a home folder is not read to its end to be
+    told it is too big)."""
+    skip = {Path(p).absolute() for p in exclude}
     workdir = Path(workdir).absolute()
     top_out = _git(workdir, "rev-parse", "--show-toplevel")
     if top_out is not None:
@@ -170,11 +174,14 @@ def code_files(workdir: Path, most: int | None = None) -> tuple[Path, str, list[
         listed = _git(top, "ls-files", "-z", "--cached", "--others", "--exclude-standard") or b""
         names = sorted({n for n in listed.decode(errors="surrogateescape").split("\0") if n})
         names = [n for n in names if not (set(n.split("/")) & SKIP_DIRS)]
+        homes = _homes_among(top, names, skip)
+        names = [n for n in names if not any(n.startswith(h) for h in homes)]
     else:
         top = workdir
         names = []
         for dirpath, dirs, files in os.walk(top):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS
+                             and not _is_home(Path(dirpath, d), skip))
             rel = Path(dirpath).relative_to(top)
             names += [(rel / f).as_posix() for f in sorted(files)]
             if most is not None and len(names) > most:
@@ -188,15 +195,36 @@ def code_files(workdir: Path, most: int | None = None) -> tuple[Path, str, list[
     return top, "" if inside == "." else inside, names
 
 
-def build_tree(workdir: Path | str, hashes: HashCache | None = None
-               ) -> tuple[Manifest, dict[str, Path]]:
+def _is_home(path: Path, skip: set[Path]) -> bool:
+    return (path / HOME_MARK).exists() or path.absolute() in skip
+
+
+def _homes_among(top: Path, names: list[str], skip: set[Path]) -> list[str]:
+    """The '/'-prefixes of ``names`` that are evo homes (each folder looked at once)."""
+    seen: dict[str, bool] = {}
+    homes = []
+    for name in names:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in seen:
+                seen[d] = _is_home(top / d, skip)
+                if seen[d]:
+                    homes.append(d + "/")
+            if seen[d]:
+                break
+    return homes
+
+
+def build_tree(workdir: Path | str, hashes: HashCache | None = None,
+               exclude: tuple[Path, ...] = ()) -> tuple[Manifest, dict[str, Path]]:
     """The manifest of a job's code in ``workdir`` and where each digest's bytes are.
 
     Bounded: past EVO_MAX_CODE_MB (256) or EVO_MAX_CODE_FILES (20,000) it is refused with the
     largest files named, before anything is sent."""
     hashes = hashes or HashCache()
     limit_bytes, limit_files = max_code_bytes(), max_code_files()
-    top, inside, names = code_files(Path(workdir), most=limit_files)
+    top, inside, names = code_files(Path(workdir), most=limit_files, exclude=exclude)
     sized: list[tuple[str, Path, os.stat_result]] = []
     total = 0
     for name in names:

@@ -26,6 +26,20 @@ def evo_home(home: str | os.PathLike[str] | None = None) -> Path:
     return Path(home or os.environ.get("EVO_HOME") or ".evo").absolute()
 
 
+HOME_MARK = ".evo-home"  # in every home a broker or node uses: never a job's code (content.py)
+
+
+def mark_home(home: Path) -> None:
+    """Say that ``home`` is evo's (whatever its name), so that a job's files never include it."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        mark = home / HOME_MARK
+        if not mark.exists():
+            mark.write_text("evo's home: the log, the store, caches. Not a job's code.\n")
+    except OSError:
+        pass  # a read-only home: the bound and .evoignore still apply
+
+
 def broker_file(home: Path) -> Path:
     return home / "broker.json"
 

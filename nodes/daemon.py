@@ -31,7 +31,7 @@ from evo.broker import protocol as p
 from evo.client import BrokerUnavailable, Client, CommandRejected
 from evo.events.schema import GpuInfo
 from evo.errors import BadInput
-from evo.home import NoBroker
+from evo.home import NoBroker, mark_home
 from evo.keys import LOCAL, find_key
 
 from . import core as c
@@ -102,6 +102,7 @@ class NodeDaemon:
         self.runs: dict[str, Run] = {}
         # jobs' files, by digest, for every node of this machine's home
         home = Path(os.environ.get("EVO_HOME", ".evo")).absolute()
+        mark_home(home)
         cache = Cache(home / "cache", int(cache_gb * (1 << 30)))
         self.stager = Stager(cache, lambda: Client(self.broker, timeout_s=30.0), self.work / "jobs")
         self.uploader = Uploader(cache, lambda: Client(self.broker, timeout_s=60.0))

@@ -75,6 +75,10 @@ def test_a_git_tree_is_its_tracked_and_unignored_files_from_the_top(tmp_path):
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "lib.py", "exp/run.py", ".gitignore"], check=True)
     subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    from evo.home import mark_home
+
+    mark_home(repo / "runs" / "h")  # an evo home, untracked: never code
+    (repo / "runs" / "h" / "broker.json").write_text("{}")
     top, inside, names = code_files(repo / "exp")
     assert top.resolve() == repo.resolve() and inside == "exp"
     assert names == [".gitignore", "exp/new.py", "exp/run.py", "lib.py"]  # data.csv ignored
@@ -263,3 +267,16 @@ def test_evo_input_says_where_an_input_is(monkeypatch, tmp_path):
     assert evo.input("/data/x.csv") == Path("/cache/inputs/ab/x.csv")
     assert evo.input("y.csv") == Path("y.csv")
 
+
+
+def test_an_evo_home_in_the_folder_is_never_code_whatever_its_name(tmp_path):
+    from evo.home import mark_home
+
+    proj = _project(tmp_path / "proj")
+    mark_home(proj / "home")  # a broker's or node's home, as tests and some users name it
+    (proj / "home" / "log").mkdir()
+    (proj / "home" / "log" / "000001.seg").write_bytes(b"\0" * 10)
+    (proj / "other-home").mkdir()
+    (proj / "other-home" / "x").write_text("the client's own, unmarked")
+    _, _, names = code_files(proj, exclude=(proj / "other-home",))
+    assert names == ["data/words.txt", "train.py"]
