@@ -13,7 +13,7 @@ each configuration validated walk-forward and scored on the last ``--last`` seas
 All three call the same trainer function, so the ratio is the cost of the orchestration.
 It checks that the three agree on the best AUC.
 
-    python bench/grid.py [--last 4] [--limit N]
+    python bench/grid.py [--last 4] [--limit N] [--order written] [--evo-only]
 """
 
 from __future__ import annotations
@@ -38,13 +38,21 @@ def trial(params: dict) -> float:
     return run("XGBoost", seed=42, **params)["auc"]
 
 
+def timed_trial(params: dict) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    return trial(params), time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--last", type=int, default=4, help="scored seasons per configuration")
     ap.add_argument("--limit", type=int, default=0, help="only the first N configurations")
+    ap.add_argument("--order", choices=("longest_first", "written"), default="longest_first",
+                    help="the order evo starts the trials in (the peers: as written)")
+    ap.add_argument("--evo-only", action="store_true", help="skip joblib and optuna")
     a = ap.parse_args()
     spec = load_sweep(ROOT / "configs" / "sweeps" / "xgboost_grid.yaml")
-    spec.params["last"] = a.last
+    spec.params["last"], spec.order = a.last, a.order
     written = load_sweep(ROOT / "configs" / "sweeps" / "xgboost_grid.yaml")
     written.params["last"], written.order = a.last, "written"
     jobs, peers = job_specs(spec), job_specs(written)
@@ -69,8 +77,10 @@ def main() -> None:
                     best_evo = ev.best_job
                     done = ev.completed
                     break
-            aucs = {e.job_id: e.metrics["auc"] for e in c.read_all(reply.seq - len(jobs))
-                    if type(e).__name__ == "JobCompleted"}
+            finished = [e for e in c.read_all(reply.seq - len(jobs))
+                        if type(e).__name__ == "JobCompleted"]
+            aucs = {e.job_id: e.metrics["auc"] for e in finished}
+            busy = sum(e.duration_s for e in finished)  # slot-seconds the trials took
         import psutil
 
         cpu = {name: sum(psutil.Process(proc.pid).cpu_times()[:2])
@@ -82,13 +92,21 @@ def main() -> None:
           f"   (CPU: broker {cpu['broker']:.2f} s, node daemon {cpu['node']:.2f} s: "
           f"{(cpu['broker'] + cpu['node']) / len(jobs) * 324:.2f} s per 324 trials, "
           f"target <= 1 s)", flush=True)
+    print(f"        trials took {busy:.1f} slot-s in all; idle or lost {2 * evo_wall - busy:.1f} "
+          f"slot-s", flush=True)
 
+    if a.evo_only:
+        return
     from joblib import Parallel, delayed
 
     t0 = time.perf_counter()
-    jl = Parallel(n_jobs=2)(delayed(trial)(p) for p in configs)
+    timed = Parallel(n_jobs=2)(delayed(timed_trial)(p) for p in configs)
     jl_wall = time.perf_counter() - t0
+    jl = [auc for auc, _ in timed]
+    jl_busy = sum(dt for _, dt in timed)
     print(f"joblib  (n_jobs=2)                 {jl_wall:8.1f} s   best auc {max(jl):.6f}", flush=True)
+    print(f"        trials took {jl_busy:.1f} slot-s in all; idle or lost {2 * jl_wall - jl_busy:.1f} "
+          f"slot-s", flush=True)
 
     import optuna
 

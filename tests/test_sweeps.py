@@ -61,8 +61,11 @@ space:
     assert configurations(other) != configurations(load_sweep(write(tmp_path, text)))
 
 
-def test_trials_start_longest_expected_first_unless_the_written_order_is_asked_for(tmp_path):
+def test_trials_start_in_the_order_written_or_longest_expected_first_when_asked(tmp_path):
     grid = load_sweep(ROOT / "configs" / "sweeps" / "xgboost_grid.yaml")
+    as_written = [(j.params["max_depth"], j.params["n_estimators"]) for j in job_specs(grid)]
+    assert as_written[0] == (3, 100) and as_written[-1] == (9, 500)  # the default
+    grid.order = "longest_first"
     costs = [j.params["n_estimators"] * j.params["max_depth"] for j in job_specs(grid)]
     assert costs == sorted(costs, reverse=True) and costs[0] == 500 * 9 and costs[-1] == 100 * 3
     first = job_specs(grid)[:2]  # ties keep the order written
@@ -74,7 +77,7 @@ def test_trials_start_longest_expected_first_unless_the_written_order_is_asked_f
     assert [(c["max_depth"], c["n_estimators"]) for c in configurations(written)] == [
         (3, 100), (3, 500), (9, 100), (9, 500)]
     cmd = load_sweep(write(tmp_path, "name: c\ncommand: [x, '{a}', '{b}']\ncost: [a, b]\n"
-                                     "space: {a: [1, 3], b: [5, 2]}"))
+                                     "order: longest_first\nspace: {a: [1, 3], b: [5, 2]}"))
     assert [j.command for j in job_specs(cmd)] == [["x", "3", "5"], ["x", "3", "2"],
                                                    ["x", "1", "5"], ["x", "1", "2"]]
     plain = load_sweep(write(tmp_path, "name: p\ncommand: [x, '{a}']\nspace: {a: [1, 3]}"))
