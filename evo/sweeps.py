@@ -9,8 +9,8 @@ Trials are submitted in the order written. ``order: longest_first`` submits them
 expected first, so that a sweep of a few long trials does not end with one slot busy and the
 others idle: a trial's expected cost is the product of the parameters named in ``cost`` (for
 the tree trainers by default ``n_estimators`` x ``max_depth``, for MLP ``epochs``), ties in
-the order written. It is not the default: on the seed's grid it made the trials themselves 8%
-slower (the heaviest ones side by side; README, Grid) for a tail it barely shortens. Everything is
+the order written. It is not the default: on the seed's grid it showed no gain (there is
+almost no tail to save; docs/decisions.md). Everything is
 checked before anything is submitted: an unknown trainer, a parameter of the wrong type or out
 of bounds, an empty list, an unknown placeholder; each error names the file, the path
 (``$.space.max_depth[2]``) and what was expected.
