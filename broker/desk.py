@@ -71,6 +71,11 @@ def validate_spec(spec: JobSpec, state: BrokerState | None = None,
     bad = _text_error(spec)
     if bad:
         raise InvalidSpec(bad)
+    for i, pattern in enumerate(spec.outputs):  # globs in the job's folder, never outside it
+        parts = pattern.replace("\\", "/").split("/")
+        if not pattern or pattern.startswith("/") or ".." in parts:
+            raise InvalidSpec(f"$.spec.outputs[{i}]: expected a glob relative to the job's "
+                              f"folder, without '..', got {pattern!r}")
     if state is not None and spec.after:
         for i, dep in enumerate(spec.after):
             if dep not in state.jobs:

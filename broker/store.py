@@ -51,20 +51,29 @@ class ContentStore:
         if have is None:
             have = self._resume(part)
         got, h = have
-        if offset != got or got + len(data) > size:
-            return got
-        part.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "ab") as f:
-            f.write(data)
+        if got < size:  # (all of it arrived before a restart: it is finished below)
+            if offset != got or got + len(data) > size:
+                return got
+            part.parent.mkdir(parents=True, exist_ok=True)
+            with open(part, "ab") as f:
+                try:
+                    f.write(data)
+                    f.flush()
+                    if got + len(data) == size:
+                        os.fsync(f.fileno())
+                except OSError:
+                    f.truncate(got)  # a full disk: what was taken stays, nothing half-written
+                    self._partial.pop(digest, None)
+                    raise
             got += len(data)
             h.update(data)
-            if got == size:
-                f.flush()
-                os.fsync(f.fileno())
         if got < size:
             self._partial[digest] = (got, h)
             return got
         self._partial.pop(digest, None)
+        if not part.exists():  # an empty file: nothing was written
+            part.parent.mkdir(parents=True, exist_ok=True)
+            part.touch()
         if h.hexdigest() != digest:
             part.unlink(missing_ok=True)
             raise StoreError(f"the {size:,} bytes sent for {digest[:12]} hash to "
@@ -105,10 +114,14 @@ class ContentStore:
         """Why a job naming the code ``tree`` and ``inputs`` (path -> digest) cannot be
         accepted yet ("" when everything is stored)."""
         for path, digest in inputs.items():
+            if os.path.isabs(path) and not is_digest(digest):
+                return f"input {path}: {digest[:80]!r} is not a sha256 digest"
             if os.path.isabs(path) and not self.has(digest):
                 return f"input {path} ({digest[:12]}) is not in the broker's store"
         if not tree or tree in self._whole_trees:
             return ""
+        if not is_digest(tree):
+            return f"code tree {tree[:80]!r} is not a sha256 digest"
         if not self.has(tree):
             return f"code tree {tree[:12]} is not in the broker's store"
         try:

@@ -167,9 +167,10 @@ class Client:
             assert self.key is not None
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the broker said no to this key
                 why = "it does not know it, or it was revoked (`evo keys list` there)"
-            else:  # the broker could not read our hello: sealed for another broker's key
+            else:  # the broker could not read our hello: sealed for another broker's key (a
+                # broker going away mid-handshake drops one, not one after another)
                 blind += 1
-                if blind < 2:
+                if blind < 5:
                     continue
                 why = ("the key file was issued by another broker, or this broker's keys were "
                        "made anew (`evo keys issue` there gives a new one)")

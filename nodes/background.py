@@ -79,12 +79,19 @@ class Background:
     def _work(self, item: Any) -> Any:  # what the thread does with one item: its result
         raise NotImplementedError
 
+    def _failed(self, item: Any, why: str) -> Any:  # the result of an item whose work raised
+        raise NotImplementedError
+
     def _loop(self) -> None:
         while True:
             item = self._todo.get()
             if item is None:
                 return
-            result = self._work(item)
+            try:
+                result = self._work(item)
+            except Exception as exc:  # noqa: BLE001 - the thread must live: the item failed
+                log.exception("%s: %r failed", self.name, item)
+                result = self._failed(item, f"{type(exc).__name__}: {exc}")
             with self._lock:
                 self._done.append(result)
             try:

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class Cache:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.in_use: dict[str, int] = {}  # tree keys and blob digests of running jobs
+        self._lock = threading.Lock()  # the loop and the staging and upload threads count it
         for sub in ("blobs", "trees", "inputs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -78,14 +80,23 @@ class Cache:
         """A copy of the local file ``path`` among the blobs, hashed on the way (a snapshot:
         the file may change once copied): (digest, size, the cached file)."""
         tmp = self._tmp()
-        h = hashlib.sha256()
-        size = 0
         try:
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    h.update(chunk)
-                    dst.write(chunk)
-                    size += len(chunk)
+            for _ in range(3):  # a file written while it was copied is copied again
+                before = os.stat(path)
+                h = hashlib.sha256()
+                size = 0
+                with open(path, "rb") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        h.update(chunk)
+                        dst.write(chunk)
+                        size += len(chunk)
+                after = os.stat(path)
+                if (before.st_ino, before.st_size, before.st_mtime_ns) == \
+                        (after.st_ino, after.st_size, after.st_mtime_ns) == \
+                        (after.st_ino, size, after.st_mtime_ns):
+                    break
+            else:
+                raise OSError(f"{path} kept changing while it was copied")
             digest = h.hexdigest()
             blob = self.blob_path(digest)
             if not self.intact(blob, size):
@@ -139,13 +150,26 @@ class Cache:
 
     def named(self, digest: str, name: str, size: int, fetch: Fetch) -> Path:
         """An input's cached file under its own name (``inputs/DIGEST/NAME``)."""
-        target = self.root / "inputs" / digest / (Path(name).name or "input")
+        base = Path(name).name
+        target = self.root / "inputs" / digest / (base if base not in ("", ".", "..") else "input")
         if not self.intact(target, size):
             self._place(target, self.blob(digest, fetch, size), exe=False)
         os.utime(target.parent)
         return target
 
     # --- bounded by size ----------------------------------------------------------------------
+
+    def hold(self, key: str) -> None:
+        with self._lock:
+            self.in_use[key] = self.in_use.get(key, 0) + 1
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            n = self.in_use.get(key, 0) - 1
+            if n > 0:
+                self.in_use[key] = n
+            else:
+                self.in_use.pop(key, None)
 
     def usage(self) -> int:
         total = 0
@@ -160,6 +184,10 @@ class Cache:
     def evict(self) -> list[str]:
         """Remove what no running job uses, oldest use first, until the cache fits its bound
         (trees and named inputs first: their files are links to blobs); what was removed."""
+        with self._lock:
+            return self._evict()
+
+    def _evict(self) -> list[str]:
         gone: list[str] = []
         total = self.usage()
         if total <= self.max_bytes:

@@ -346,8 +346,11 @@ class NodeDaemon:
                 for body in run.reports(final=True):  # whatever it wrote last
                     self._report(run, body)
                 if rc == 0 and not run.cancelled:
-                    uploads, notes = output_uploads(job_id, run.grant.lease_epoch, run.workdir,
-                                                    run.declared, run.grant.spec.outputs)
+                    try:
+                        uploads, notes = output_uploads(job_id, run.grant.lease_epoch, run.workdir,
+                                                        run.declared, run.grant.spec.outputs)
+                    except (OSError, ValueError, NotImplementedError, RuntimeError) as exc:
+                        uploads, notes = [], [f"its outputs could not be listed: {exc}"]
                     for text in notes:
                         run.note(text)
                     for upload in uploads:

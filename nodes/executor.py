@@ -45,9 +45,10 @@ OUTPUT_BYTES = 256 << 10  # of stdout parsed for progress lines per look (4x at 
 
 
 def relocated(value, paths: dict[str, str]):  # noqa: ANN001, ANN201 - argv, params
-    """``value`` (an argv list, a params dict) with every recorded input path that is
-    elsewhere on this node replaced by where it is: a whole argument or value, or one that
-    ends in ``=PATH`` (``--data=PATH``)."""
+    """``value`` (an argv list, a params dict) with every recorded path that is elsewhere on
+    this node replaced by where it is: a whole argument or value, one that ends in ``=PATH``
+    (``--data=PATH``), or one under a moved folder (``/home/me/proj/train.py`` when the job's
+    folder runs from a copy)."""
     if not paths:
         return value
     if isinstance(value, dict):
@@ -60,6 +61,9 @@ def relocated(value, paths: dict[str, str]):  # noqa: ANN001, ANN201 - argv, par
         head, eq, tail = value.rpartition("=")
         if eq and tail in paths:
             return f"{head}={paths[tail]}"
+        for old, new in paths.items():
+            if value.startswith(old + "/"):
+                return new + value[len(old):]
     return value
 
 

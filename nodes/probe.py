@@ -99,9 +99,15 @@ def sample() -> tuple[dict, list[GpuSample]]:
     nv = _nvml()
     if nv is not None:
         for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
-            gpus.append(GpuSample(index=i, util=float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                                  vram_used_gb=round(mem.used / 2**30, 3),
+            try:  # a GPU in MIG mode has no utilization to give: its memory only
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                mem = nv.nvmlDeviceGetMemoryInfo(h)
+                try:
+                    busy = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+                except Exception:  # noqa: BLE001 - NOT_SUPPORTED
+                    busy = 0.0
+            except Exception:  # noqa: BLE001 - a GPU fallen off the bus: not sampled
+                continue
+            gpus.append(GpuSample(index=i, util=busy, vram_used_gb=round(mem.used / 2**30, 3),
                                   vram_total_gb=round(mem.total / 2**30, 3)))
     return util, gpus

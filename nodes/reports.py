@@ -84,7 +84,8 @@ def from_record(rec: Any, notes: Notes, checkpoints: str | None = None
         if rel is None:
             return refused(kind, f"$.path: {body.path!r} leads outside the checkpoint folder "
                                  f"{checkpoints}", notes)
-        body = msgspec.structs.replace(body, path=rel)
+        # the digest is the node's to say, once it has sent the files: never the job's
+        body = msgspec.structs.replace(body, path=rel, digest="", size=0)
     bad = p.report_error(body)
     return refused(kind, bad, notes) if bad else body
 

@@ -90,11 +90,12 @@ def place(spec: JobSpec, cache: Cache, hashes: HashCache, fetch: Fetch,
         if not in_place:
             sized = {rel: (dg, _size(cache, dg, fetch)) for rel, dg in inside.items()}
             key = digest_bytes(f"{spec.tree}\0{sorted(sized.items())}".encode())
-            cache.in_use[key] = cache.in_use.get(key, 0) + 1
+            cache.hold(key)
             holds.append(key)
             folder = cache.tree(key, manifest, sized, fetch)
             workdir = str(folder / manifest.workdir if manifest.workdir else folder)
             paths.update({str(top / rel): str(folder / rel) for rel in inside})
+            paths[str(top)] = str(folder)  # `python /abs/path/train.py` runs the copy too
             why = (f"its folder {original} is not on this node" if not there else
                    f"files in {original} differ from those it was submitted with")
             notes.append(f"{why}: it runs in a copy of those, {workdir}")
@@ -102,7 +103,7 @@ def place(spec: JobSpec, cache: Cache, hashes: HashCache, fetch: Fetch,
         if hashes.matches(path, digest):
             continue
         local = cache.named(digest, path, _size(cache, digest, fetch), fetch)
-        cache.in_use[digest] = cache.in_use.get(digest, 0) + 1
+        cache.hold(digest)
         holds.append(digest)
         paths[path] = str(local)
         notes.append(f"input {path} "
@@ -142,20 +143,25 @@ class Stager(Background):
 
     def ready(self) -> list[tuple[LeaseGrant, Placement]]:
         done = super().ready()
-        for grant, _ in done:
+        out = []
+        for grant, placement in done:
             self.pending.pop(grant.job_id, None)
-        return done
+            with self._lock:  # cancelled after it was staged, before it was read here
+                if grant.job_id in self._cancelled:
+                    self._cancelled.discard(grant.job_id)
+                    placement = placement._replace(cancelled=True)
+            out.append((grant, placement))
+        return out
 
     def release(self, placement: Placement) -> None:
         """The job that ``placement`` was for has ended: its cache entries may be evicted."""
         for key in placement.holds:
-            n = self.cache.in_use.get(key, 0) - 1
-            if n > 0:
-                self.cache.in_use[key] = n
-            else:
-                self.cache.in_use.pop(key, None)
+            self.cache.release(key)
 
     # --- the thread ---------------------------------------------------------------------------
+
+    def _failed(self, grant: LeaseGrant, why: str) -> tuple[LeaseGrant, Placement]:
+        return grant, Placement(error=f"could not stage the job's files: {why}")
 
     def _work(self, grant: LeaseGrant) -> tuple[LeaseGrant, Placement]:
         with self._lock:
@@ -197,7 +203,7 @@ class Stager(Background):
         try:
             manifest = self._manifest(grant.resume)
             restored = restore(manifest, folder, self.cache, self.hashes, self._fetch)
-        except StoreFailed as exc:  # start from nothing rather than not at all
+        except (StoreFailed, OSError, ValueError) as exc:  # start from nothing, not never
             note = f"its checkpoint {grant.resume[:12]} could not be restored ({exc}): it starts anew"
             return placement._replace(how="\n".join(filter(None, [placement.how, note])))
         note = (f"checkpoint at step {grant.resume_step} restored into {folder} "

@@ -86,6 +86,9 @@ class Uploader(Background):
                 self.pending.pop(sent.upload.job_id, None)
         return done
 
+    def _failed(self, upload: Upload, why: str) -> Sent:
+        return Sent(upload, error=why)
+
     def _work(self, upload: Upload) -> Sent:
         try:
             manifest, where = snapshot(self.cache, upload.base, upload.paths)
@@ -96,6 +99,11 @@ class Uploader(Background):
             self.call("send it to the broker's store", lambda client: client.send_files(blobs))
         except (StoreFailed, OSError, ValueError) as exc:
             return Sent(upload, error=str(exc))
+        finally:
+            try:
+                self.cache.evict()  # checkpoints made here count against the bound too
+            except OSError:
+                pass
         return Sent(upload, digest=digest, size=sum(e.size for e in manifest.files))
 
 

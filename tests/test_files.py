@@ -7,6 +7,7 @@ have come from the store.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -280,3 +281,46 @@ def test_an_evo_home_in_the_folder_is_never_code_whatever_its_name(tmp_path):
     (proj / "other-home" / "x").write_text("the client's own, unmarked")
     _, _, names = code_files(proj, exclude=(proj / "other-home",))
     assert names == ["data/words.txt", "train.py"]
+
+
+def test_a_blob_received_whole_before_a_restart_is_finished_and_an_empty_one_kept(tmp_path):
+    data = b"x" * 5000
+    d = digest_bytes(data)
+    part = tmp_path / "store" / "partial" / d
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data)  # every byte synced, then the broker died before the rename
+    store = ContentStore(tmp_path / "store")
+    assert store.put(d, len(data), 4000, data[4000:]) == 5000 and store.has(d)
+    empty = digest_bytes(b"")
+    assert store.put(empty, 0, 0, b"") == 0 and store.read(empty, 0, 10) == (b"", 0)
+
+
+def test_a_submit_with_a_digest_that_is_not_one_is_refused_and_the_broker_lives(tbroker):
+    b = tbroker()
+    with b.client() as c:
+        for spec in (JobSpec(command=["true"], tree="not-a-digest"),
+                     JobSpec(command=["true"], data={"/a.csv": "abc"})):
+            with pytest.raises(CommandRejected, match="is not a sha256 digest"):
+                c.request(p.Submit(spec=spec))
+        with pytest.raises(CommandRejected, match=r"outputs\[0\]: expected a glob relative"):
+            c.request(p.Submit(spec=JobSpec(command=["true"], outputs=["/tmp/*.pt"])))
+        assert c.status().jobs == {}  # and it still answers
+
+
+def test_moved_paths_are_rewritten_whole_after_an_equals_sign_or_under_a_moved_folder():
+    from evo.nodes.executor import relocated
+
+    moved = {"/data/x.csv": "/cache/x.csv", "/home/me/proj": "/cache/trees/k"}
+    assert relocated(["python", "/home/me/proj/train.py", "--data=/data/x.csv", "/data/x.csv",
+                      "/home/me/project/other.py"], moved) == [
+        "python", "/cache/trees/k/train.py", "--data=/cache/x.csv", "/cache/x.csv",
+        "/home/me/project/other.py"]
+    assert relocated({"data": "/data/x.csv", "n": 3}, moved) == {"data": "/cache/x.csv", "n": 3}
+
+
+def test_a_job_cannot_name_a_stored_checkpoint_itself(tmp_path):
+    from evo.nodes import reports
+
+    line = json.dumps({"kind": "checkpoint", "path": "c.pt", "digest": "a" * 64, "size": 9})
+    body = reports.from_line(line.encode(), reports.Notes(), str(tmp_path))
+    assert body.path == "c.pt" and body.digest == "" and body.size == 0
