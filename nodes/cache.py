@@ -37,6 +37,7 @@ class Cache:
         self.max_bytes = max_bytes
         self.in_use: dict[str, int] = {}  # tree keys and blob digests of running jobs
         self._lock = threading.Lock()  # the loop and the staging and upload threads count it
+        self._grown = True  # something was added since the bound was last looked at
         for sub in ("blobs", "trees", "inputs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -72,6 +73,7 @@ class Cache:
             fetch(digest, tmp)
             self.seal(tmp)
             os.replace(tmp, path)
+            self._grown = True
         finally:
             tmp.unlink(missing_ok=True)
         return path
@@ -103,6 +105,7 @@ class Cache:
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 self.seal(tmp)
                 os.replace(tmp, blob)
+                self._grown = True
             else:
                 os.utime(blob, ns=(time.time_ns(), MARK_NS))  # its last use, for eviction
             return digest, size, blob
@@ -185,6 +188,9 @@ class Cache:
         """Remove what no running job uses, oldest use first, until the cache fits its bound
         (trees and named inputs first: their files are links to blobs); what was removed."""
         with self._lock:
+            if not self._grown:  # a job staged from what is here: nothing to look at
+                return []
+            self._grown = False
             return self._evict()
 
     def _evict(self) -> list[str]:
