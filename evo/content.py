@@ -127,9 +127,11 @@ class HashCache:
 # --- which files are a job's code ------------------------------------------------------------
 
 
-def _git(path: Path, *args: str) -> bytes | None:
+def git_output(path: Path, *args: str, timeout_s: float = 30) -> bytes | None:
+    """What ``git -C path ARGS`` prints, or None when it fails (no git, not a tree, slow)."""
     try:
-        r = subprocess.run(["git", "-C", str(path), *args], capture_output=True, timeout=30)
+        r = subprocess.run(["git", "-C", str(path), *args], capture_output=True,
+                           timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout if r.returncode == 0 else None
@@ -168,10 +170,10 @@ def code_files(workdir: Path, most: int | None = None,
     told it is too big)."""
     skip = {Path(p).absolute() for p in exclude}
     workdir = Path(workdir).absolute()
-    top_out = _git(workdir, "rev-parse", "--show-toplevel")
+    top_out = git_output(workdir, "rev-parse", "--show-toplevel")
     if top_out is not None:
         top = Path(top_out.decode().strip()).absolute()
-        listed = _git(top, "ls-files", "-z", "--cached", "--others", "--exclude-standard") or b""
+        listed = git_output(top, "ls-files", "-z", "--cached", "--others", "--exclude-standard") or b""
         names = sorted({n for n in listed.decode(errors="surrogateescape").split("\0") if n})
         names = [n for n in names if not (set(n.split("/")) & SKIP_DIRS)]
         homes = _homes_among(top, names, skip)

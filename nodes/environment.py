@@ -12,6 +12,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from evo.content import git_output
 from evo.events.schema import JobSpec
 
 KEY_PACKAGES = ("evo", "numpy", "scikit-learn", "xgboost", "torch", "pandas", "msgspec", "pyzmq")
@@ -71,11 +72,7 @@ MAX_FILES, MAX_BYTES = 2000, 32 << 20
 
 
 def _run_git(path: Path, *args: str) -> bytes | None:
-    try:
-        r = subprocess.run(["git", "-C", str(path), *args], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout if r.returncode == 0 else None
+    return git_output(path, *args, timeout_s=10)
 
 
 def _hash_files(root: Path, names: list[str], h) -> tuple[int, bool]:  # noqa: ANN001
