@@ -32,7 +32,7 @@ from evo.events.schema import (
 
 from . import protocol as p
 from .cluster import Cluster
-from .liveness import compute_backoff, is_lost
+from .liveness import compute_backoff, is_lost, lost_after
 from .scheduler import decide, explain, never_fits, waiting_for
 from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, QUEUED, TERMINAL, BrokerState,
                     Job)
@@ -574,6 +574,12 @@ class Desk:
         return out
 
     # --- timers -------------------------------------------------------------------------------
+
+    def next_lost(self) -> float | None:
+        """The monotonic time at which the first silent node would count as lost (None: no
+        node), so the server's timer can wait for it instead of looking every moment."""
+        return min((lost_after(seen, self.heartbeat_s.get(node, 2.0))
+                    for node, seen in self.last_seen.items()), default=None)
 
     def tick(self, now: float, mono: float) -> Outcome:
         """Expire the leases of nodes that went silent; fail jobs whose dependency failed."""

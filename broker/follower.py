@@ -41,11 +41,14 @@ from evo.projections.store import Projection, SqlError, query_at
 
 log = logging.getLogger("evo.projections")
 # Without a query, batches are applied only in a quiet moment (no batch for QUIET_S, and at
-# most every APPLY_EVERY_S), or when MAX_PENDING events wait: while trials stream events
-# the follower takes no CPU from them, and a query folds what waits before it is answered.
-APPLY_EVERY_S = 5.0
+# most every APPLY_EVERY_S), or when MAX_PENDING events wait: an apply costs about 50 ms of
+# CPU whatever its size, which on a small machine is taken from the trials; a query folds
+# what waits before it is answered (20,000 events: a fraction of a second), and a stop folds
+# the rest.
+APPLY_EVERY_S = 60.0
 QUIET_S = 1.0
 MAX_PENDING = 20_000
+WAIT_MS = 1000  # the loop's longest sleep: queries and answers wake it, only timers wait
 RETRY_S = 1.0  # after a failed apply or open
 FILE_RETRY_S = 5.0  # answering from memory: how often the file is tried again
 QUERY_THREADS = 2
@@ -89,6 +92,15 @@ class Follower(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop from another thread (it sleeps up to WAIT_MS otherwise)."""
+        wake = self.ctx.socket(zmq.PUSH)
+        wake.setsockopt(zmq.LINGER, 1000)
+        wake.connect(self._wake_at)
+        wake.send(b"")
+        wake.close()
 
     # --- applying -----------------------------------------------------------------------------
 
@@ -244,7 +256,8 @@ class Follower(threading.Thread):
             if better is not None:
                 self._close(proj)
                 proj = better
-        ready = dict(poller.poll(100))
+        ready = dict(poller.poll(100 if proj is None or self.fallback or self.behind
+                                 else WAIT_MS))
         if wake in ready:
             while wake.poll(0):
                 wake.recv()
@@ -332,8 +345,4 @@ class Follower(threading.Thread):
             log.exception("query failed")
             reply = p.Error(req=cmd.req, code="internal", message=f"{type(exc).__name__}: {exc}")
         self._answers.put((ident, reply))
-        wake = self.ctx.socket(zmq.PUSH)
-        wake.setsockopt(zmq.LINGER, 1000)
-        wake.connect(self._wake_at)
-        wake.send(b"")
-        wake.close()
+        self._wake()

@@ -13,6 +13,11 @@ def compute_backoff(attempt: int, *, base_s: float = 1.0, factor: float = 2.0,
     return min(max_s, base_s * factor ** max(attempt - 1, 0))
 
 
+def lost_after(last_seen: float, heartbeat_s: float) -> float:
+    """When a node last seen at ``last_seen`` will have missed MISSED_HEARTBEATS heartbeats."""
+    return last_seen + MISSED_HEARTBEATS * heartbeat_s
+
+
 def is_lost(last_seen: float, now: float, heartbeat_s: float) -> bool:
     """A node is lost once it has missed MISSED_HEARTBEATS heartbeats."""
-    return now - last_seen > MISSED_HEARTBEATS * heartbeat_s
+    return now > lost_after(last_seen, heartbeat_s)

@@ -81,7 +81,7 @@ class Broker:
         allow_remote: bool = False,
         cluster: Cluster | None = None,
         cluster_path: str | os.PathLike[str] | None = None,
-        tick_s: float = 0.2,
+        tick_s: float = 1.0,
         projections: bool = True,
         notify: list[str] | None = None,
     ) -> None:
@@ -116,6 +116,8 @@ class Broker:
                          mono=time.monotonic())
         self.tick_s = tick_s
         self._next_tick = 0.0
+        self._wake_r, self._wake_w = os.pipe()  # stop() wakes the loop through it
+        os.set_blocking(self._wake_w, False)
         self._parked: list[tuple[bytes, p.Ready, float]] = []  # (ident, command, give up at)
         self._parked_seq = -1
         self.max_batch = max_batch
@@ -203,20 +205,29 @@ class Broker:
 
     def stop(self) -> None:
         self._stop.set()
+        try:  # wake the loop's poll (a signal handler's too: the poll would resume after it)
+            os.write(self._wake_w, b"x")
+        except OSError:  # full (a wake is pending anyway) or closed (stopped already)
+            pass
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
 
-    def serve_forever(self, poll_ms: int = 100) -> None:
+    def serve_forever(self, poll_ms: int = 1000) -> None:
+        """Serve until stopped. Between commands the loop sleeps until the next thing that is
+        due: the timer's tick, a node's heartbeat deadline, a parked Ready's deadline (an idle
+        broker wakes about once a second)."""
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                wait = min(poll_ms, max(0, int((self._next_tick - time.monotonic()) * 1000)) + 1)
-                if self._parked:
-                    wait = min(wait, max(0, int((min(d for _, _, d in self._parked)
-                                                 - time.monotonic()) * 1000)) + 1)
+                lost = self.desk.next_lost()
+                if lost is not None and not self.write_error:  # a node's deadline comes first
+                    self._next_tick = min(self._next_tick, lost)
+                due = min([self._next_tick, *(d for _, _, d in self._parked)])
+                wait = min(poll_ms, max(0, int((due - time.monotonic()) * 1000)) + 1)
                 poller.poll(wait)
                 self.run_batch()
         finally:
@@ -517,6 +528,8 @@ class Broker:
             except FileNotFoundError:
                 pass
         os.close(self._lock_fd)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def run_broker(home: str | os.PathLike[str], bind: str = "tcp://127.0.0.1:*", **kw: Any) -> None:

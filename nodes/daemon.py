@@ -237,9 +237,13 @@ class NodeDaemon:
         if self.runs:
             # A warm task's end wakes us through its pipe, a kept process's through the
             # keeper's socket; only processes started here are polled. Progress files are
-            # looked at every LOOK_EVERY_S either way.
+            # looked at when each run's next look is due either way.
             polled = any(r.fd is None and not r.kept for r in self.runs.values())
-            timeout = min(timeout, self.poll_s if polled else LOOK_EVERY_S)
+            # Output is shipped every ship_every_s; an ended run's rest goes a chunk a turn.
+            due = min(min(r.next_look for r in self.runs.values()), self._next_ship)
+            if any(r.ending_at is not None for r in self.runs.values()):
+                due = min(due, time.monotonic() + LOOK_EVERY_S)
+            timeout = min(timeout, self.poll_s if polled else max(0.0, due - time.monotonic()))
         if poller is None:
             poller = zmq.Poller()
         poller.register(self.client.sock, zmq.POLLIN)

@@ -39,7 +39,12 @@ from .progress import MAX_LINE, parse_line
 from .worker import Task
 
 
+# Progress files are looked at every LOOK_EVERY_S in a run's first LOOK_SLOWER_AFTER_S (a
+# short trial's reports arrive promptly), then every LOOK_SLOW_S: a long run's progress a
+# second late costs nothing, and each look wakes the node.
 LOOK_EVERY_S = 0.2
+LOOK_SLOWER_AFTER_S = 5.0
+LOOK_SLOW_S = 1.0
 REPORT_BYTES = 1 << 20  # of the report file per look (8x at the last look)
 OUTPUT_BYTES = 256 << 10  # of stdout parsed for progress lines per look (4x at the last)
 
@@ -215,6 +220,11 @@ class Run:
         return f
 
     @property
+    def next_look(self) -> float:
+        """When its progress files are next looked at (monotonic)."""
+        return self._next_look
+
+    @property
     def pid(self) -> int:
         if self.worker is not None:
             return self.worker.pid
@@ -240,7 +250,8 @@ class Run:
         now = time.monotonic()
         if not final and now < self._next_look:
             return out
-        self._next_look = now + LOOK_EVERY_S
+        self._next_look = now + (LOOK_EVERY_S if now - self.started < LOOK_SLOWER_AFTER_S
+                                 else LOOK_SLOW_S)
         notes = reports.Notes()
         grow = 8 if final else 1
         if self._reports is None and self._wrote("reports"):
