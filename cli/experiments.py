@@ -167,7 +167,19 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         Exit 0 when every metric matches bit for bit and the data is unchanged, else 1."""
         from evo.trainers.audit import audit_job
 
-        ok, lines = audit_job(job, lambda q, ps=(): sql(q, broker, params=ps))
+        def manifest_of(digest: str):  # noqa: ANN202 - the stored manifest, or None
+            import tempfile
+
+            from evo.content import decode_manifest
+
+            try:
+                with client(broker) as c, tempfile.TemporaryDirectory() as tmp:
+                    c.fetch(digest, Path(tmp) / "manifest")
+                    return decode_manifest((Path(tmp) / "manifest").read_bytes())
+            except (EvoError, OSError, ValueError):  # no broker, or not stored: not named
+                return None
+
+        ok, lines = audit_job(job, lambda q, ps=(): sql(q, broker, params=ps), manifest_of)
         for line in lines:
             typer.echo(line)
         if not ok:

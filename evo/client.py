@@ -62,22 +62,6 @@ def make_spec(
                    resources=res, **fields)
 
 
-def with_code(specs: list[JobSpec]) -> list[JobSpec]:
-    """``specs`` with the fingerprint of their code (``JobSpec.code``) where they have none,
-    taken once per folder, now (a later edit shows up in `evo audit`)."""
-    from evo.nodes.environment import code_fingerprint
-
-    prints: dict[str, dict[str, str]] = {}
-    out = []
-    for spec in specs:
-        if spec.workdir and not spec.code:
-            if spec.workdir not in prints:
-                prints[spec.workdir] = code_fingerprint(spec.workdir)
-            spec = msgspec.structs.replace(spec, code=prints[spec.workdir])
-        out.append(spec)
-    return out
-
-
 def input_files(paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
     """``JobSpec.data`` for files a job reads (``--input``): absolute path -> sha256. A path
     that is not a file is BadInput, said before anything is sent."""
@@ -235,28 +219,37 @@ class Client:
     # --- files ----------------------------------------------------------------------------
 
     def with_files(self, specs: list[JobSpec]) -> list[JobSpec]:
-        """``specs`` with their code fingerprinted and their files in the broker's store:
-        the manifest of each folder's code (``JobSpec.tree``) and every input of
-        ``JobSpec.data``, sent once per content (what the store has is not sent again)."""
-        from evo.content import HashCache, build_tree, digest_bytes, encode_manifest
+        """``specs`` with their code recorded (``JobSpec.code``, evo.content.code_record) and
+        their files in the broker's store: the manifest of each folder's code
+        (``JobSpec.tree``) and every input of ``JobSpec.data``, sent once per content (what
+        the store has is not sent again). The record is taken now: a later edit shows up in
+        `evo audit`."""
+        from evo.content import HashCache, build_tree, code_record, digest_bytes, encode_manifest
 
         if self._hashes is None:
             self._hashes = HashCache()
-        trees: dict[str, str] = {}
+        trees: dict[str, tuple[str, dict[str, str]]] = {}  # workdir -> (tree, code record)
+        records: dict[str, dict[str, str]] = {}  # workdir -> its record without a tree
         blobs: dict[str, bytes | str] = {}
         out = []
-        for spec in with_code(specs):
+        for spec in specs:
             if _needs_tree(spec):
                 assert spec.workdir is not None
                 if spec.workdir not in trees:
                     manifest, where = build_tree(spec.workdir, self._hashes,
                                                  exclude=(self.home,))
                     raw = encode_manifest(manifest)
-                    trees[spec.workdir] = digest_bytes(raw)
-                    blobs[trees[spec.workdir]] = raw
+                    tree = digest_bytes(raw)
+                    trees[spec.workdir] = tree, code_record(spec.workdir, manifest, tree)
+                    blobs[tree] = raw
                     for digest, file in where.items():
                         blobs.setdefault(digest, str(file))
-                spec = msgspec.structs.replace(spec, tree=trees[spec.workdir])
+                tree, code = trees[spec.workdir]
+                spec = msgspec.structs.replace(spec, tree=tree, code=spec.code or code)
+            elif spec.workdir and not spec.code:  # a trainer's code is evo's: the commit only
+                if spec.workdir not in records:
+                    records[spec.workdir] = code_record(spec.workdir)
+                spec = msgspec.structs.replace(spec, code=records[spec.workdir])
             for path, digest in spec.data.items():
                 if os.path.isabs(path):
                     blobs.setdefault(digest, path)

@@ -264,3 +264,49 @@ def build_tree(workdir: Path | str, hashes: HashCache | None = None,
                              exe=bool(st.st_mode & stat.S_IXUSR)))
         where[digest] = path
     return Manifest(files=entries, workdir=inside), where
+
+
+# --- the record of a job's code ----------------------------------------------------------------
+
+
+def code_record(workdir: Path | str, manifest: Manifest | None = None,
+                tree: str = "") -> dict[str, str]:
+    """What code a job submitted from ``workdir`` runs, for the record (``JobSpec.code``) and
+    for `evo audit`: the digest of the manifest of the files that go with it (``tree``: the
+    same files, by the same rule) and, in a git tree, the commit. A built-in trainer's code is
+    evo's own (its version is in the attempt's environment): only the commit, if any."""
+    out: dict[str, str] = {}
+    commit = git_output(Path(workdir), "rev-parse", "HEAD", timeout_s=10)
+    if commit is not None:
+        out["git_commit"] = commit.decode().strip()
+    if tree and manifest is not None:
+        out["tree"], out["files"] = tree, str(len(manifest.files))
+    return out
+
+
+def tree_digest(manifest: Manifest) -> str:
+    return digest_bytes(encode_manifest(manifest))
+
+
+def code_changes(recorded: dict[str, str], now: dict[str, str],
+                 before: Manifest | None = None, after: Manifest | None = None,
+                 most: int = 5) -> str:
+    """How the code a job recorded differs from ``now`` ("" when it does not); given the
+    manifests of both, which files changed, were added or are gone."""
+    parts = []
+    if recorded.get("git_commit") != now.get("git_commit"):
+        parts.append(f"git commit {recorded.get('git_commit', 'none')[:12]} -> "
+                     f"{now.get('git_commit', 'none')[:12]}")
+    if "tree" in recorded and recorded["tree"] != now.get("tree"):
+        if before is None or after is None:
+            parts.append("its files differ from those submitted")
+        else:
+            was = {e.path: e.digest for e in before.files}
+            now_ = {e.path: e.digest for e in after.files}
+            names = ([f"{n} changed" for n in sorted(was.keys() & now_.keys()) if was[n] != now_[n]]
+                     + [f"{n} added" for n in sorted(now_.keys() - was.keys())]
+                     + [f"{n} gone" for n in sorted(was.keys() - now_.keys())])
+            more = f" and {len(names) - most} more" if len(names) > most else ""
+            parts.append(", ".join(names[:most]) + more if names
+                         else "its working directory moved inside its tree")
+    return "; ".join(parts)

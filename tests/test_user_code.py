@@ -260,7 +260,7 @@ def test_warm_workers_run_the_code_as_it_is_now_and_audit_sees_the_change(cluste
     first = run_evo("sql", "SELECT job_id FROM jobs ORDER BY submitted_seq LIMIT 1",
                     "--format", "csv", home=home).stdout.split()[1]
     r = run_evo("audit", first, home=home, cwd=proj, env=_env())
-    assert "code changed since it was submitted: the folder's source files differ" in r.stdout
+    assert "code changed since it was submitted: helper.py changed, after.yaml added" in r.stdout
     assert r.returncode == 1  # version was 1, the re-run says 2
 
 
@@ -284,7 +284,7 @@ def test_jobs_show_and_version(cluster, tmp_path):
     assert [json.loads(line)["id"] for line in failed] == [bad]
     assert run_evo("jobs", "--state", "nope", home=home).returncode == 2
     doc = json.loads(run_evo("show", ok, "--json", home=home).stdout)
-    assert doc["workdir"] == str(proj) and doc["code"]["files"] == "2"
+    assert doc["workdir"] == str(proj) and doc["code"]["files"] == "3"  # train.py, mymod.py, data.txt
     assert doc["attempts"][0]["outcome"] == "completed" and doc["metrics"]["loss"] > 0
     text = run_evo("show", bad, home=home).stdout
     assert "attempt 1 on n1: failed" in text and "exit 1" in text

@@ -102,7 +102,29 @@ def same(a: float, b: float) -> bool:
                       and math.isnan(a) and math.isnan(b))
 
 
-def audit_job(job: str, sql: Callable) -> tuple[bool, list[str]]:
+def code_difference(spec: dict, manifest_of: Callable | None = None) -> str:
+    """How the code ``spec`` recorded at submit differs from its folder now ("" when it does
+    not), by the same rule that chose the files that went with it; ``manifest_of(digest)``
+    (the broker's stored manifest, or None) names the files that differ."""
+    from evo.content import build_tree, code_changes, code_record, tree_digest
+    from evo.home import evo_home
+
+    recorded, workdir = spec["code"], spec["workdir"]
+    after = None
+    if "tree" in recorded:
+        try:
+            after, _ = build_tree(workdir, exclude=(evo_home(),))
+        except (BadInput, OSError) as exc:
+            return f"its folder could not be read again ({exc})"
+    now = code_record(workdir, after, tree_digest(after) if after is not None else "")
+    before = None
+    if after is not None and manifest_of is not None and recorded["tree"] != now.get("tree"):
+        before = manifest_of(recorded["tree"])
+    return code_changes(recorded, now, before, after)
+
+
+def audit_job(job: str, sql: Callable,
+              manifest_of: Callable | None = None) -> tuple[bool, list[str]]:
     rows = sql("SELECT state, spec, metrics FROM jobs WHERE job_id = ?", [job]).to_pylist()
     if not rows:
         raise BadInput(f"no job {job!r}")
@@ -132,9 +154,7 @@ def audit_job(job: str, sql: Callable) -> tuple[bool, list[str]]:
             diffs.append(f"  {name}: recorded {a!r}, re-run {b!r} (diff {b - a:+.3g})")
     env_diff = env_differences(env)
     if spec.get("code") and spec.get("workdir"):
-        from evo.nodes.environment import code_changes, code_fingerprint
-
-        changed = code_changes(spec["code"], code_fingerprint(spec["workdir"]))
+        changed = code_difference(spec, manifest_of)
         if changed:  # the likeliest reason for a mismatch; by itself not one
             env_diff.insert(0, f"code changed since it was submitted: {changed}")
     ok = not diffs and not data_diff
