@@ -27,15 +27,11 @@ def _ident(s: str) -> str:
 def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Callable,
              broker_opt) -> None:  # noqa: ANN001
     def leaderboard_table(sweep: str, metric: str, top: int, broker: str | None):  # noqa: ANN202
-        keys = [r["k"] for r in sql(
-            "SELECT DISTINCT unnest(json_keys(params)) AS k FROM leaderboard "
-            "WHERE sweep_id = ? ORDER BY 1", broker, params=[sweep]).to_pylist()]
-        varying = []
-        for k in keys:  # only the parameters that vary make useful columns
-            n = sql("SELECT count(DISTINCT params ->> ?) AS n FROM leaderboard "
-                    "WHERE sweep_id = ?", broker, params=[k, sweep]).to_pylist()[0]["n"]
-            if n > 1:
-                varying.append(k)
+        # only the parameters that vary make useful columns (one query for all of them)
+        varying = [r["k"] for r in sql(
+            "SELECT k, count(DISTINCT params ->> k) AS n FROM (SELECT params, "
+            "unnest(json_keys(params)) AS k FROM leaderboard WHERE sweep_id = ?) "
+            "GROUP BY k ORDER BY k", broker, params=[sweep]).to_pylist() if r["n"] > 1]
         cols = "".join(f", params ->> ? AS {_ident(k)}" for k in varying)
         return sql(f"SELECT rank, job_id, model_type, value AS {_ident(metric)}{cols} "
                    "FROM leaderboard WHERE sweep_id = ? AND metric = ? ORDER BY rank LIMIT ?",

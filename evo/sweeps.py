@@ -112,8 +112,6 @@ def _trainers_of(spec: SweepSpec) -> list[str]:
 
 
 def check(spec: SweepSpec, where: str) -> None:
-    from evo.trainers.models import PARAMS
-
     kinds = sum(x is not None for x in (spec.trainer, spec.callable, spec.command)) \
         + ("trainer" in spec.space)
     if kinds != 1:
@@ -142,6 +140,8 @@ def check(spec: SweepSpec, where: str) -> None:
         if getattr(spec.resources, field) < 0:
             raise BadInput(f"{where}: $.resources.{field}: expected >= 0")
     trainers = _trainers_of(spec)
+    if trainers:  # (the models' module imports numpy: a sweep of the user's code waits not)
+        from evo.trainers.models import PARAMS
     for i, t in enumerate(trainers):
         if t not in PARAMS:
             at = f"$.space.trainer[{i}]" if "trainer" in spec.space else "$.trainer"
