@@ -32,7 +32,8 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
              limit: int = typer.Option(50, "--limit", help="rows, newest first"),
              as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
              broker: Optional[str] = broker_opt) -> None:
-        """Jobs, newest first: id, name, state, node, attempt, elapsed, last step and metrics."""
+        """Jobs, newest first: id, name, state, node, attempt, elapsed, the last step it reported,
+        and its metrics (the final ones once it has completed, else the last it reported)."""
         where, values = [], []
         if state is not None:
             if state not in STATES:
@@ -54,21 +55,28 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, broker_opt)
         cond = f"WHERE {' AND '.join(where)}" if where else ""
         table = sql(f"""
             WITH j AS (SELECT * FROM jobs {cond} ORDER BY submitted_seq DESC LIMIT ?),
-            last AS (SELECT m.job_id, max(m.seq) AS seq FROM metrics m
-                     WHERE m.kind = 'progress' AND m.job_id IN (SELECT job_id FROM j)
-                     GROUP BY m.job_id),
-            shown AS (SELECT m.job_id, any_value(m.step) AS step,
+            last AS (SELECT m.job_id, max(m.seq) AS seq,
+                            max(m.seq) FILTER (WHERE m.kind = 'progress') AS step_seq
+                     FROM metrics m WHERE m.kind IN ('progress', 'final')
+                     AND m.job_id IN (SELECT job_id FROM j) GROUP BY m.job_id),
+            -- the final metrics once it has completed, else the last it reported
+            shown AS (SELECT m.job_id,
                       string_agg(m.name || '=' || CAST(round(m.value, 4) AS VARCHAR), ' '
                                  ORDER BY m.name) AS metrics
-                      FROM metrics m JOIN last USING (job_id, seq) GROUP BY m.job_id)
+                      FROM metrics m JOIN last l ON m.job_id = l.job_id AND m.seq = l.seq
+                      GROUP BY m.job_id),
+            steps AS (SELECT m.job_id, any_value(m.step) AS step
+                      FROM metrics m JOIN last l ON m.job_id = l.job_id AND m.seq = l.step_seq
+                      GROUP BY m.job_id)
             SELECT j.job_id AS id, j.name, j.state,
                 CASE WHEN j.state = 'queued' THEN NULL ELSE j.node END AS node,
                 j.attempts AS try,
                 round(CASE WHEN j.started_at IS NULL OR j.state IN ('queued', 'leased') THEN NULL
                       ELSE coalesce(j.finished_at, epoch(current_timestamp)) - j.started_at
                       END, 1) AS elapsed_s,
-                s.step, s.metrics
-            FROM j LEFT JOIN shown s USING (job_id) ORDER BY j.submitted_seq DESC""", broker,
+                t.step, s.metrics
+            FROM j LEFT JOIN shown s USING (job_id) LEFT JOIN steps t USING (job_id)
+            ORDER BY j.submitted_seq DESC""", broker,
             params=[*values, int(limit)])
         print_table(table, "json" if as_json else "table")
 

@@ -272,10 +272,15 @@ def test_jobs_show_and_version(cluster, tmp_path):
                 home=home, cwd=proj, env=_env())
     ok = r.stdout.strip()
     bad = run_evo("submit", "--max-attempts", "1", "--", "false", home=home).stdout.strip()
+    # reports seen=1.0 at step 1, returns y=3.0: a completed job shows its final metrics
+    fn = run_evo("submit", "--callable", "mymod:train", home=home, cwd=proj,
+                 env=_env()).stdout.strip()
     with Client(b.address) as c:
-        wait_for(c, lambda evs: done(ok)(evs) and done(bad)(evs))
+        wait_for(c, lambda evs: done(ok)(evs) and done(bad)(evs) and done(fn)(evs))
     rows = [json.loads(line) for line in run_evo("jobs", "--json", home=home).stdout.splitlines()]
-    assert [r["id"] for r in rows] == [bad, ok]
+    assert [r["id"] for r in rows] == [fn, bad, ok]
+    assert (rows[0]["step"], rows[0]["metrics"]) == (1, "y=3.0")
+    rows = rows[1:]
     mine = rows[1]
     assert (mine["name"], mine["state"], mine["node"], mine["try"], mine["step"]) == (
         "lr-0.2", "completed", "n1", 1, 5)
