@@ -25,17 +25,19 @@ from evo.errors import BadInput
 from evo.events.codec import InvalidEvent, check
 from evo.events.schema import (
     CancelRequested, Checkpointed, Event, JobCancelled, JobCompleted, JobFailed, JobHeld,
-    JobLeased, JobReleased, JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeDrained,
-    NodeJoined, NodeLeft, NodeLost, NodeResumed, Progress,
+    JobLeased, JobPruned, JobReleased, JobSpec, JobStarted, JobSubmitted, LeaseExpired,
+    NodeDrained, NodeJoined, NodeLeft, NodeLost, NodeResumed, Progress, PruneRequested,
     ReportRejected, RetryScheduled, SweepCompleted, SweepSubmitted, UtilizationSampled,
 )
 
 from . import protocol as p
 from .cluster import Cluster
 from .liveness import compute_backoff, is_lost, lost_after
-from .scheduler import decide, explain, never_fits, waiting_for
-from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, QUEUED, TERMINAL, BrokerState,
-                    Job)
+from .scheduler import (decide, explain, free_of, misfit, never_fits, pick_devices, routing,
+                        waiting_for)
+from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED, TERMINAL,
+                    BrokerState, Job, Sweep)
+from evo.sweeps.spec import check_recorded, learning, trial_spec
 from evo.names import nul_error
 
 
@@ -213,11 +215,15 @@ class Desk:
             counts = {s: sum(j.state == s for j in jobs) for s in TERMINAL}
             metric = str(sweep.spec.get("metric") or "auc")
             best = best_job(jobs, metric, mode_in_sweep(metric, sweep.spec))
+            reason = sweep.study.why_done(now) if sweep.study is not None else ""
             self._emit(out, SweepCompleted, now, cause, sweep_id=sweep_id,
                        completed=counts[COMPLETED], failed=counts["failed"],
-                       cancelled=counts["cancelled"], best_job=best)
+                       cancelled=counts["cancelled"], best_job=best, pruned=counts[PRUNED],
+                       reason=reason)
 
     def on_submitsweep(self, cmd: p.SubmitSweep, now: float, cause: str) -> Outcome:
+        if learning(cmd.spec):
+            return self._submit_learning(cmd, now, cause)
         if not cmd.jobs:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid",
                                          message=f"sweep {cmd.name!r}: no jobs to run"))
@@ -258,6 +264,81 @@ class Desk:
         out.reply = p.SweepAccepted(req=cmd.req, sweep_id=sweep_id, job_ids=job_ids,
                                     seq=self.state.last_seq, warning=warning)
         return out
+
+    def _submit_learning(self, cmd: p.SubmitSweep, now: float, cause: str) -> Outcome:
+        """A learning sweep: its one job spec is the template its trials are made from; none is
+        submitted now (the desk asks for each when a slot can take it, see _ask)."""
+        def refuse(message: str) -> Outcome:
+            return Outcome(reply=p.Error(req=cmd.req, code="invalid",
+                                         message=f"sweep {cmd.name!r}: {message}"))
+        if cmd.into:
+            return refuse("a learning sweep (method tpe) cannot be resumed into; submit it again")
+        if len(cmd.jobs) != 1:
+            return refuse(f"a learning sweep takes one job spec, its trials' template (got "
+                          f"{len(cmd.jobs)})")
+        try:
+            check_recorded(cmd.spec)
+            validate_spec(cmd.jobs[0], self.state, self.cluster)
+            _fits_somewhere(cmd.jobs[0], self.state, self.cluster)
+        except BadInput as exc:
+            return refuse(str(exc).replace("$.spec.", "$.jobs[0].", 1)
+                          if isinstance(exc, InvalidSpec) else str(exc))
+        out = Outcome()
+        sweep_id = f"s{self.state.sweep_number + 1}"
+        template = msgspec.structs.replace(cmd.jobs[0], sweep_id=sweep_id)
+        try:
+            self._emit(out, SweepSubmitted, now, cause, sweep_id=sweep_id, spec=dict(cmd.spec),
+                       name=cmd.name, template=template)
+        except InvalidEvent as exc:
+            return refuse(str(exc))
+        out.reply = p.SweepAccepted(req=cmd.req, sweep_id=sweep_id, job_ids=[],
+                                    seq=self.state.last_seq, warning=_unrouted(template,
+                                                                                self.cluster))
+        return out
+
+    def _ask(self, out: Outcome, node_name: str, now: float, cause: str, limit: int) -> None:
+        """Ask the learning sweeps for trials this node can start now: one per free slot that
+        fits a sweep's template, for a sweep with no trial waiting in the queue already. The
+        trial's JobSubmitted is the suggestion; decide() then leases it here."""
+        node = self.state.nodes.get(node_name)
+        if node is None or not node.alive or node.drained or limit < 1:
+            return
+        free = None
+        for sweep_id in list(self.state.learning):
+            sweep = self.state.sweeps[sweep_id]
+            study, template = sweep.study, sweep.template
+            assert study is not None and template is not None
+            if study.why_done(now) or any(self.state.jobs[j].state == QUEUED
+                                          for j in sweep.job_ids[-node.slots:]):
+                continue
+            free = free or free_of(self.state, node)
+            probe = Job(job_id="", spec=template, queued_at=now)
+            while limit > 0 and not study.why_done(now) and free.slots >= 1 \
+                    and misfit(template, free, node) is None \
+                    and routing(probe, node, self.state, self.cluster, now)[0]:
+                devices = pick_devices(template, free, node)
+                assert devices is not None
+                self._emit(out, JobSubmitted, now, cause,
+                           job_id=f"j{self.state.job_number + 1}",
+                           spec=trial_spec(template, self._suggest(sweep)))
+                free.take(template, devices)
+                limit -= 1
+
+    def _suggest(self, sweep: Sweep) -> dict[str, Any]:
+        from evo.sweeps.tpe import STARTUP_TRIALS, suggest
+
+        assert sweep.study is not None
+        startup = sweep.spec.get("startup_trials")
+        return suggest(sweep.study, sweep.spec["space"],
+                       STARTUP_TRIALS if startup is None else int(startup))
+
+    def _prune(self, out: Outcome, now: float, cause: str) -> str:
+        """PruneRequested for each trial the pruner just ruled out; the last one's reason."""
+        why = ""
+        for job_id, (resource, value, why) in list(self.state.to_prune.items()):
+            self._emit(out, PruneRequested, now, cause, job_id=job_id, resource=resource,
+                       value=value if value == value else None, reason=why)
+        return why
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -420,7 +501,8 @@ class Desk:
         n = self.state.nodes.get(node)
         if n is None:
             return []
-        return [j for j in n.running if self.state.jobs[j].cancel_requested]
+        return [j for j in n.running
+                if self.state.jobs[j].cancel_requested or self.state.jobs[j].prune]
 
     def _seen(self, cmd: p.Command, node: str, mono: float) -> Outcome | None:
         """Note that a joined node is alive; an error telling it to rejoin if it is not joined."""
@@ -450,6 +532,9 @@ class Desk:
             return err
         out = Outcome()
         grants = []
+        if self.state.learning:
+            free_slots = (cmd.max_leases or 1_000_000) - cmd.ahead
+            self._ask(out, cmd.node, now, cause, free_slots)
         for g in decide(self.state, cmd.node, now, self.cluster, cmd.max_leases or None,
                         cmd.ahead):
             job = self.state.jobs[g.job_id]
@@ -500,7 +585,9 @@ class Desk:
             out.reply = p.Error(req=cmd.req, code="rejected", message=f"{kind} report of "
                                 f"{cmd.job_id} refused: {bad}")
             return out
-        out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq)
+        stop = self._prune(out, now, cause) if self.state.to_prune else ""
+        out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq,
+                         data={"stop": f"pruned: {stop}"} if stop else {})
         return out
 
     def _reject(self, out: Outcome, cmd: p.Report, kind: str, why: str, now: float,
@@ -523,6 +610,9 @@ class Desk:
             self._emit(out, JobCompleted, now, cause, metrics=body.metrics,
                        artifacts=body.artifacts, duration_s=body.duration_s,
                        outputs=body.outputs, **ids)
+        elif isinstance(body, (p.CancelledReport, p.FailedReport)) and job.prune:
+            self._emit(out, JobPruned, now, cause, job_id=cmd.job_id, reason=job.prune,
+                       lease_epoch=cmd.lease_epoch)
         elif isinstance(body, p.CancelledReport) and job.cancel_requested:
             self._emit(out, JobCancelled, now, cause, job_id=cmd.job_id,
                        reason=body.reason or "cancelled")
@@ -536,6 +626,10 @@ class Desk:
     def _attempt_failed(self, out: Outcome, job: Job, now: float, cause: str, *, error: str,
                         exit_code: int | None = None, retryable: bool = True,
                         expired_on: str | None = None) -> None:
+        if job.prune:  # stopped by its pruner, however it ends: pruned, not run again
+            self._emit(out, JobPruned, now, cause, job_id=job.job_id, reason=job.prune,
+                       lease_epoch=job.lease_epoch)
+            return
         if expired_on is not None and job.state == LEASED:
             # never started (leased ahead, or the node stopped before it started it): given
             # back, not an attempt that counts (max_attempts counts runs): no backoff
@@ -602,6 +696,8 @@ class Desk:
                     self._emit(out, JobFailed, now, "tick", job_id=job_id, retryable=False,
                                final=True, error=f"dependency {dep} {d.state}")
                     break
+        for sweep_id in list(self.state.learning):  # a time budget ends with no event
+            self.state.may_close(self.state.sweeps[sweep_id], now)
         if self.state.closable:
             self._close_sweeps(out, now, "tick")
         return out

@@ -26,6 +26,7 @@ from evo.events.schema import (
     JobFailed,
     JobHeld,
     JobLeased,
+    JobPruned,
     JobReleased,
     JobSpec,
     JobStarted,
@@ -37,6 +38,7 @@ from evo.events.schema import (
     NodeLost,
     NodeResumed,
     Progress,
+    PruneRequested,
     ReportRejected,
     RetryScheduled,
     SweepCompleted,
@@ -50,11 +52,15 @@ from evo.events.lifecycle import (  # noqa: F401 - the rules, re-exported for th
     COMPLETED,
     FAILED,
     LEASED,
+    PRUNED,
     QUEUED,
     RUNNING,
     TERMINAL,
     TRANSITIONS,
 )
+from evo.direction import mode_in_sweep
+from evo.sweeps.study import COMPLETE, FAIL, LEARNING, Study
+from evo.sweeps.study import PRUNED as TRIAL_PRUNED
 
 
 class IllegalTransition(Exception):
@@ -94,6 +100,7 @@ class Job:
     held: bool = False  # kept queued until released (`evo hold`)
     checkpoint: str = ""  # the latest stored checkpoint's manifest: a retry starts from it
     checkpoint_step: int | None = None
+    prune: str = ""  # why its sweep's pruner stopped it (a PruneRequested), while it runs
 
 
 @dataclass(slots=True)
@@ -125,6 +132,8 @@ class Sweep:
     done: bool = False
     open: int = 0  # jobs not yet completed, failed for good or cancelled
     members: set[str] = field(default_factory=set)  # job_ids, for a lookup
+    template: JobSpec | None = None  # a learning sweep's: its trials are made from it
+    study: Study | None = None  # a learning sweep's trials, as its sampler and pruner see them
 
 
 @dataclass(slots=True)
@@ -145,6 +154,12 @@ class BrokerState:
     order_index: object = field(default=None, repr=False, compare=False)
     # Sweeps whose every job has ended and which await their SweepCompleted (the desk adds it).
     closable: set[str] = field(default_factory=set, repr=False, compare=False)
+    # Learning sweeps that may ask for more trials (the desk asks when a slot is free).
+    learning: dict[str, None] = field(default_factory=dict, repr=False, compare=False)
+    # Trials the pruner says stop, each awaiting its PruneRequested: job id -> (resource,
+    # value, reason). The desk records the decision; a replay uses the recorded one.
+    to_prune: dict[str, tuple[int, float, str]] = field(default_factory=dict, repr=False,
+                                                        compare=False)
 
     def apply(self, event: Event) -> None:
         """Fold one event into the state. Raises before mutating if the event is illegal."""
@@ -214,11 +229,13 @@ class BrokerState:
             self.keys[ev.spec.key] = ev.job_id
         self.counts[QUEUED] = self.counts.get(QUEUED, 0) + 1
         sweep = self.sweeps.get(ev.spec.sweep_id) if ev.spec.sweep_id else None
-        if sweep is not None and ev.job_id not in sweep.members:  # a retry, or a resume
+        if sweep is not None and ev.job_id not in sweep.members:  # a retry, a resume, a trial
             sweep.job_ids.append(ev.job_id)
             sweep.members.add(ev.job_id)
             sweep.open += 1
             sweep.done = False
+            if sweep.study is not None and ev.spec.retry_of is None:
+                sweep.study.asked(ev.job_id, ev.spec.params)
 
     def _apply_job(self, event: Event) -> None:
         job_id = event.job_id  # type: ignore[attr-defined]
@@ -249,8 +266,20 @@ class BrokerState:
                 sweep = self.sweeps.get(job.spec.sweep_id)
                 if sweep is not None:
                     sweep.open -= 1
-                    if sweep.open <= 0 and not sweep.done:
-                        self.closable.add(sweep.sweep_id)
+                    if sweep.study is not None:
+                        sweep.study.ended(job_id, _TRIAL_END[after], job.metrics)
+                    self.may_close(sweep, event.time)
+
+    def may_close(self, sweep: Sweep, now: float) -> None:
+        """A sweep closes once its jobs have ended, and a learning sweep once it also asks
+        for no more trials (its samples asked, its target reached or its time spent)."""
+        if sweep.open > 0 or sweep.done:
+            return
+        if sweep.study is not None:
+            if not sweep.study.why_done(now):
+                return
+            self.learning.pop(sweep.sweep_id, None)
+        self.closable.add(sweep.sweep_id)
 
     def _release(self, job: Job) -> None:
         if job.node is not None and job.node in self.nodes:
@@ -288,6 +317,25 @@ class BrokerState:
         job.last_progress_seq = ev.seq
         if isinstance(ev, Checkpointed) and ev.digest:
             job.checkpoint, job.checkpoint_step = ev.digest, ev.step
+        elif type(ev) is Progress and job.spec.sweep_id in self.learning:
+            study = self.sweeps[job.spec.sweep_id].study
+            assert study is not None
+            why = study.progress(job.job_id, ev.metrics)
+            if why:
+                trial = study.trials[job.job_id]
+                self.to_prune[job.job_id] = (len(trial.values), trial.values[-1], why)
+
+    def _prune_requested(self, job: Job, ev: PruneRequested) -> None:
+        job.prune = ev.reason or "pruned"
+        self.to_prune.pop(job.job_id, None)
+        sweep = self.sweeps.get(job.spec.sweep_id or "")
+        if sweep is not None and sweep.study is not None:
+            sweep.study.told_to_stop(job.job_id, job.prune)
+
+    def _pruned(self, job: Job, ev: JobPruned) -> None:
+        job.finished_at = ev.time
+        job.error = ""
+        self._release(job)
 
     def _completed(self, job: Job, ev: JobCompleted) -> None:
         job.metrics.update(ev.metrics)
@@ -354,14 +402,20 @@ class BrokerState:
 
     def _sweep_submitted(self, ev: SweepSubmitted) -> None:
         self.sweep_number = max(self.sweep_number, _number(ev.sweep_id))
-        self.sweeps[ev.sweep_id] = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids),
-                                         open=len(ev.job_ids), members=set(ev.job_ids))
+        sweep = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids),
+                      open=len(ev.job_ids), members=set(ev.job_ids), template=ev.template)
+        if ev.template is not None and ev.spec.get("method") in LEARNING:
+            metric = str(ev.spec.get("metric") or "auc")
+            sweep.study = Study.of(ev.spec, mode_in_sweep(metric, ev.spec), ev.time)
+            self.learning[ev.sweep_id] = None
+        self.sweeps[ev.sweep_id] = sweep
 
     def _sweep_completed(self, ev: SweepCompleted) -> None:
         sweep = self.sweeps.get(ev.sweep_id)
         if sweep is not None:
             sweep.done = True
         self.closable.discard(ev.sweep_id)
+        self.learning.pop(ev.sweep_id, None)
 
 
 def _number(ident: str) -> int:
@@ -384,7 +438,12 @@ _JOB_HANDLERS: dict[type, Callable[[BrokerState, Job, Any], None]] = {
     ReportRejected: BrokerState._rejected,
     JobHeld: BrokerState._held,
     JobReleased: BrokerState._held,
+    PruneRequested: BrokerState._prune_requested,
+    JobPruned: BrokerState._pruned,
 }
+
+# How a trial's job ended, as its study tells the sampler.
+_TRIAL_END = {COMPLETED: COMPLETE, PRUNED: TRIAL_PRUNED, FAILED: FAIL, CANCELLED: FAIL}
 
 _NODE_HANDLERS: dict[type, Callable[[BrokerState, Any], None]] = {
     NodeJoined: BrokerState._node_joined,

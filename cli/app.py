@@ -535,6 +535,7 @@ def logs(job: str = typer.Argument(..., help="job id"),
         if follow:
             raise
         from evo.broker.outputs import OutputStore
+        from evo.events.lifecycle import TERMINAL
 
         store = OutputStore(evo_home() / "logs")
         tried = attempt or max(store.attempts(job) or [0])
@@ -557,7 +558,7 @@ def logs(job: str = typer.Argument(..., help="job id"),
                     if offsets[s] >= chunk.size or not chunk.data:
                         break
                 sinks[s].flush()
-                final = chunk.state in ("completed", "failed", "cancelled")
+                final = chunk.state in TERMINAL
             if not follow or final:
                 # the node ships a job's last output before its final report, so a final
                 # state read after the last chunk means nothing more will come

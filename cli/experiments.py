@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 
 from evo.errors import BadInput, EvoError
-from evo.events.lifecycle import CANCELLED, COMPLETED, FAILED, RUNNING, TERMINAL, state_after
+from evo.events.lifecycle import (CANCELLED, COMPLETED, FAILED, PRUNED, RUNNING, TERMINAL,
+                                  state_after)
 from evo.projections.files import json_cell
 from evo.home import evo_home
 
@@ -75,13 +76,19 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
               broker: Optional[str] = broker_opt) -> None:
         """Run a grid or random sweep; prints the sweep id."""
         from evo.sweeps import job_specs, load_sweep, record
+        from evo.sweeps.spec import learning
 
         spec = load_sweep(spec_file)
         jobs = job_specs(spec)
-        if plan:
-            _plan(spec, jobs, sql, client, broker)
+        if plan:  # a learning sweep's trials are its template, samples times, as far as a plan goes
+            _plan(spec, jobs * (spec.samples or 1) if learning(spec) else jobs, sql, client,
+                  broker)
             return
         into = ""
+        if resume and learning(spec):
+            raise BadInput(f"--resume: {spec_file}: a `method: tpe` sweep asks for its trials "
+                           "from its own results and goes on by itself after a restart; "
+                           "submit it again for a new study")
         if resume:
             into, jobs = _missing(spec.name, jobs, sql, broker)
             if not jobs:
@@ -99,7 +106,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         typer.echo(reply.sweep_id)
         if not wait:
             return
-        done = _follow(reply, client, broker, len(jobs))
+        done = _follow(reply, client, broker, spec.samples if learning(spec) else len(jobs))
         metric = spec.metric
         table = leaderboard_table(reply.sweep_id, metric, top, broker)
         print_table(table, "table", title=f"{reply.sweep_id} ({spec.name}): top {top} by {metric}")
@@ -218,6 +225,8 @@ def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  #
             if name == "SweepCompleted" and ev.sweep_id == reply.sweep_id:
                 break
             jid = getattr(ev, "job_id", None)
+            if name == "JobSubmitted" and ev.spec.sweep_id == reply.sweep_id:
+                ids.add(jid)  # a learning sweep's trial, asked now
             after = state_after(ev) if jid in ids else None
             if jid is None or after is None:
                 continue
@@ -225,9 +234,10 @@ def _follow(reply, client: Callable, broker: str | None, total: int) -> dict:  #
             count = Counter(states.values())
             bar.update(task, completed=sum(count[s] for s in TERMINAL),
                        detail=f"done {count[COMPLETED]} running {count[RUNNING]} "
-                              f"failed {count[FAILED]}")
+                              f"failed {count[FAILED]}"
+                              + (f" pruned {count[PRUNED]}" if count[PRUNED] else ""))
     count = Counter(states.values())
-    return {s: count[s] for s in (COMPLETED, FAILED, CANCELLED)}
+    return {s: count[s] for s in (COMPLETED, FAILED, CANCELLED, PRUNED)}
 
 
 def _best(sweep_id: str, sql: Callable, broker: str | None) -> dict | None:

@@ -14,10 +14,10 @@ from typing import Optional
 import typer
 
 from evo.errors import BadInput
-from evo.events.lifecycle import CANCELLED, COMPLETED, FAILED, LEASED, QUEUED, RUNNING
+from evo.events.lifecycle import CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED, RUNNING
 from evo.projections.files import json_cell
 
-STATES = (QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED)
+STATES = (QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED, PRUNED)
 
 
 def _j(v):  # noqa: ANN001, ANN202

@@ -8,10 +8,10 @@ retryable); without it the job goes back to the queue.
 
 from __future__ import annotations
 
-QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED = (
-    "queued", "leased", "running", "completed", "failed", "cancelled",
+QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED, PRUNED = (
+    "queued", "leased", "running", "completed", "failed", "cancelled", "pruned",
 )
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, PRUNED})
 ACTIVE = frozenset({LEASED, RUNNING})
 
 # (state before, event type) -> state after. A missing pair is an illegal transition.
@@ -41,8 +41,14 @@ TRANSITIONS: dict[tuple[str | None, str], str] = {
     (QUEUED, "JobReleased"): QUEUED,
     (LEASED, "JobCancelled"): CANCELLED,
     (RUNNING, "JobCancelled"): CANCELLED,
+    # A learning sweep's pruner stops a trial: asked while it runs, it ends pruned (stopped by
+    # its node, or when its lease is lost on the way: it is not run again).
+    (LEASED, "PruneRequested"): LEASED,
+    (RUNNING, "PruneRequested"): RUNNING,
+    (LEASED, "JobPruned"): PRUNED,
+    (RUNNING, "JobPruned"): PRUNED,
 }
-for _s in (QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED):
+for _s in (QUEUED, LEASED, RUNNING, COMPLETED, FAILED, CANCELLED, PRUNED):
     # A rejected report is a record of what did not happen: it never moves the job.
     TRANSITIONS[(_s, "ReportRejected")] = _s
 

@@ -178,6 +178,25 @@ class JobCancelled(Event, frozen=True, tag="JobCancelled"):
     reason: str = ""
 
 
+class PruneRequested(Event, frozen=True, tag="PruneRequested"):
+    """The sweep's pruner decided that this trial stops (it reported ``value`` of the sweep's
+    metric as its ``resource``-th value); the node stops it, and it ends as JobPruned."""
+
+    job_id: str
+    resource: int = 0
+    value: float | None = None
+    reason: str = ""
+
+
+class JobPruned(Event, frozen=True, tag="JobPruned"):
+    """A trial stopped by its sweep's pruner: neither failed nor retried. The sampler is told
+    its last intermediate value."""
+
+    job_id: str
+    reason: str = ""
+    lease_epoch: int = 0  # the attempt it stopped (0: none was running)
+
+
 class JobHeld(Event, frozen=True, tag="JobHeld"):
     """A queued job is kept from starting until it is released (`evo hold`)."""
 
@@ -238,6 +257,9 @@ class SweepSubmitted(Event, frozen=True, tag="SweepSubmitted"):
     spec: dict[str, Any] = {}
     job_ids: list[str] = []
     name: str = ""
+    # A learning sweep's (``method: tpe``) trials are asked for one at a time, each made from
+    # this spec with the suggested parameters (``job_ids`` is then empty).
+    template: JobSpec | None = None
 
 
 class SweepCompleted(Event, frozen=True, tag="SweepCompleted"):
@@ -246,6 +268,8 @@ class SweepCompleted(Event, frozen=True, tag="SweepCompleted"):
     failed: int = 0
     cancelled: int = 0
     best_job: str | None = None
+    pruned: int = 0
+    reason: str = ""  # why a learning sweep asked no more trials
 
 
 AnyEvent = Union[
@@ -271,6 +295,8 @@ AnyEvent = Union[
     JobReleased,
     NodeDrained,
     NodeResumed,
+    PruneRequested,
+    JobPruned,
 ]
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in AnyEvent.__args__}  # type: ignore[attr-defined]

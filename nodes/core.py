@@ -28,7 +28,8 @@ The rules:
     stopped, never finished twice. A final report it refuses is replaced, once, by
     REFUSED_FINAL, so the job ends.
   * **Cancel.** A job the broker cancels that has not started is reported cancelled at once; a
-    running one is stopped (and ends with its own final report).
+    running one is stopped (and ends with its own final report). A trial its sweep's pruner
+    stops is stopped the same way, as soon as the answer to its report says so.
   * **Drain.** Once asked to stop, the node takes nothing new (queued leases are dropped: the
     broker gives them back when the node leaves), keeps heartbeating, and leaves when its
     attempts have ended and their reports are acknowledged; attempts still running at the
@@ -111,6 +112,7 @@ class Answered(Event, frozen=True):
     cmd: p.Report
     code: str = ""
     message: str = ""
+    stop: str = ""  # an Ok that asks for the attempt to stop (its sweep's pruner): why
 
 
 class Stop(Event, frozen=True):
@@ -400,6 +402,9 @@ class NodeCore:
             return
         ran = self.finishing.pop(job_id)[1] if final else True
         if not ev.code:
+            run = self.running.get(job_id)
+            if ev.stop and run is not None and run.grant.lease_epoch == cmd.lease_epoch:
+                self._cancel(out, (job_id,), ev.stop)  # at once, not at the next heartbeat
             return
         run = self.running.get(job_id)
         if run is not None and run.grant.lease_epoch != cmd.lease_epoch:

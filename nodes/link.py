@@ -43,7 +43,7 @@ class Link:
         if isinstance(ins, c.SendReport):
             cmd = ins.cmd
             self.send(cmd, lambda reply: c.Answered(cmd, reply.code, reply.message)
-                      if isinstance(reply, p.Error) else c.Answered(cmd))
+                      if isinstance(reply, p.Error) else c.Answered(cmd, stop=_stop(reply)))
         elif isinstance(ins, c.SendReady):
             self.send(p.Ready(node=self.node, max_leases=ins.max_leases, wait_s=ins.wait_s,
                               ahead=ins.ahead), _leased, ins.wait_s)
@@ -81,6 +81,12 @@ class Link:
         reply = self.client.request(join)
         assert isinstance(reply, p.Leases)
         return c.Joined(tuple(reply.cancel))
+
+
+def _stop(reply: p.Reply) -> str:
+    """Why the broker wants the job stopped, told in its answer to a report ("" to go on)."""
+    stop = reply.data.get("stop", "") if isinstance(reply, p.Ok) else ""
+    return stop if isinstance(stop, str) else ""
 
 
 def _leased(reply: p.Reply) -> c.Event:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from evo.direction import lower_is_better_sql
 from evo.events.lifecycle import FAILED, QUEUED, STATE_AFTER
 
-VERSION = 5  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics;
+VERSION = 6  # 2: derived tables folded incrementally; 3: final_metrics a view over metrics;
 # 4: jobs.held and nodes.drained; 5: a catch-up batch is one transaction (a file whose split
-# commit a crash left half done is rebuilt, not trimmed)
+# commit a crash left half done is rebuilt, not trimmed); 6: pruned trials (sweeps.pruned)
 
 # What the digest covers (final_metrics is a view, but it is what leaderboards are made of).
 TABLES = ("events", "jobs", "attempts", "metrics", "final_metrics", "nodes", "utilization",
@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS gpu_utilization (
 CREATE TABLE IF NOT EXISTS sweeps (
     sweep_id VARCHAR, name VARCHAR, state VARCHAR, jobs INTEGER, queued INTEGER,
     running INTEGER, completed INTEGER, failed INTEGER, cancelled INTEGER, best_job VARCHAR,
-    submitted_at DOUBLE, finished_at DOUBLE, spec JSON);
+    submitted_at DOUBLE, finished_at DOUBLE, spec JSON, pruned INTEGER);
 """
 
 VIEWS = f"""
@@ -128,7 +128,7 @@ _STATE = "CASE n.last_type " + " ".join(
     + (f"CASE WHEN n.last_final THEN '{FAILED}' ELSE '{after}' END" if k == "JobFailed"
        else f"'{after}'")
     for k, after in STATE_AFTER.items() if after) + f" ELSE '{QUEUED}' END"
-_ENDED = "('completed', 'failed', 'expired')"
+_ENDED = "('completed', 'failed', 'expired', 'pruned')"
 
 # The fields staged for every event: those of the events table, and a few scalars. Every field
 # here is a column of every staged row, costing even where it is NULL; the others (the shapes
@@ -197,7 +197,7 @@ WITH a AS (  -- per job: counts and times, and the seqs of the events whose fiel
         -- the broker's state has it)
         max(time) FILTER (WHERE type = 'JobStarted') AS started_at,
         min(time) FILTER (WHERE type IN ('Progress', 'Checkpointed')) AS reported_at,
-        max(time) FILTER (WHERE type IN ('JobCompleted', 'JobCancelled')
+        max(time) FILTER (WHERE type IN ('JobCompleted', 'JobCancelled', 'JobPruned')
                           OR (type = 'JobFailed' AND final)) AS finished_at,
         arg_max(type, seq) FILTER (WHERE type IN ('JobHeld', 'JobReleased')) AS hold
     FROM _b WHERE job_id IS NOT NULL AND type IN ({_LIFECYCLE}, 'JobHeld', 'JobReleased')
@@ -252,7 +252,8 @@ WITH leases AS (
 ends AS (
     SELECT lease_epoch, arg_min(type, seq) AS end_type, min(time) AS ended_at,
         arg_min(error, seq) AS error, arg_min(exit_code, seq) AS exit_code
-    FROM _b WHERE type IN ('JobCompleted', 'JobFailed', 'LeaseExpired') AND lease_epoch > 0
+    FROM _b WHERE type IN ('JobCompleted', 'JobFailed', 'LeaseExpired', 'JobPruned')
+        AND lease_epoch > 0
     GROUP BY lease_epoch),
 starts AS (
     SELECT lease_epoch, min(time) AS started_at, arg_min(x.pid, seq) AS pid,
@@ -292,7 +293,7 @@ SELECT b.job_id,
     CASE WHEN b.outcome IN {_ENDED} THEN b.outcome
          WHEN e.end_type IS NOT NULL THEN
              CASE e.end_type WHEN 'JobCompleted' THEN 'completed' WHEN 'JobFailed' THEN 'failed'
-                 ELSE 'expired' END
+                 WHEN 'JobPruned' THEN 'pruned' ELSE 'expired' END
          WHEN b.outcome = 'cancelled' OR c.ended_at IS NOT NULL THEN 'cancelled'
          ELSE 'open' END AS outcome,
     CASE WHEN b.outcome IN {_ENDED} THEN coalesce(b.error, e.error) ELSE e.error END AS error,
@@ -385,6 +386,7 @@ js AS (
         count(*) FILTER (WHERE state = 'completed') AS completed,
         count(*) FILTER (WHERE state = 'failed') AS failed,
         count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+        count(*) FILTER (WHERE state = 'pruned') AS pruned,
         min(submitted_at) AS first_submitted_at, max(submitted_at) AS last_submitted_at,
         max(finished_at) FILTER (WHERE state = 'cancelled') AS last_cancelled_at,
         max(finished_at) AS last_ended_at
@@ -399,13 +401,16 @@ m AS (  -- the SweepSubmitted fields: the latest submit's, its first time (o.spe
     FROM touched t LEFT JOIN n USING (sweep_id) LEFT JOIN sweeps o USING (sweep_id))
 SELECT m.sweep_id, m.name,
     CASE WHEN coalesce(js.queued, 0) + coalesce(js.running, 0) > 0 THEN 'running'  -- resumed too
-         WHEN m.finished_at IS NULL THEN CASE WHEN js.jobs > 0 THEN 'finished' ELSE 'running' END
+         WHEN m.finished_at IS NULL THEN  -- a learning sweep between two trials runs on
+             CASE WHEN js.jobs > 0 AND coalesce(m.spec ->> '$.method', '') <> 'tpe'
+                  THEN 'finished' ELSE 'running' END
          WHEN js.last_cancelled_at >= js.last_ended_at THEN 'cancelled'  -- ended by a cancel
          ELSE 'completed' END AS state,
     CAST(coalesce(js.jobs, 0) AS INTEGER), CAST(coalesce(js.queued, 0) AS INTEGER),
     CAST(coalesce(js.running, 0) AS INTEGER), CAST(coalesce(js.completed, 0) AS INTEGER),
     CAST(coalesce(js.failed, 0) AS INTEGER), CAST(coalesce(js.cancelled, 0) AS INTEGER),
-    m.best_job, coalesce(m.submitted_at, js.first_submitted_at), m.finished_at, m.spec
+    m.best_job, coalesce(m.submitted_at, js.first_submitted_at), m.finished_at, m.spec,
+    CAST(coalesce(js.pruned, 0) AS INTEGER)
 FROM m LEFT JOIN js USING (sweep_id);
 DELETE FROM sweeps WHERE sweep_id IN (SELECT sweep_id FROM _sweeps);
 INSERT INTO sweeps SELECT * FROM _sweeps;

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-FOLDERS = ("events", "broker", "nodes", "projections", "trainers", "cli", "configs")
+FOLDERS = ("events", "broker", "nodes", "projections", "sweeps", "trainers", "cli", "configs")
 
 
 def _imports_at_module_level() -> dict[str, set[str]]:

@@ -2,8 +2,12 @@
 
 A sweep runs a built-in trainer (``trainer: XGBoost``), a callable, or a command with
 ``{param}`` placeholders over a parameter space: ``method: grid`` takes every combination in
-the order written, ``method: random`` draws ``samples`` configurations with the sweep's seed.
-``trainer`` may itself be a dimension of the space (the ensemble comparison).
+the order written, ``method: random`` draws ``samples`` configurations with the sweep's seed,
+``method: tpe`` asks Optuna's TPE sampler for ``samples`` trials one at a time, each when a slot
+can take it, learning from the results so far (``sweeps/study.py``), optionally stopping early
+trials a ``pruner`` (``asha`` or ``median``) rules out, and stopping the sweep at a
+``time_budget_s`` or when a trial's metric reaches ``target``.
+``trainer`` may itself be a dimension of the space (the ensemble comparison; not with tpe).
 
 Trials are submitted in the order written. ``order: longest_first`` submits them longest
 expected first, so that a sweep of a few long trials does not end with one slot busy and the
@@ -40,6 +44,18 @@ class Dist(msgspec.Struct, forbid_unknown_fields=True):
     int: bool = False
 
 
+class Pruner(msgspec.Struct, forbid_unknown_fields=True):
+    """Early stopping for a learning sweep, by Optuna's rules (see sweeps/study.py): a trial's
+    resource is how many values of the sweep's metric it has reported."""
+
+    type: Literal["asha", "median"]
+    min_resource: int = 1  # asha: the first rung
+    reduction_factor: int = 3  # asha: 1 in this many goes on at each rung
+    min_early_stopping_rate: int = 0  # asha
+    startup_trials: int = 5  # median: completed trials before any is pruned
+    warmup: int = 0  # median: values a trial reports before it can be pruned
+
+
 class SweepResources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cpus: float = 1.0
     mem_gb: float = 0.0
@@ -53,7 +69,7 @@ class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
     callable: str | None = None
     command: list[str] | None = None
     model_type: str | None = None
-    method: Literal["grid", "random"] = "grid"
+    method: Literal["grid", "random", "tpe"] = "grid"
     samples: int | None = None
     seed: int = 0
     metric: str = "auc"
@@ -69,6 +85,10 @@ class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
     cost: list[str] | None = None  # parameters whose product is a trial's expected cost
     inputs: list[str] = []  # files its jobs read, taken with them: relative to the sweep file
     outputs: list[str] = []  # files its jobs make (globs, in their folder) that come home
+    pruner: Literal["asha", "median"] | Pruner | None = None  # tpe: stop poor trials early
+    time_budget_s: float | None = None  # tpe: ask no trial after this long
+    target: float | None = None  # tpe: ask no trial once one reaches this value of `metric`
+    startup_trials: int | None = None  # tpe: random trials before the model (Optuna's 10)
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -123,17 +143,18 @@ def check(spec: SweepSpec, where: str) -> None:
         if isinstance(values, list) and not values:
             raise BadInput(f"{where}: $.space.{name}: expected a non-empty list of values")
         if isinstance(values, Dist):
-            if spec.method != "random":
+            if spec.method == "grid":
                 raise BadInput(f"{where}: $.space.{name}: a range ({{low, high}}) needs "
-                               f"`method: random`; a grid needs a list of values")
+                               f"`method: random` or `tpe`; a grid needs a list of values")
             if not values.low < values.high or (values.log and values.low <= 0):
                 raise BadInput(f"{where}: $.space.{name}: expected low < high"
                                f"{' and low > 0 for log' if values.log else ''}")
-    if spec.method == "random" and (spec.samples is None or spec.samples < 1):
+    if spec.method != "grid" and (spec.samples is None or spec.samples < 1):
         raise BadInput(f"{where}: $.samples: expected a positive number of samples for "
-                       f"`method: random`")
+                       f"`method: {spec.method}`")
     if spec.method == "grid" and spec.samples is not None:
-        raise BadInput(f"{where}: $.samples: only for `method: random`")
+        raise BadInput(f"{where}: $.samples: only for `method: random` or `tpe`")
+    _check_learning(spec, where)
     if spec.max_attempts < 1:
         raise BadInput(f"{where}: $.max_attempts: expected >= 1, got {spec.max_attempts}")
     for field in ("cpus", "mem_gb", "gpus", "vram_gb"):
@@ -178,6 +199,79 @@ def check(spec: SweepSpec, where: str) -> None:
                 if name not in known:
                     raise BadInput(f"{where}: $.command[{i}]: placeholder {{{name}}} is not a "
                                    f"parameter (expected one of {', '.join(sorted(known))})")
+
+
+_DATA_PARAMS = ("data", "rows", "data_seed")  # fingerprinted at submit: not suggested
+
+
+def _check_learning(spec: SweepSpec, where: str) -> None:
+    """What only a learning sweep takes, and what it cannot."""
+    own = {"pruner": spec.pruner, "time_budget_s": spec.time_budget_s, "target": spec.target,
+           "startup_trials": spec.startup_trials}
+    if spec.method != "tpe":
+        for name, value in own.items():
+            if value is not None:
+                raise BadInput(f"{where}: $.{name}: only for `method: tpe` (a sweep that "
+                               "learns from its trials)")
+        return
+    if "trainer" in spec.space:
+        raise BadInput(f"{where}: $.space.trainer: `method: tpe` runs one trainer (set "
+                       "`trainer:`); compare trainers with a grid")
+    for name in _DATA_PARAMS:
+        if name in spec.space and spec.trainer:
+            raise BadInput(f"{where}: $.space.{name}: the data is fingerprinted when the sweep "
+                           "is submitted; with `method: tpe` set it under `params:`")
+    if spec.order is not None or spec.cost is not None:
+        at = "order" if spec.order is not None else "cost"
+        raise BadInput(f"{where}: $.{at}: a tpe sweep asks for its trials one at a time; it "
+                       "has no order to set")
+    for name, values in spec.space.items():
+        choices = values if isinstance(values, list) else []
+        for i, v in enumerate(choices):
+            if not (v is None or isinstance(v, (bool, int, float, str))):
+                raise BadInput(f"{where}: $.space.{name}[{i}]: `method: tpe` chooses among "
+                               f"numbers, strings, booleans or null, got {v!r}")
+    if spec.time_budget_s is not None and not 0 < spec.time_budget_s < 1e9:
+        raise BadInput(f"{where}: $.time_budget_s: expected a positive number of seconds")
+    if spec.target is not None and not math.isfinite(spec.target):
+        raise BadInput(f"{where}: $.target: expected a finite number")
+    if spec.startup_trials is not None and spec.startup_trials < 0:
+        raise BadInput(f"{where}: $.startup_trials: expected >= 0")
+    p = spec.pruner
+    if isinstance(p, Pruner):
+        for name, low in (("min_resource", 1), ("reduction_factor", 2),
+                          ("min_early_stopping_rate", 0), ("startup_trials", 0), ("warmup", 0)):
+            if getattr(p, name) < low:
+                raise BadInput(f"{where}: $.pruner.{name}: expected >= {low}, got "
+                               f"{getattr(p, name)}")
+
+
+def learning(spec: SweepSpec | dict[str, Any]) -> bool:
+    """Whether the sweep asks for its trials one at a time (from what it learnt so far)."""
+    method = spec.get("method") if isinstance(spec, dict) else spec.method
+    return method == "tpe"
+
+
+def check_recorded(spec: dict[str, Any]) -> SweepSpec:
+    """A learning sweep's record (SweepSubmitted.spec), checked as the broker must before it
+    asks a sampler for anything: BadInput names the path."""
+    data = {k: v for k, v in spec.items() if k != "file"}
+    try:
+        out = msgspec.convert(data, SweepSpec)
+    except msgspec.ValidationError as exc:
+        raise BadInput(f"$.spec: {exc}") from None
+    if not out.space:
+        raise BadInput("$.spec.space: expected at least one parameter to sweep")
+    for name, values in out.space.items():
+        if isinstance(values, list) and not values:
+            raise BadInput(f"$.spec.space.{name}: expected a non-empty list of values")
+        if isinstance(values, Dist) and (not values.low < values.high
+                                         or (values.log and values.low <= 0)):
+            raise BadInput(f"$.spec.space.{name}: expected low < high (and low > 0 for log)")
+    if out.samples is None or out.samples < 1:
+        raise BadInput("$.spec.samples: expected a positive number of samples")
+    _check_learning(out, "$.spec")
+    return out
 
 
 def _check_value(cls: type, fields: set[str], trainer: str, name: str, value: Any, at: str,
@@ -274,7 +368,7 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
     out = []
     prints: dict[str, tuple[dict, dict]] = {}
     inputs = input_files(spec.inputs)
-    for conf in configurations(spec):
+    for conf in ([{}] if learning(spec) else configurations(spec)):
         params = {**spec.params, **conf}
         trainer = params.pop("trainer", None) or spec.trainer
         common: dict[str, Any] = dict(
@@ -282,8 +376,7 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
             seed=spec.seed, tags=dict(spec.tags), workdir=spec.workdir,
             outputs=list(spec.outputs))
         if spec.command is not None:
-            values = {**params, "seed": spec.seed}
-            argv = [_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), a) for a in spec.command]
+            argv = list(spec.command) if learning(spec) else _fill(spec.command, params, spec.seed)
             out.append(JobSpec(command=argv, params=params, model_type=spec.model_type,
                                name=_label(spec.name, conf), data=dict(inputs), **common))
             continue
@@ -299,6 +392,21 @@ def job_specs(spec: SweepSpec) -> list[JobSpec]:
             params=params, model_type=spec.model_type or trainer, data={**data, **inputs},
             name=_label(trainer or spec.name, conf), **common))
     return out
+
+
+def _fill(command: list[str], params: dict[str, Any], seed: int | None) -> list[str]:
+    values = {**params, "seed": seed}
+    return [_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), a) for a in command]
+
+
+def trial_spec(template: JobSpec, conf: dict[str, Any]) -> JobSpec:
+    """A learning sweep's trial: its template with the suggested parameters (in its command's
+    placeholders too) and a name that says them."""
+    params = {**template.params, **conf}
+    command = _fill(template.command, params, template.seed) if template.command else None
+    head = (template.name or "").split(" ")[0] or template.trainer or "trial"
+    return msgspec.structs.replace(template, params=params, command=command,
+                                   name=_label(head, conf))
 
 
 def _label(head: str, conf: dict[str, Any]) -> str:
