@@ -523,6 +523,7 @@ def logs(job: str = typer.Argument(..., help="job id"),
     """A job's stdout and stderr, from whichever node ran it (stderr goes to stderr)."""
     import time
 
+    from evo.events.lifecycle import TERMINAL
     from evo.home import NoBroker
 
     if stream not in ("stdout", "stderr", "both"):
@@ -535,7 +536,6 @@ def logs(job: str = typer.Argument(..., help="job id"),
         if follow:
             raise
         from evo.broker.outputs import OutputStore
-        from evo.events.lifecycle import TERMINAL
 
         store = OutputStore(evo_home() / "logs")
         tried = attempt or max(store.attempts(job) or [0])

@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 
+class Stopped(BaseException):
+    """Raised inside a job's code in a warm worker when evo stops it (cancelled, or a trial its
+    sweep's pruner ruled out), so the worker stays warm. A BaseException, like
+    KeyboardInterrupt: ``except Exception`` does not swallow it; ``finally`` blocks run."""
+
+
 def _write(record: dict) -> None:
     path = os.environ.get("EVO_REPORT_FILE")
     if not path:

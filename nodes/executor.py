@@ -395,10 +395,16 @@ class Run:
             self.frozen = {s: self.span(s)[2] for s in ("stdout", "stderr", "reports")}
 
     def cancel(self, grace_s: float = 5.0) -> None:
-        """SIGTERM to the whole process group now, SIGKILL after the grace period."""
+        """SIGTERM to the whole process group now, SIGKILL after the grace period. A warm
+        task is asked to stop instead (evo.job.Stopped is raised in its code), so its worker
+        stays warm; the worker is killed if the task has not answered by the end of the
+        grace period."""
         self.cancelled = True
         if self.kill_at is None:
-            self._signal(signal.SIGTERM)
+            if self.worker is not None:
+                self.worker.stop(self.grant.lease_epoch)
+            else:
+                self._signal(signal.SIGTERM)
             self.kill_at = time.monotonic() + grace_s
 
     def finish(self) -> None:
@@ -407,8 +413,9 @@ class Run:
             if f is not None:
                 f.close()
         if self.worker is not None:
-            if self.cancelled or self.worker.exit_code() is not None or self.pool is None:
-                self.worker.kill()  # a cancelled task may have left the worker mid-way
+            if (self.cancelled and self.ends is None) or self.worker.exit_code() is not None \
+                    or self.pool is None:
+                self.worker.kill()  # a task stopped without its answer left the worker mid-way
                 self.worker.proc.wait()
                 self.worker.close()
             else:

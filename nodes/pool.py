@@ -30,6 +30,10 @@ _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(AnyWorkerMessage
 MAX_REPLY = 256 << 20  # a TaskDone longer than this is a worker gone wrong, not a result
 
 
+STOP_SIGNAL = signal.SIGUSR1
+STOP_MARK = "stop"  # in the worker's folder: the lease epoch of the task to stop
+
+
 class Worker:
     """One warm worker process and its folder: the default working directory of its tasks and
     the files that capture them (stdout, stderr, reports; a task owns a byte range of each)."""
@@ -96,6 +100,15 @@ class Worker:
         self.kill()
         self._frames.buf.clear()
         return None
+
+    def stop(self, lease_epoch: int) -> None:
+        """Ask the task of this lease to stop (a cancel, a pruned trial) and keep the worker:
+        the mark names the task, so a signal that comes late stops nothing else."""
+        (self.folder / STOP_MARK).write_text(str(lease_epoch))
+        try:
+            os.kill(self.proc.pid, STOP_SIGNAL)
+        except ProcessLookupError:
+            pass
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:

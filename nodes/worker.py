@@ -33,6 +33,8 @@ from typing import Any, Union
 
 import msgspec
 
+from evo.job import Stopped
+
 _LEN = struct.Struct(">I")
 DEFAULT_PRELOAD = "numpy,sklearn,xgboost"
 
@@ -198,6 +200,26 @@ def forget_users_modules(before: set[str]) -> None:
     importlib.invalidate_caches()
 
 
+_stoppable: Task | None = None  # the task a stop request may interrupt, while its code runs
+_STOP_MARK = ""
+
+
+def _on_stop(signum: int, frame: object) -> None:
+    """The node asks the running task to stop (cancelled, or pruned by its sweep): raise in
+    the job's code, which unwinds it and leaves the worker warm. The mark must name this
+    task's lease, so a request that arrives after its task ended interrupts nothing."""
+    task = _stoppable
+    if task is None:
+        return
+    try:
+        with open(_STOP_MARK) as f:
+            mark = f.read().strip()
+    except OSError:
+        return
+    if mark and mark == task.env.get("EVO_LEASE_EPOCH"):
+        raise Stopped("stopped by evo")
+
+
 def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
     """Run one task with fds 1/2 on the worker's output files; never raises."""
     saved_cwd = os.getcwd()
@@ -213,14 +235,21 @@ def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
     done: dict = {"ok": False}
     sys.path.insert(0, task.cwd)  # the job's own modules are imported from its folder
     before = set(sys.modules)
+    global _stoppable
     try:
         os.environ.update(task.env)
         os.chdir(task.cwd)
         seed_everything(task.seed)
         with _thread_limit(task.threads):
-            result = resolve(task.callable)(**task.params)
+            _stoppable = task
+            try:
+                result = resolve(task.callable)(**task.params)
+            finally:
+                _stoppable = None
         done["metrics"], done["artifacts"] = split_result(result)
         done["ok"] = True
+    except Stopped:
+        done.update(exit_code=1, error="stopped by evo")
     except SystemExit as exc:  # a job may sys.exit(); 0 or None is success
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         done.update(ok=code == 0, exit_code=code, error=f"exit code {code}")
@@ -267,7 +296,10 @@ def _die_with_parent() -> None:
 
 
 def main() -> int:
+    global _STOP_MARK
     _die_with_parent()
+    _STOP_MARK = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "stop")
+    signal.signal(signal.SIGUSR1, _on_stop)
     # The protocol gets private copies of fds 0 and 1; the job's stdin is /dev/null and its
     # stdout is a file, so nothing a job prints can corrupt a frame.
     cmd_fd, reply_fd = os.dup(0), os.dup(1)

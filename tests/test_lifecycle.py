@@ -10,8 +10,8 @@ from evo.events.codec import encode
 from evo.events.lifecycle import FAILED, STATE_AFTER, TRANSITIONS
 from evo.events.schema import (
     CancelRequested, Checkpointed, JobCancelled, JobCompleted, JobFailed, JobHeld, JobLeased,
-    JobReleased, JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeJoined, Progress,
-    ReportRejected, RetryScheduled,
+    JobPruned, JobReleased, JobSpec, JobStarted, JobSubmitted, LeaseExpired, NodeJoined,
+    Progress, PruneRequested, ReportRejected, RetryScheduled,
 )
 from evo.projections.store import Projection
 
@@ -30,6 +30,8 @@ EVENTS = {
     "JobCancelled": lambda: (JobCancelled, dict()),
     "JobHeld": lambda: (JobHeld, dict()),
     "JobReleased": lambda: (JobReleased, dict()),
+    "PruneRequested": lambda: (PruneRequested, dict(resource=1, value=0.5, reason="rung 0")),
+    "JobPruned": lambda: (JobPruned, dict(lease_epoch=LEASE, reason="rung 0")),
     "ReportRejected": lambda: (ReportRejected, dict(lease_epoch=LEASE, node="n1",
                                                     report="progress", reason="stale")),
 }
@@ -39,6 +41,7 @@ TO = {
     "completed": ["JobLeased", "JobStarted", "JobCompleted"],
     "failed": ["JobLeased", ("JobFailed", {"final": True, "retryable": False})],
     "cancelled": ["JobCancelled"],
+    "pruned": ["JobLeased", "JobStarted", "PruneRequested", "JobPruned"],
 }
 
 
