@@ -163,11 +163,16 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
             typer.echo(f"note: {why}", err=True)
 
     @app.command()
-    def audit(job: str = typer.Argument(..., help="a completed job's id"),
+    def audit(job: str = typer.Argument(..., help="a completed job's id, or a learning sweep's"),
               broker: Optional[str] = broker_opt) -> None:
-        """Re-run a completed job from its recorded spec, data and seed; compare metrics.
+        """Re-run a completed job from its recorded spec, data and seed; compare metrics. For a
+        learning sweep: derive every suggestion and pruning decision again from the log.
 
-        Exit 0 when every metric matches bit for bit and the data is unchanged, else 1."""
+        Exit 0 when every metric matches bit for bit and the data is unchanged (every
+        decision matches), else 1."""
+        if job.startswith("s") and job[1:].isdigit():
+            _audit_sweep(job, client, broker)
+            return
         from evo.trainers.audit import audit_job
 
         def manifest_of(digest: str):  # noqa: ANN202 - the stored manifest, or None
@@ -187,6 +192,25 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
             typer.echo(line)
         if not ok:
             raise typer.Exit(1)
+
+
+def _audit_sweep(sweep_id: str, client: Callable, broker: str | None) -> None:
+    """`evo audit SWEEP`: the log from the broker, or from the files when none runs."""
+    from evo.broker.audit import audit_sweep
+    from evo.home import NoBroker
+
+    try:
+        with client(broker) as c:
+            ok, lines = audit_sweep(c.read_all(1), sweep_id)
+    except NoBroker:
+        from evo.events.log import SegmentLog
+
+        with SegmentLog(evo_home() / "log", readonly=True) as lg:
+            ok, lines = audit_sweep(lg.read_from(1), sweep_id)
+    for line in lines:
+        typer.echo(line)
+    if not ok:
+        raise typer.Exit(1)
 
 
 def _missing(name: str, jobs: list, sql: Callable, broker: str | None) -> tuple[str, list]:  # noqa: ANN001

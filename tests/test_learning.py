@@ -235,3 +235,33 @@ def test_a_learning_sweep_with_a_bad_record_is_refused_with_the_path():
     assert reply.code == "invalid" and "$.spec.space.x" in reply.message
     assert desk.state.last_seq == 0
     assert math.isfinite(1.0)
+
+
+def test_the_audit_derives_every_decision_again_and_names_a_tampered_result():
+    import msgspec
+
+    from evo.broker.audit import audit_sweep
+    from evo.events.schema import JobCompleted
+
+    desk = Recording()
+    sweep = _submit(desk, 1000.0, pruner="asha", samples=16)
+    _run(desk, slots=2, curve=lambda params, step: _objective(params) + 4.0 / step)
+    ok, lines = audit_sweep(desk.log, sweep)
+    assert ok, lines
+    assert "16 suggestions" in lines[0] and "matches the log" in lines[-1]
+    # one trial's result changed in the log: what the sampler suggests after it changes too
+    done = [i for i, e in enumerate(desk.log) if type(e) is JobCompleted]
+    i = done[0]
+    tampered = list(desk.log)
+    tampered[i] = msgspec.structs.replace(tampered[i], metrics={"loss": -100.0})
+    ok, lines = audit_sweep(tampered, sweep)
+    assert not ok and "difference" in lines[1], lines
+    assert "recorded {" in lines[2] and "derived {" in lines[2]
+    # and a pruning decision that the pruner would not make is named
+    pruned = next(i for i, e in enumerate(desk.log) if type(e).__name__ == "PruneRequested")
+    forged = list(desk.log)
+    forged[pruned] = msgspec.structs.replace(forged[pruned], resource=99)
+    ok, lines = audit_sweep(forged, sweep)
+    assert not ok and any("the pruner decides at" in line for line in lines), lines
+    ok, lines = audit_sweep(desk.log, "s9")
+    assert not ok and lines == ["no sweep 's9' in the log"]

@@ -1,0 +1,83 @@
+"""A learning sweep on real processes: a broker, a node with warm workers, the user's own
+callable; the submitting CLI gone, and the broker killed with -9 in the middle of the sweep."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from evo.client import Client
+from tests.conftest import run_evo, wait_until
+
+OBJECTIVE = '''
+import time
+import evo
+
+def train(x, depth):
+    loss = 0.0
+    for epoch in range(1, 7):
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.04:  # a little work per epoch
+            pass
+        loss = (x - 0.5) ** 2 + 0.05 * depth + 1.0 / epoch
+        evo.report(step=epoch, loss=loss)
+    return {"loss": loss}
+'''
+
+SWEEP = '''
+name: learn
+callable: objective:train
+method: tpe
+samples: 16
+seed: 11
+metric: loss
+pruner: asha
+space:
+  x: {low: -2.0, high: 2.0}
+  depth: {low: 1, high: 6, int: true}
+'''
+
+
+def _events(address: str) -> list:
+    with Client(address, timeout_s=10) as c:
+        return list(c.read_all(1))
+
+
+def _ended(events: list) -> Counter:
+    return Counter(type(e).__name__ for e in events
+                   if type(e).__name__ in ("JobCompleted", "JobPruned")
+                   or (type(e).__name__ == "JobFailed" and e.final))
+
+
+def test_a_tpe_sweep_survives_kill_9_of_the_broker_losing_and_repeating_nothing(
+        pbroker, nodes, tmp_path: Path):
+    home, user = tmp_path / "home", tmp_path / "user"
+    user.mkdir()
+    (user / "objective.py").write_text(OBJECTIVE)
+    (user / "learn.yaml").write_text(SWEEP)
+    b = pbroker(home)
+    nodes(home, "n1", "--slots", "2")
+    r = run_evo("sweep", "learn.yaml", home=home, cwd=user)  # no --wait: the CLI is gone
+    assert r.returncode == 0, r.stderr
+    sweep = r.stdout.strip()
+    wait_until(lambda: sum(_ended(_events(b.address)).values()) >= 4, 60,
+               "four trials to end")
+    b.kill()  # kill -9, trials in flight
+    b = pbroker(home)
+    events = wait_until(lambda: (lambda evs: evs if any(
+        type(e).__name__ == "SweepCompleted" for e in evs) else None)(_events(b.address)),
+        120, "the sweep to complete after the restart")
+    trials = [e for e in events if type(e).__name__ == "JobSubmitted"]
+    assert len(trials) == 16  # none asked twice, none lost
+    assert all(e.spec.sweep_id == sweep for e in trials)
+    assert len({(e.spec.params["x"], e.spec.params["depth"]) for e in trials}) == 16
+    ends = [e for e in events if type(e).__name__ in ("JobCompleted", "JobPruned")
+            or (type(e).__name__ == "JobFailed" and e.final)]
+    by_job = Counter(e.job_id for e in ends)
+    assert set(by_job) == {e.job_id for e in trials} and set(by_job.values()) == {1}, by_job
+    assert not any(type(e).__name__ == "JobFailed" and e.final for e in ends)
+    (done,) = [e for e in events if type(e).__name__ == "SweepCompleted"]
+    assert done.completed + done.pruned == 16 and done.pruned > 0, done
+    audit = run_evo("audit", sweep, home=home)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "16 suggestions" in audit.stdout
