@@ -38,6 +38,7 @@ from .scheduler import (decide, explain, free_of, misfit, never_fits, pick_devic
 from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED, TERMINAL,
                     BrokerState, Job, Sweep)
 from evo.sweeps.spec import check_recorded, learning, trial_spec
+from evo.sweeps.study import ASKS
 from evo.names import nul_error
 
 
@@ -207,22 +208,25 @@ class Desk:
             self._close_sweeps(out, now, cause)
         return out
 
-    def _close_sweeps(self, out: Outcome, now: float, cause: str) -> None:
-        """SweepCompleted for each sweep whose last job just ended, naming the best job."""
-        for sweep_id in sorted(self.state.closable):
+    def _close_sweeps(self, out: Outcome, now: float, cause: str,
+                      ids: list[str] | None = None, reason: str = "") -> None:
+        """SweepCompleted for each sweep whose last job just ended (or for ``ids``), naming
+        the best job."""
+        for sweep_id in sorted(self.state.closable) if ids is None else ids:
             sweep = self.state.sweeps[sweep_id]
             jobs = [self.state.jobs[j] for j in sweep.job_ids if j in self.state.jobs]
             counts = {s: sum(j.state == s for j in jobs) for s in TERMINAL}
             metric = str(sweep.spec.get("metric") or "auc")
             best = best_job(jobs, metric, mode_in_sweep(metric, sweep.spec))
-            reason = sweep.study.why_done(now) if sweep.study is not None else ""
+            if sweep.study is not None and not reason:
+                reason = sweep.study.why_done(now)
             self._emit(out, SweepCompleted, now, cause, sweep_id=sweep_id,
                        completed=counts[COMPLETED], failed=counts["failed"],
                        cancelled=counts["cancelled"], best_job=best, pruned=counts[PRUNED],
                        reason=reason)
 
     def on_submitsweep(self, cmd: p.SubmitSweep, now: float, cause: str) -> Outcome:
-        if learning(cmd.spec):
+        if learning(cmd.spec) and not cmd.into:
             return self._submit_learning(cmd, now, cause)
         if not cmd.jobs:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid",
@@ -242,6 +246,9 @@ class Desk:
             if cmd.into not in self.state.sweeps:
                 return Outcome(reply=p.Error(req=cmd.req, code="invalid",
                                              message=f"no sweep {cmd.into!r} to add jobs to"))
+            refused = self._into_study(cmd, now)
+            if refused is not None:
+                return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=refused))
             sweep_id, start = cmd.into, first
         else:
             sweep_id, start = f"s{self.state.sweep_number + 1}", first + 1
@@ -271,8 +278,6 @@ class Desk:
         def refuse(message: str) -> Outcome:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid",
                                          message=f"sweep {cmd.name!r}: {message}"))
-        if cmd.into:
-            return refuse("a learning sweep (method tpe) cannot be resumed into; submit it again")
         if len(cmd.jobs) != 1:
             return refuse(f"a learning sweep takes one job spec, its trials' template (got "
                           f"{len(cmd.jobs)})")
@@ -296,6 +301,26 @@ class Desk:
                                                                                 self.cluster))
         return out
 
+    def _into_study(self, cmd: p.SubmitSweep, now: float) -> str | None:
+        """Why trials may not join this sweep now (None: they may): only a client-driven
+        study takes them, while it is open and within its samples."""
+        sweep = self.state.sweeps[cmd.into]
+        if sweep.study is None:
+            return None  # a grid or random sweep: any configuration (`evo sweep --resume`)
+        if sweep.spec.get("method") == ASKS:
+            return f"sweep {cmd.into} asks its sampler for its trials; none can be added"
+        if sweep.done or cmd.into not in self.state.learning:
+            return f"sweep {cmd.into} is complete: it takes no more trials"
+        why = sweep.study.why_done(now)
+        if why:
+            return f"sweep {cmd.into} takes no more trials: {why}"
+        left = sweep.study.samples - len(sweep.study.trials)
+        if len(cmd.jobs) > left:
+            return (f"sweep {cmd.into} takes {sweep.study.samples} trials and has "
+                    f"{len(sweep.study.trials)}: {len(cmd.jobs)} more is over by "
+                    f"{len(cmd.jobs) - left}")
+        return None
+
     def _ask(self, out: Outcome, node_name: str, now: float, cause: str, limit: int) -> None:
         """Ask the learning sweeps for trials this node can start now: one per free slot that
         fits a sweep's template, for a sweep with no trial waiting in the queue already. The
@@ -308,7 +333,7 @@ class Desk:
             sweep = self.state.sweeps[sweep_id]
             study, template = sweep.study, sweep.template
             assert study is not None and template is not None
-            if study.why_done(now) or any(self.state.jobs[j].state == QUEUED
+            if sweep.spec.get("method") != ASKS or study.why_done(now) or any(self.state.jobs[j].state == QUEUED
                                           for j in sweep.job_ids[-node.slots:]):
                 continue
             free = free or free_of(self.state, node)
@@ -462,6 +487,9 @@ class Desk:
             if job.state == QUEUED:  # nothing runs yet: cancelled at once
                 self._emit(out, JobCancelled, now, cause, job_id=job_id, reason=cmd.reason)
             # leased or running: the node stops it and reports (see the node commands)
+        if sweep is not None and sweep.study is not None and not sweep.done:
+            # a study asks no more trials: it is complete now, its last trials being stopped
+            self._close_sweeps(out, now, cause, [sweep.sweep_id], "cancelled")
         out.reply = p.Cancelled(req=cmd.req, job_ids=targets, seq=self.state.last_seq)
         return out
 

@@ -154,7 +154,8 @@ class BrokerState:
     order_index: object = field(default=None, repr=False, compare=False)
     # Sweeps whose every job has ended and which await their SweepCompleted (the desk adds it).
     closable: set[str] = field(default_factory=set, repr=False, compare=False)
-    # Learning sweeps that may ask for more trials (the desk asks when a slot is free).
+    # Open learning sweeps (a study each): the desk asks the tpe ones for trials when a slot
+    # is free, and closes any once it asks no more.
     learning: dict[str, None] = field(default_factory=dict, repr=False, compare=False)
     # Trials the pruner says stop, each awaiting its PruneRequested: job id -> (resource,
     # value, reason). The desk records the decision; a replay uses the recorded one.

@@ -388,12 +388,31 @@ class Client:
         return reply
 
     def submit_sweep(self, name: str, jobs: list[JobSpec], spec: dict | None = None,
-                     into: str = "") -> p.SweepAccepted:
-        """A sweep and its jobs in one durable batch (``into``: jobs that join that sweep)."""
-        reply = self.request(p.SubmitSweep(name=name, spec=spec or {}, jobs=self.with_files(jobs),
+                     into: str = "", files: bool = True) -> p.SweepAccepted:
+        """A sweep and its jobs in one durable batch (``into``: jobs that join that sweep;
+        ``files=False``: their code and inputs were sent already, see with_files)."""
+        reply = self.request(p.SubmitSweep(name=name, spec=spec or {},
+                                           jobs=self.with_files(jobs) if files else jobs,
                                            into=into))
         assert isinstance(reply, p.SweepAccepted)
         return reply
+
+    def study(self, name: str, command: Sequence[str] | JobSpec | None = None, *,
+              samples: int, metric: str = "auc", mode: str | None = None, pruner: Any = None,
+              target: float | None = None, time_budget_s: float | None = None,
+              sweep_id: str | None = None, **fields: Any) -> Any:
+        """Ask/tell with a sampler of the user's own (evo.study): a sweep of ``samples``
+        trials made from this job spec (a command with ``{param}`` placeholders, or
+        ``callable=``), each submitted by ``Study.submit(params)`` and its result read back
+        with ``Study.results()``. ``pruner`` ("asha", "median", or a dict of its options)
+        stops poor trials early by their reports; ``sweep_id`` opens an existing one again."""
+        from evo.study import open_study
+
+        template = command if isinstance(command, JobSpec) else (
+            None if sweep_id is not None else make_spec(command, **fields))
+        return open_study(self, name, template, samples=samples, metric=metric,  # type: ignore[arg-type]
+                          mode=mode, pruner=pruner, target=target, time_budget_s=time_budget_s,
+                          sweep_id=sweep_id)
 
     def submit_many(self, specs: Iterable[JobSpec], window: int = 64) -> list[str]:
         """Pipelined submits with at most ``window`` in flight; ids in the order given."""

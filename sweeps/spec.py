@@ -69,7 +69,7 @@ class SweepSpec(msgspec.Struct, forbid_unknown_fields=True):
     callable: str | None = None
     command: list[str] | None = None
     model_type: str | None = None
-    method: Literal["grid", "random", "tpe"] = "grid"
+    method: Literal["grid", "random", "tpe", "client"] = "grid"  # client: evo.Client.study
     samples: int | None = None
     seed: int = 0
     metric: str = "auc"
@@ -137,6 +137,10 @@ def check(spec: SweepSpec, where: str) -> None:
     if kinds != 1:
         raise BadInput(f"{where}: $: expected exactly one of `trainer`, `callable`, `command` "
                        f"(or `trainer` as a dimension of `space`)")
+    if spec.method == "client":
+        raise BadInput(f"{where}: $.method: `client` is the method of a study driven by "
+                       "evo.Client.study (the user's own sampler); a sweep file takes grid, "
+                       "random or tpe")
     if not spec.space:
         raise BadInput(f"{where}: $.space: expected at least one parameter to sweep")
     for name, values in spec.space.items():
@@ -208,11 +212,16 @@ def _check_learning(spec: SweepSpec, where: str) -> None:
     """What only a learning sweep takes, and what it cannot."""
     own = {"pruner": spec.pruner, "time_budget_s": spec.time_budget_s, "target": spec.target,
            "startup_trials": spec.startup_trials}
-    if spec.method != "tpe":
+    if spec.method == "client":  # the user's sampler: only the pruner and the stops apply
+        if spec.startup_trials is not None:
+            raise BadInput(f"{where}: $.startup_trials: only for `method: tpe`")
+    elif spec.method != "tpe":
         for name, value in own.items():
             if value is not None:
                 raise BadInput(f"{where}: $.{name}: only for `method: tpe` (a sweep that "
                                "learns from its trials)")
+        return
+    if spec.method == "client":
         return
     if "trainer" in spec.space:
         raise BadInput(f"{where}: $.space.trainer: `method: tpe` runs one trainer (set "
@@ -247,9 +256,10 @@ def _check_learning(spec: SweepSpec, where: str) -> None:
 
 
 def learning(spec: SweepSpec | dict[str, Any]) -> bool:
-    """Whether the sweep asks for its trials one at a time (from what it learnt so far)."""
+    """Whether the sweep's trials are asked for one at a time, from what it learnt so far (by
+    the broker's sampler, or by the user's through evo.Client.study)."""
     method = spec.get("method") if isinstance(spec, dict) else spec.method
-    return method == "tpe"
+    return method in ("tpe", "client")
 
 
 def check_recorded(spec: dict[str, Any]) -> SweepSpec:
@@ -260,7 +270,7 @@ def check_recorded(spec: dict[str, Any]) -> SweepSpec:
         out = msgspec.convert(data, SweepSpec)
     except msgspec.ValidationError as exc:
         raise BadInput(f"$.spec: {exc}") from None
-    if not out.space:
+    if not out.space and out.method != "client":
         raise BadInput("$.spec.space: expected at least one parameter to sweep")
     for name, values in out.space.items():
         if isinstance(values, list) and not values:

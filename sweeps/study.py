@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RUNNING, COMPLETE, PRUNED, FAIL = "running", "complete", "pruned", "fail"
-LEARNING = frozenset({"tpe"})  # the methods whose trials are asked for one at a time
+# The methods whose trials are asked for one at a time: by the broker's sampler (tpe), or by
+# the user's own through evo.Client.study (client). Both have a study; only tpe asks by itself.
+LEARNING = frozenset({"tpe", "client"})
+ASKS = "tpe"
 
 
 @dataclass(slots=True)

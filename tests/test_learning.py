@@ -265,3 +265,17 @@ def test_the_audit_derives_every_decision_again_and_names_a_tampered_result():
     assert not ok and any("the pruner decides at" in line for line in lines), lines
     ok, lines = audit_sweep(desk.log, "s9")
     assert not ok and lines == ["no sweep 's9' in the log"]
+
+
+def test_cancelling_a_study_completes_it_and_stops_its_trials():
+    desk = Recording()
+    sweep = _submit(desk, 1000.0, samples=10)
+    desk.handle(p.Join(node="n", cpus=8, mem_gb=8, slots=2), 1000.0, mono=0.0)
+    leases = desk.handle(p.Ready(node="n", max_leases=2), 1000.0, mono=0.0).reply.leases
+    assert len(leases) == 2
+    out = desk.handle(p.Cancel(target=sweep), 1001.0)
+    kinds = [type(e).__name__ for e in out.events]
+    assert kinds == ["CancelRequested", "CancelRequested", "SweepCompleted"]
+    assert out.events[-1].reason == "cancelled"
+    assert desk.handle(p.Ready(node="n", max_leases=2), 1001.0, mono=1.0).reply.cancel
+    assert len(desk.state.sweeps[sweep].job_ids) == 2  # nothing more asked

@@ -81,3 +81,45 @@ def test_a_tpe_sweep_survives_kill_9_of_the_broker_losing_and_repeating_nothing(
     audit = run_evo("audit", sweep, home=home)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "16 suggestions" in audit.stdout
+
+
+def test_a_users_own_sampler_drives_a_study_through_the_client(pbroker, nodes, tmp_path: Path):
+    import random
+
+    home, user = tmp_path / "home", tmp_path / "user"
+    user.mkdir()
+    (user / "objective.py").write_text(OBJECTIVE)
+    b = pbroker(home)
+    nodes(home, "n1", "--slots", "2")
+    rng = random.Random(5)
+
+    def ask() -> dict:
+        return {"x": rng.uniform(-2, 2), "depth": rng.randint(1, 6)}
+
+    with Client(b.address) as c:
+        study = c.study("mine", callable="objective:train", workdir=str(user), samples=8,
+                        metric="loss", pruner="asha")
+        asked = [study.submit(ask()) for _ in range(2)]
+        told = []
+        for trial in study.results(timeout_s=120):
+            told.append(trial)
+            if study.asked < study.samples:
+                asked.append(study.submit(ask()))
+        assert study.done and sorted(t.job_id for t in told) == sorted(asked)
+        assert len(asked) == 8 and {t.state for t in told} <= {"completed", "pruned"}
+        for t in told:  # the value it is told: final, or the last it reported when pruned
+            curve = [(t.params["x"] - 0.5) ** 2 + 0.05 * t.params["depth"] + 1.0 / e
+                     for e in range(1, 7)]
+            assert t.value == curve[-1] if t.state == "completed" else t.value in curve[:-1], t
+        best = study.best()
+        completed = [t for t in told if t.state == "completed"]
+        assert best is not None and best.value == min(t.value for t in completed)
+        again = c.study("mine", samples=8, sweep_id=study.sweep_id)
+        assert again.asked == 8 and [t.job_id for t in again.results(timeout_s=5)] == \
+            [t.job_id for t in told]
+        try:
+            study.submit(ask())
+        except Exception as exc:  # noqa: BLE001 - the broker's refusal
+            assert "complete" in str(exc) or "takes 8 trials" in str(exc), exc
+        else:
+            raise AssertionError("a ninth trial was taken")
