@@ -343,9 +343,15 @@ class Desk:
                     and routing(probe, node, self.state, self.cluster, now)[0]:
                 devices = pick_devices(template, free, node)
                 assert devices is not None
+                try:
+                    params = self._suggest(sweep)
+                except Exception as exc:  # noqa: BLE001 - the sweep ends; the broker serves on
+                    study.broken = f"its sampler failed: {type(exc).__name__}: {exc}"[:500]
+                    self.state.may_close(sweep, now)
+                    break
                 self._emit(out, JobSubmitted, now, cause,
                            job_id=f"j{self.state.job_number + 1}",
-                           spec=trial_spec(template, self._suggest(sweep)))
+                           spec=trial_spec(template, params))
                 free.take(template, devices)
                 limit -= 1
 

@@ -27,16 +27,30 @@ def _ident(s: str) -> str:
 
 def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Callable,
              broker_opt) -> None:  # noqa: ANN001
-    def leaderboard_table(sweep: str, metric: str, top: int, broker: str | None):  # noqa: ANN202
+    def leaderboard_table(sweep: str, metric: str, top: int, broker: str | None,  # noqa: ANN202
+                          pruned: bool = False, mode: str = "max"):
         # only the parameters that vary make useful columns (one query for all of them)
         varying = [r["k"] for r in sql(
             "SELECT k, count(DISTINCT params ->> k) AS n FROM (SELECT params, "
             "unnest(json_keys(params)) AS k FROM leaderboard WHERE sweep_id = ?) "
             "GROUP BY k ORDER BY k", broker, params=[sweep]).to_pylist() if r["n"] > 1]
         cols = "".join(f", params ->> ? AS {_ident(k)}" for k in varying)
-        return sql(f"SELECT rank, job_id, model_type, value AS {_ident(metric)}{cols} "
-                   "FROM leaderboard WHERE sweep_id = ? AND metric = ? ORDER BY rank LIMIT ?",
-                   broker, params=[*varying, sweep, metric, int(top)])
+        if not pruned:
+            return sql(f"SELECT rank, job_id, model_type, value AS {_ident(metric)}{cols} "
+                       "FROM leaderboard WHERE sweep_id = ? AND metric = ? ORDER BY rank LIMIT ?",
+                       broker, params=[*varying, sweep, metric, int(top)])
+        # with the pruned trials, each at the last value it reported (the one its sampler got)
+        order = "value" if mode == "min" else "-value"
+        return sql(
+            f"WITH t AS (SELECT job_id, model_type, 'completed' AS state, value, params "
+            f"FROM leaderboard WHERE sweep_id = ? AND metric = ? UNION ALL "
+            f"SELECT j.job_id, j.model_type, 'pruned', arg_max(m.value, m.seq), j.params "
+            f"FROM jobs j JOIN metrics m USING (job_id) WHERE j.sweep_id = ? AND "
+            f"j.state = 'pruned' AND m.kind = 'progress' AND m.name = ? "
+            f"GROUP BY j.job_id, j.model_type, j.params, j.submitted_seq) "
+            f"SELECT rank() OVER (ORDER BY {order}, job_id) AS rank, job_id, model_type, state, "
+            f"value AS {_ident(metric)}{cols} FROM t ORDER BY rank LIMIT ?",
+            broker, params=[sweep, metric, sweep, metric, *varying, int(top)])
 
     @app.command()
     def leaderboard(sweep: str = typer.Argument(..., help="sweep id"),
@@ -44,8 +58,16 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
                         None, "--metric", help="default: the sweep's metric (ranked by its mode)"),
                     top: int = typer.Option(10, "--top"),
                     fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+                    pruned: bool = typer.Option(
+                        False, "--pruned", help="a learning sweep's pruned trials too, each at "
+                        "the last value it reported"),
                     broker: Optional[str] = broker_opt) -> None:
-        """The best configurations of a sweep by one metric, each varying parameter a column."""
+        """The best configurations of a sweep by one metric, each varying parameter a column.
+        For a learning sweep, then: its trials, the pruned ones by rung, and its best value
+        over the trials."""
+        from evo.direction import mode_in_sweep
+        from evo.sweeps.summary import describe, learning_summary
+
         rows = sql("SELECT spec FROM sweeps WHERE sweep_id = ?", broker, params=[sweep]).to_pylist()
         if not rows:
             raise BadInput(f"no sweep {sweep!r} (see `evo sql \"SELECT sweep_id, name FROM sweeps\"`)")
@@ -62,8 +84,13 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         if metric not in metrics:
             raise BadInput(f"--metric: sweep {sweep} has no metric {metric!r} "
                            f"(it has {', '.join(metrics)})")
-        table = leaderboard_table(sweep, str(metric), top, broker)
+        table = leaderboard_table(sweep, str(metric), top, broker, pruned,
+                                  mode_in_sweep(str(metric), spec))
         print_table(table, fmt, title=f"{sweep}: top {top} by {metric}")
+        summary = learning_summary(sweep, spec, lambda q, ps: sql(q, broker, params=ps))
+        if summary is not None and fmt == "table":
+            for line in describe(summary):
+                typer.echo(line)
 
     @app.command()
     def sweep(spec_file: Path = typer.Argument(..., help="sweep spec (YAML)"),
@@ -106,7 +133,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         typer.echo(reply.sweep_id)
         if not wait:
             return
-        done = _follow(reply, client, broker, spec.samples if learning(spec) else len(jobs))
+        done = _follow(reply, client, broker, (spec.samples or 0) if learning(spec) else len(jobs))
         metric = spec.metric
         table = leaderboard_table(reply.sweep_id, metric, top, broker)
         print_table(table, "table", title=f"{reply.sweep_id} ({spec.name}): top {top} by {metric}")

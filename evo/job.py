@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,19 @@ class Stopped(BaseException):
     KeyboardInterrupt: ``except Exception`` does not swallow it; ``finally`` blocks run."""
 
 
+# Set by a warm worker: tells its node a report was written, so the node reads it now rather
+# than at its next look (a learning sweep's pruner decides on it).
+_on_report: Callable[[], None] | None = None
+
+
 def _write(record: dict) -> None:
     path = os.environ.get("EVO_REPORT_FILE")
     if not path:
         return  # not running under evo: reporting is a no-op
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if _on_report is not None:
+        _on_report()
 
 
 def _numbers(call: str, given: Mapping[str, Any] | None, named: dict[str, Any]) -> dict:

@@ -29,12 +29,12 @@ import msgspec
 
 from evo.direction import mode_in_sweep
 from evo.errors import EvoError
-from evo.events.schema import JobSpec
+from evo.events.schema import (JobCancelled, JobCompleted, JobFailed, JobPruned, JobSpec,
+                               JobSubmitted, Progress, SweepCompleted, SweepSubmitted)
 
 if TYPE_CHECKING:
     from evo.client import Client
 
-_ENDS = {"JobCompleted": "completed", "JobPruned": "pruned", "JobCancelled": "cancelled"}
 
 
 @dataclass
@@ -83,24 +83,27 @@ class Study:
         until = None if timeout_s is None else time.monotonic() + timeout_s
         for ev in self.client.follow(self._from, until=until):
             self._from = ev.seq + 1
-            name = type(ev).__name__
-            if name == "SweepCompleted" and ev.sweep_id == self.sweep_id:
+            if isinstance(ev, SweepCompleted) and ev.sweep_id == self.sweep_id:
                 self.done = True
                 return
-            if name == "JobSubmitted" and ev.spec.sweep_id == self.sweep_id:
+            if isinstance(ev, JobSubmitted) and ev.spec.sweep_id == self.sweep_id:
                 self._params.setdefault(ev.job_id, {k: v for k, v in ev.spec.params.items()
                                                     if k not in self.template.params})
                 continue
             job = getattr(ev, "job_id", None)
-            if job not in self._params or job in self._told:
+            if job is None or job not in self._params or job in self._told:
                 continue
-            if name == "Progress" and self.metric in ev.metrics:
+            if isinstance(ev, Progress) and self.metric in ev.metrics:
                 self._last[job] = ev.metrics[self.metric]
-            state = _ENDS.get(name) or ("failed" if name == "JobFailed" and ev.final else "")
-            if not state:
+            if isinstance(ev, JobCompleted):
+                state, metrics = "completed", dict(ev.metrics)
+            elif isinstance(ev, JobPruned):
+                state, metrics = "pruned", {}
+            elif isinstance(ev, JobCancelled) or (isinstance(ev, JobFailed) and ev.final):
+                state, metrics = ("cancelled" if isinstance(ev, JobCancelled) else "failed"), {}
+            else:
                 continue
             self._told.add(job)
-            metrics = dict(ev.metrics) if name == "JobCompleted" else {}
             value = metrics.get(self.metric) if state == "completed" else \
                 self._last.get(job) if state == "pruned" else None
             yield TrialResult(job, self._params[job], state, value, metrics)
@@ -140,13 +143,13 @@ def open_study(client: Client, name: str, template: JobSpec, *, samples: int,
 
 def _reopen(client: Client, sweep_id: str) -> Study:
     for ev in client.read_all(1):
-        if type(ev).__name__ == "SweepSubmitted" and ev.sweep_id == sweep_id:
+        if isinstance(ev, SweepSubmitted) and ev.sweep_id == sweep_id:
             if ev.template is None or ev.spec.get("method") != "client":
                 raise EvoError(f"sweep {sweep_id} is not a client study (method "
                                f"{ev.spec.get('method', 'grid')})")
             study = Study(client, sweep_id, ev.template, dict(ev.spec), ev.seq)
             for e in client.read_all(ev.seq):
-                if type(e).__name__ == "JobSubmitted" and e.spec.sweep_id == sweep_id:
+                if isinstance(e, JobSubmitted) and e.spec.sweep_id == sweep_id:
                     study._asked.append(e.job_id)
             return study
     raise EvoError(f"no sweep {sweep_id!r}")

@@ -334,6 +334,9 @@ class Run:
             return self.rc
         if self.worker is not None:
             msgs = self.worker.replies()
+            if self.worker.reported:  # its task wrote a report: look at it now
+                self.worker.reported = False
+                self._next_look = time.monotonic()
             if msgs is None:  # the worker died under the job (crash, OOM kill, cancel)
                 code = self.worker.proc.wait()
                 self.rc = code if code else 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-from .worker import AnyWorkerMessage, FrameReader, Task, TaskDone, WorkerReady, write_frame
+from .worker import AnyWorkerMessage, FrameReader, Reported, Task, TaskDone, WorkerReady, write_frame
 
 STREAMS = ("stdout", "stderr", "reports")
 # Native thread pools (OpenMP, BLAS) size themselves to the machine's cores unless told, so
@@ -62,6 +62,7 @@ class Worker:
         self._frames = FrameReader(self.fd, MAX_REPLY)
         self.error = ""  # why its answers could not be read, when they could not
         self.ready = False
+        self.reported = False  # its task wrote a report since the node last looked
         self.tasks = 0
         self.idle_since = time.monotonic()
 
@@ -87,6 +88,8 @@ class Worker:
         for msg in msgs:
             if isinstance(msg, WorkerReady):
                 self.ready = True
+            elif isinstance(msg, Reported):
+                self.reported = True
             else:
                 out.append(msg)
         if eof and not out:

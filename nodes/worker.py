@@ -27,6 +27,8 @@ import signal
 import struct
 import sys
 import sysconfig
+import threading
+import time
 import traceback
 
 from typing import Any, Union
@@ -65,7 +67,12 @@ class TaskDone(WorkerMessage, frozen=True, tag="done"):
     ends: tuple[int, int, int] = (0, 0, 0)  # the stdout, stderr and report files' sizes
 
 
-AnyWorkerMessage = Union[WorkerReady, TaskDone]
+class Reported(WorkerMessage, frozen=True, tag="reported"):
+    """The running task wrote a report: the node reads its report file now."""
+
+
+AnyWorkerMessage = Union[WorkerReady, TaskDone, Reported]
+NOTIFY_EVERY_S = 0.02  # at most this often: a job that reports in a tight loop costs no more
 
 
 def read_frame(fd: int) -> bytes | None:
@@ -315,12 +322,27 @@ def main() -> int:
         except Exception:  # noqa: BLE001 - preload is an optimisation, a missing one is fine
             pass
     enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Task)
+    lock = threading.Lock()  # a job's threads may report while another frame is written
+    reported, last = enc.encode(Reported()), [0.0]
+
+    def notify() -> None:
+        now = time.monotonic()
+        if now - last[0] >= NOTIFY_EVERY_S:
+            last[0] = now
+            with lock:
+                write_frame(reply_fd, reported)
+
+    from evo import job
+
+    job._on_report = notify
     write_frame(reply_fd, enc.encode(WorkerReady(pid=os.getpid())))
     while True:
         frame = read_frame(cmd_fd)
         if frame is None:  # the node closed the pipe: it is gone or retiring us
             return 0
-        write_frame(reply_fd, enc.encode(run_task(dec.decode(frame), out_fd, err_fd)))
+        done = enc.encode(run_task(dec.decode(frame), out_fd, err_fd))
+        with lock:
+            write_frame(reply_fd, done)
 
 
 if __name__ == "__main__":

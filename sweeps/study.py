@@ -74,6 +74,7 @@ class Study:
     trials: dict[str, Trial] = field(default_factory=dict)  # by job id, in asking order
     rungs: dict[int, list[float]] = field(default_factory=dict)  # ASHA: values at each rung
     reached: str = ""  # the job whose final value reached the target
+    broken: str = ""  # why its sampler could not suggest (not folded: found again on asking)
 
     @classmethod
     def of(cls, spec: dict[str, Any], metric_mode: str, started_at: float) -> Study:
@@ -138,6 +139,8 @@ class Study:
 
     def why_done(self, now: float) -> str:
         """Why no more trials are asked for ("" while they are)."""
+        if self.broken:
+            return self.broken
         if len(self.trials) >= self.samples:
             return f"all {self.samples} trials asked"
         if self.reached:

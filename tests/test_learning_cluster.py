@@ -81,6 +81,21 @@ def test_a_tpe_sweep_survives_kill_9_of_the_broker_losing_and_repeating_nothing(
     audit = run_evo("audit", sweep, home=home)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "16 suggestions" in audit.stdout
+    board = run_evo("leaderboard", sweep, home=home)
+    assert board.returncode == 0, board.stderr
+    assert f"16 trials asked: {done.completed} completed, {done.pruned} pruned (" in board.stdout
+    assert "best loss (min) after trial" in board.stdout
+    with_pruned = run_evo("leaderboard", sweep, "--pruned", "--top", "100", "--format", "csv",
+                          home=home)
+    assert with_pruned.stdout.count(",pruned,") == done.pruned, with_pruned.stdout
+    report = run_evo("report", sweep, "--out", str(tmp_path / "report"), home=home)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "convergence.pdf").stat().st_size > 1000
+    import yaml
+
+    summary = yaml.safe_load((tmp_path / "report" / "summary.yaml").read_text())
+    assert summary["experiments"]["pruned"] == done.pruned
+    assert sum(summary["learning"]["pruned_at_resource"].values()) == done.pruned
 
 
 def test_a_users_own_sampler_drives_a_study_through_the_client(pbroker, nodes, tmp_path: Path):

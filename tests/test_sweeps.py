@@ -102,6 +102,21 @@ def test_trials_start_in_the_order_written_or_longest_expected_first_when_asked(
     ("command: [x, '{lr}']\nspace: {lr: [1]}\ncost: [lr, trees]",
      r"\$.cost\[1\]: 'trees' is not a parameter \(expected one of lr\)"),
     ("command: [x, '{lr}']\nspace: {lr: [1]}\norder: longest_first", r"\$.order: longest_first needs `cost`"),
+    # learning sweeps
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\npruner: asha", r"\$.pruner: only for `method: tpe`"),
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\nmethod: tpe", r"\$.samples: expected a positive number"),
+    ("command: [x, '{lr}']\nspace: {lr: {low: 1, high: 2}}\nmethod: tpe\nsamples: 5\n"
+     "pruner: {type: asha, reduction_factor: 1}", r"\$.pruner.reduction_factor: expected >= 2"),
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\nmethod: tpe\nsamples: 5\npruner: hyperband",
+     r"Expected `str` matching|Invalid enum value 'hyperband'"),
+    ("space:\n  trainer: [GLM, XGBoost]\nmethod: tpe\nsamples: 4", r"\$.space.trainer: `method: tpe` runs one"),
+    ("trainer: XGBoost\nmethod: tpe\nsamples: 4\nspace: {rows: {low: 100, high: 900, int: true}}",
+     r"\$.space.rows: the data is fingerprinted"),
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\nmethod: client\nsamples: 3", r"\$.method: `client` is"),
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\nmethod: tpe\nsamples: 3\ntarget: .nan",
+     r"\$.target: expected a finite number"),
+    ("command: [x, '{lr}']\nspace: {lr: [1]}\nmethod: tpe\nsamples: 3\norder: written",
+     r"\$.order: a tpe sweep asks"),
 ])
 def test_bad_specs_name_file_path_and_expectation(tmp_path, body, message):
     f = write(tmp_path, "name: bad\n" + body)
@@ -206,7 +221,8 @@ space:
     summary = yaml.safe_load((out / "summary.yaml").read_text())  # the handoff
     assert summary["sweep_id"] == sweep_id and summary["name"] == "e2e"
     assert summary["models_trained"] == ["GLM", "XGBoost"] and summary["mode"] == "max"
-    assert summary["experiments"] == {"total": 4, "completed": 4, "failed": 0, "cancelled": 0}
+    assert summary["experiments"] == {"total": 4, "completed": 4, "failed": 0, "cancelled": 0,
+                                      "pruned": 0}
     assert summary["wall_time_s"] > 0 and summary["utilization"]["solo"]["experiments"] == 4
     assert summary["best"]["job_id"] == best["job_id"]
     assert summary["best"]["metrics"]["auc"] == best["metrics"]["auc"]
@@ -258,3 +274,15 @@ def test_a_bad_spec_submits_nothing_and_exits_2(cluster, tmp_path):
     assert r.returncode == 2 and "nope.csv" in r.stderr and "no such file" in r.stderr
     with Client(b.address) as c:
         assert not list(c.read_all(1))
+
+
+def test_a_tpe_spec_makes_one_template_with_its_placeholders_kept(tmp_path):
+    spec = load_sweep(write(tmp_path, "name: t\ncommand: [x, '{lr}', '{seed}']\nmethod: tpe\n"
+                                      "samples: 5\nseed: 3\nspace: {lr: {low: 0.1, high: 1}}"))
+    (template,) = job_specs(spec)
+    assert template.command == ["x", "{lr}", "{seed}"] and template.seed == 3
+    from evo.sweeps.spec import trial_spec
+
+    trial = trial_spec(template, {"lr": 0.25})
+    assert trial.command == ["x", "0.25", "3"] and trial.params == {"lr": 0.25}
+    assert trial.name == "t lr=0.25"

@@ -1,7 +1,8 @@
 """One experiment: a model, a calibration method and a dataset, validated walk-forward.
 
 This is what a built-in trainer job runs (in a warm worker, or in-process for ``evo audit``).
-Each scored season is reported as it finishes (``evo.report(step=season, ...)``), and the
+Each scored season is reported as it finishes (``evo.report(step=season, ...)``: AUC, Brier,
+log loss and ROI over the seasons scored so far, and the season's own ``season_auc``), and the
 returned dict becomes the JobCompleted: overall metrics over every scored season as numbers,
 and as artifacts the per-season table, the ROC curve, the calibration bins and the data
 fingerprint, which is all ``evo report`` needs, so nothing has to be fetched from the node.
@@ -74,8 +75,13 @@ def run(trainer: str, seed: int | None = None, **params) -> dict:
             final[fold.test] = cal.transform(raw)
             m = all_metrics(y[fold.test], final[fold.test], oh[fold.test], oa[fold.test], p.edge)
             per_season.append({"season": fold.season, **m})
-            per = {k: m[k] for k in ("auc", "brier", "logloss", "roi")}
-            report(step=fold.season, **per)  # type: ignore[arg-type] # metric names only
+            # the metrics over every season scored so far, as the final ones are over all of
+            # them (the last report's are the final values): a learning sweep's pruner and
+            # the curves compare these; the season's own AUC comes along
+            sofar = np.flatnonzero(~np.isnan(final))
+            pooled = all_metrics(y[sofar], final[sofar], oh[sofar], oa[sofar], p.edge)
+            per = {k: pooled[k] for k in ("auc", "brier", "logloss", "roi")}
+            report(step=fold.season, season_auc=m["auc"], **per)  # type: ignore[arg-type]
         oos[fold.test] = raw
     scored = np.flatnonzero(~np.isnan(final))
     overall = all_metrics(y[scored], final[scored], oh[scored], oa[scored], p.edge)

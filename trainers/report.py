@@ -11,6 +11,11 @@ gone. Written:
   model, line style by calibration, legend outside the axes, forecasts per bin below the
   calibration curves, TrueType fonts
 - ``utilization.csv`` and ``utilization.tex``: per node, busy fraction, jobs, GPU use
+- ``convergence.pdf`` (a learning sweep, ``method: tpe`` or a client study): each trial's value
+  in the order it was asked, the best so far as a step line, pruned trials marked apart, and
+  how many were pruned at each rung
+- pruned trials are left out of the comparison (they did not finish); ``summary.yaml`` counts
+  them, by rung
 - ``summary.yaml``: the handoff: sweep, models trained, experiments, wall time, utilization per
   node, the best model with its metrics, and the path of every file above
 """
@@ -159,15 +164,55 @@ def write_report(sweep: str, sql: Callable, out: Path) -> tuple[list[Path], list
     plots = _plots(done[:MAX_CURVES], varying, out)
     written += [p for p in plots if isinstance(p, Path)]
     missing += [p for p in plots if isinstance(p, str)]
+    from evo.sweeps.summary import learning_summary
+
+    learned = learning_summary(sweep, spec, sql)
+    if learned is not None:
+        written.append(_convergence(learned, title, out / "convergence.pdf"))
     util_paths, util = _utilization(sweep, title, sql, out)
     written += util_paths
     written.append(_summary(sweep, found[0] if found else {}, spec, rows, done, util, sql, out,
-                            written))
+                            written, learned))
     return written, missing
 
 
+def _convergence(learned: dict, title: str, path: Path) -> Path:
+    """Value per trial in asking order, the best so far, pruned trials apart; rungs below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = learned["convergence"]
+    with matplotlib.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42}):
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
+        done = [(n, v) for n, _, state, v, _ in curve if state == "completed" and v is not None]
+        if done:
+            ax.scatter([n for n, _ in done], [v for _, v in done], s=12, color="tab:blue",
+                       label="completed trial")
+        best = [(n, b) for n, _, _, _, b in curve if b is not None]
+        if best:
+            ax.step([n for n, _ in best], [b for _, b in best], where="post", color="tab:red",
+                    lw=1.5, label=f"best so far ({learned['mode']})")
+        pruned = [n for n, _, state, _, _ in curve if state == "pruned"]
+        if pruned:
+            lo = min((v for _, v in done), default=0.0)
+            ax.scatter(pruned, [lo] * len(pruned), marker="|", color="grey", s=40,
+                       label=f"pruned trial ({len(pruned)})")
+        rungs = ", ".join(f"{n} at resource {r}" for r, n in learned["pruned_at"].items())
+        ax.set_title(f"Convergence, sweep {title}" + (f"\npruned: {rungs}" if rungs else ""),
+                     fontsize=10)
+        ax.set_xlabel("Trial (in the order asked)")
+        ax.set_ylabel(learned["metric"])
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+        fig.savefig(path, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+    return path
+
+
 def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[dict],
-             util: list[dict], sql: Callable, out: Path, written: list[Path]) -> Path:
+             util: list[dict], sql: Callable, out: Path, written: list[Path],
+             learned: dict | None = None) -> Path:
     """summary.yaml, the handoff: what ran, where, how long, the best model, every file."""
     import yaml
 
@@ -185,7 +230,8 @@ def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[d
         "mode": mode_in_sweep(spec["metric"], spec) if spec.get("metric") else None,
         "models_trained": models,
         "experiments": {"total": len(rows), **{s: states.count(s) for s in
-                                               ("completed", "failed", "cancelled")}},
+                                               ("completed", "failed", "cancelled",
+                                                "pruned")}},
         # from the first experiment's start to the last one's end
         "wall_time_s": round(max(ends) - min(starts), 3) if starts and ends else None,
         "utilization": {u["node"]: {
@@ -202,6 +248,12 @@ def _summary(sweep: str, found: dict, spec: dict, rows: list[dict], done: list[d
                         if isinstance(v, (int, float))}},
         "deliverables": {str(p.relative_to(out)): str(p.resolve()) for p in written},
     }
+    if learned is not None:
+        doc["learning"] = {"method": spec.get("method"), "pruner": spec.get("pruner"),
+                           "trials": learned["trials"], "pruned_at_resource":
+                           learned["pruned_at"], "best_after_trial": {
+                               n: b for n, _, _, _, b in learned["convergence"]
+                               if b is not None}}
     path = out / "summary.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
     return path

@@ -1,0 +1,204 @@
+"""How fast a learning sweep finds what the whole grid finds: evo's TPE + ASHA against the
+324-configuration grid and against Optuna's own study, in one run.
+
+1. The grid: configs/sweeps/xgboost_grid.yaml's 324 configurations, each validated
+   walk-forward on the synthetic games data (5,000 rows) and scored on the last ``--last``
+   seasons, run with joblib (n_jobs=2): its wall time and its best AUC.
+2. evo: a ``method: tpe`` sweep with ``pruner: asha`` over the seed's space as ranges
+   (max_depth 3-9, learning_rate 0.01-0.3 log, n_estimators 100-500, subsample and
+   colsample_bytree 0.6-1.0), on a broker and one 2-slot node, ``target`` the grid's best AUC
+   less 0.002: the wall time from submit to the first completed trial that reaches it.
+3. Optuna: TPESampler (constant liar) + SuccessiveHalvingPruner (min_resource 1, reduction
+   factor 3, as evo's asha) over the same space, n_jobs=2, the trainer's per-season reports
+   as its intermediate values, stopped at the same target: the same wall time.
+
+Each search gets the grid's 324 trials and the grid's wall time as its budget. Printed: each
+time, its fraction of the grid's wall time (target: evo at most 0.25), the ratio of evo's to
+Optuna's (target: at most 1.0), the trials each ran and pruned, and the best AUC each found.
+
+    python bench/search.py [--last 4] [--seeds 1] [--grid-wall S --grid-best AUC]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.dispatch import Cluster  # noqa: E402
+from evo.client import Client  # noqa: E402
+from evo.sweeps import job_specs, load_sweep, record  # noqa: E402
+from evo.trainers import experiment  # noqa: E402
+
+GAP = 0.002
+SPACE = """
+  max_depth: {low: 3, high: 9, int: true}
+  learning_rate: {low: 0.01, high: 0.3, log: true}
+  n_estimators: {low: 100, high: 500, int: true}
+  subsample: {low: 0.6, high: 1.0}
+  colsample_bytree: {low: 0.6, high: 1.0}
+"""
+
+
+def grid_trial(params: dict) -> float:
+    return experiment.run("XGBoost", seed=42, **params)["auc"]
+
+
+def run_grid(last: int) -> tuple[float, float]:
+    from joblib import Parallel, delayed
+
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "xgboost_grid.yaml")
+    spec.params["last"] = last
+    configs = [dict(j.params) for j in job_specs(spec)]
+    t0 = time.perf_counter()
+    aucs = Parallel(n_jobs=2)(delayed(grid_trial)(c) for c in configs)
+    return time.perf_counter() - t0, max(aucs)
+
+
+def run_evo(last: int, seed: int, target: float, budget_s: float) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="search-"))
+    path = folder / "search.yaml"
+    path.write_text(f"""name: bench-search
+trainer: XGBoost
+method: tpe
+samples: 324
+seed: {seed}
+metric: auc
+pruner: asha
+target: {target!r}
+time_budget_s: {budget_s!r}
+params:
+  data: games
+  calibration: none
+  last: {last}
+space:{SPACE}""")
+    spec = load_sweep(path)
+    template = job_specs(spec)
+    cl = Cluster(2)
+    try:
+        with Client(cl.address, timeout_s=60) as c:
+            t0 = time.perf_counter()
+            reply = c.submit_sweep(spec.name, template, record(spec, path))
+            reached = None
+            best = float("-inf")
+            for ev in c.follow(reply.seq, idle_s=0.5):
+                name = type(ev).__name__
+                if name == "JobCompleted" and ev.job_id and "auc" in ev.metrics:
+                    best = max(best, ev.metrics["auc"])
+                    if reached is None and ev.metrics["auc"] >= target:
+                        reached = time.perf_counter() - t0
+                        c.cancel(reply.sweep_id, "the target is reached")
+                if name == "SweepCompleted" and ev.sweep_id == reply.sweep_id:
+                    done = ev
+                    break
+            wall = time.perf_counter() - t0
+    finally:
+        cl.close()
+    return {"reached": reached, "wall": wall, "trials": done.completed + done.pruned
+            + done.cancelled + done.failed, "pruned": done.pruned, "best": best}
+
+
+def run_optuna(last: int, seed: int, target: float, budget_s: float) -> dict:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    here = threading.local()
+
+    def report(step=None, metrics=None, **named):  # noqa: ANN001, ANN003, ANN202
+        """The trainer's evo.report, as Optuna's trial.report (its resource: the count)."""
+        trial = here.trial
+        here.resource += 1
+        trial.report(named["auc"], here.resource)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    experiment.report = report  # type: ignore[assignment] # the trainer reports to Optuna
+
+    def objective(t: optuna.Trial) -> float:
+        here.trial, here.resource = t, 0
+        params = {"data": "games", "calibration": "none", "last": last,
+                  "max_depth": t.suggest_int("max_depth", 3, 9),
+                  "learning_rate": t.suggest_float("learning_rate", 0.01, 0.3, log=True),
+                  "n_estimators": t.suggest_int("n_estimators", 100, 500),
+                  "subsample": t.suggest_float("subsample", 0.6, 1.0),
+                  "colsample_bytree": t.suggest_float("colsample_bytree", 0.6, 1.0)}
+        return experiment.run("XGBoost", seed=42, **params)["auc"]
+
+    out: dict = {"reached": None}
+    t0 = time.perf_counter()
+
+    def stop_at_target(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.value is not None and trial.value >= target and out["reached"] is None:
+            out["reached"] = time.perf_counter() - t0
+            study.stop()
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    study = optuna.create_study(direction="maximize", sampler=sampler,
+                                pruner=optuna.pruners.SuccessiveHalvingPruner(
+                                    min_resource=1, reduction_factor=3))
+    study.optimize(objective, n_trials=324, n_jobs=2, timeout=budget_s,
+                   callbacks=[stop_at_target])
+    out["wall"] = time.perf_counter() - t0
+    states = [t.state.name for t in study.trials]
+    out.update(trials=len(states), pruned=states.count("PRUNED"),
+               best=max((t.value for t in study.trials if t.value is not None
+                         and t.state.name == "COMPLETE"), default=float("nan")))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--last", type=int, default=4, help="scored seasons per configuration")
+    ap.add_argument("--seeds", type=int, default=1, help="searches per tool (seeds 1..N)")
+    ap.add_argument("--grid-wall", type=float, default=0.0,
+                    help="the grid's wall time from an earlier run (skips running it)")
+    ap.add_argument("--grid-best", type=float, default=0.0, help="with --grid-wall")
+    a = ap.parse_args()
+    print(f"XGBoost search: seed's space as ranges, 5,000 rows, last {a.last} seasons scored, "
+          f"{os.cpu_count()} cores\n", flush=True)
+    if a.grid_wall:
+        grid_wall, grid_best = a.grid_wall, a.grid_best
+        print(f"grid    (324 configurations, given)  {grid_wall:8.1f} s   best auc "
+              f"{grid_best:.6f}", flush=True)
+    else:
+        grid_wall, grid_best = run_grid(a.last)
+        print(f"grid    (324 configurations, joblib n_jobs=2)  {grid_wall:8.1f} s   best auc "
+              f"{grid_best:.6f}", flush=True)
+    target = grid_best - GAP
+    print(f"target: auc >= {target:.6f} (the grid's best - {GAP}); budget: 324 trials or "
+          f"{grid_wall:.0f} s\n", flush=True)
+    rows: dict[str, list[dict]] = {"evo": [], "optuna": []}
+    for seed in range(1, a.seeds + 1):
+        for tool, fn in (("evo", run_evo), ("optuna", run_optuna)):
+            r = fn(a.last, seed, target, grid_wall)
+            rows[tool].append(r)
+            when = f"{r['reached']:7.1f} s = {r['reached'] / grid_wall:.3f} of the grid" \
+                if r["reached"] is not None else "  not reached in the budget"
+            print(f"{tool:<7} seed {seed}: reached {when}; {r['trials']} trials "
+                  f"({r['pruned']} pruned) in {r['wall']:.1f} s, best auc {r['best']:.6f}",
+                  flush=True)
+
+    def median(tool: str) -> float:
+        return statistics.median(r["reached"] if r["reached"] is not None else float("inf")
+                                 for r in rows[tool])
+
+    evo_t, opt_t = median("evo"), median("optuna")
+    print(f"\nmedian time to the target: evo {evo_t:.1f} s ({evo_t / grid_wall:.3f} of the grid; "
+          f"target <= 0.25), optuna {opt_t:.1f} s ({opt_t / grid_wall:.3f}); evo / optuna = "
+          f"{evo_t / opt_t:.2f} (target <= 1.0)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
