@@ -89,8 +89,20 @@ space:{SPACE}""")
             reply = c.submit_sweep(spec.name, template, record(spec, path))
             reached = None
             best = float("-inf")
+            started: dict[str, float] = {}
+            busy, cost = 0.0, []  # slot-seconds the trials took; their depth x trees
+            rungs: dict[int, int] = {}
             for ev in c.follow(reply.seq, idle_s=0.5):
                 name = type(ev).__name__
+                if name == "JobStarted":
+                    started[ev.job_id] = ev.time
+                if name == "PruneRequested":
+                    rungs[ev.resource] = rungs.get(ev.resource, 0) + 1
+                if name == "JobSubmitted":
+                    cost.append(ev.spec.params["max_depth"] * ev.spec.params["n_estimators"])
+                if name in ("JobCompleted", "JobPruned", "JobCancelled") \
+                        and ev.job_id in started:
+                    busy += ev.time - started.pop(ev.job_id)
                 if name == "JobCompleted" and ev.job_id and "auc" in ev.metrics:
                     best = max(best, ev.metrics["auc"])
                     if reached is None and ev.metrics["auc"] >= target:
@@ -103,7 +115,9 @@ space:{SPACE}""")
     finally:
         cl.close()
     return {"reached": reached, "wall": wall, "trials": done.completed + done.pruned
-            + done.cancelled + done.failed, "pruned": done.pruned, "best": best}
+            + done.cancelled + done.failed, "pruned": done.pruned, "best": best,
+            "busy": busy, "cost": statistics.mean(cost) if cost else 0.0,
+            "rungs": dict(sorted(rungs.items()))}
 
 
 def run_optuna(last: int, seed: int, target: float, budget_s: float) -> dict:
@@ -152,6 +166,15 @@ def run_optuna(last: int, seed: int, target: float, budget_s: float) -> dict:
                    callbacks=[stop_at_target])
     out["wall"] = time.perf_counter() - t0
     states = [t.state.name for t in study.trials]
+    ended = [t for t in study.trials if t.datetime_complete is not None]
+    out["busy"] = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in ended)
+    rungs: dict[int, int] = {}
+    for t in study.trials:
+        if t.state.name == "PRUNED" and t.last_step is not None:
+            rungs[t.last_step] = rungs.get(t.last_step, 0) + 1
+    out["rungs"] = dict(sorted(rungs.items()))
+    out["cost"] = statistics.mean(t.params["max_depth"] * t.params["n_estimators"]
+                                  for t in study.trials if "n_estimators" in t.params)
     out.update(trials=len(states), pruned=states.count("PRUNED"),
                best=max((t.value for t in study.trials if t.value is not None
                          and t.state.name == "COMPLETE"), default=float("nan")))
@@ -187,13 +210,18 @@ def main() -> None:
             when = f"{r['reached']:7.1f} s = {r['reached'] / grid_wall:.3f} of the grid" \
                 if r["reached"] is not None else "  not reached in the budget"
             print(f"{tool:<7} seed {seed}: reached {when}; {r['trials']} trials "
-                  f"({r['pruned']} pruned) in {r['wall']:.1f} s, best auc {r['best']:.6f}",
-                  flush=True)
+                  f"({r['pruned']} pruned) in {r['wall']:.1f} s, best auc {r['best']:.6f}; "
+                  f"{r['busy'] / max(r['trials'], 1):.2f} slot-s a trial, mean depth x trees "
+                  f"{r['cost']:.0f}, pruned at resource {r['rungs']}", flush=True)
 
     def median(tool: str) -> float:
         return statistics.median(r["reached"] if r["reached"] is not None else float("inf")
                                  for r in rows[tool])
 
+    for tool in rows:  # what a trial cost each: the sampler's choices, not the orchestration
+        per = sum(r["busy"] for r in rows[tool]) / max(sum(r["trials"] for r in rows[tool]), 1)
+        print(f"{tool}: {per:.3f} slot-s per trial over all seeds, mean depth x trees "
+              f"{statistics.mean(r['cost'] for r in rows[tool]):.0f}", flush=True)
     evo_t, opt_t = median("evo"), median("optuna")
     print(f"\nmedian time to the target: evo {evo_t:.1f} s ({evo_t / grid_wall:.3f} of the grid; "
           f"target <= 0.25), optuna {opt_t:.1f} s ({opt_t / grid_wall:.3f}); evo / optuna = "

@@ -346,6 +346,8 @@ def explain(state: BrokerState, job_id: str, now: float, cluster: Cluster) -> st
         return f"no job {job_id!r}"
     if job.state in TERMINAL:
         extra = f": {job.error}" if job.error and job.state != COMPLETED else ""
+        if job.prune and job.state == "pruned":
+            extra = f" by its sweep's pruner: {job.prune}"
         tries = f" after {job.attempt} attempts" if job.attempt > 1 else ""
         return f"{job_id} is {job.state}{tries}{extra}"
     if job.state in ACTIVE:

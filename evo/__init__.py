@@ -8,11 +8,13 @@ def __getattr__(name: str):  # lazy, so `import evo` inside a job stays cheap
         from evo.client import Client
 
         return Client
-    if name in ("report", "result", "checkpoint", "checkpoint_dir", "input", "artifact"):
+    if name in ("report", "result", "checkpoint", "checkpoint_dir", "input", "artifact",
+                "should_stop", "stop_if_asked", "Stopped"):
         from evo import job
 
         return getattr(job, name)
     raise AttributeError(f"module 'evo' has no attribute {name!r}")
 
 
-__all__ = ["Client", "artifact", "checkpoint", "checkpoint_dir", "input", "report", "result", "__version__"]
+__all__ = ["Client", "Stopped", "artifact", "checkpoint", "checkpoint_dir", "input", "report",
+           "result", "should_stop", "stop_if_asked", "__version__"]

@@ -17,13 +17,32 @@ from typing import Any
 
 class Stopped(BaseException):
     """Raised inside a job's code in a warm worker when evo stops it (cancelled, or a trial its
-    sweep's pruner ruled out), so the worker stays warm. A BaseException, like
-    KeyboardInterrupt: ``except Exception`` does not swallow it; ``finally`` blocks run."""
+    sweep's pruner ruled out), so the worker stays warm: at the job's next ``evo.report`` or
+    ``evo.stop_if_asked()`` (never from a signal handler, which could land in a library's
+    native code or a finalizer). A BaseException, like KeyboardInterrupt: ``except
+    Exception`` does not swallow it; ``finally`` blocks run."""
 
 
 # Set by a warm worker: tells its node a report was written, so the node reads it now rather
-# than at its next look (a learning sweep's pruner decides on it).
+# than at its next look (a learning sweep's pruner decides on it); and says whether evo has
+# asked the running task to stop.
 _on_report: Callable[[], None] | None = None
+_stop_asked: Callable[[], bool] | None = None
+
+
+def should_stop() -> bool:
+    """Whether evo asked this job to stop (cancelled, or a trial its sweep's pruner ruled
+    out), for a job in a warm worker; a loop may check it and end early, as Optuna's
+    ``trial.should_prune()``. ``evo.report`` raises Stopped by itself once it is true, and the
+    built-in trainers look at it every boosting round or epoch. A command is stopped with
+    SIGTERM instead; outside evo, always False."""
+    return _stop_asked is not None and _stop_asked()
+
+
+def stop_if_asked() -> None:
+    """Raise Stopped if evo asked this job to stop (see should_stop)."""
+    if should_stop():
+        raise Stopped("stopped by evo")
 
 
 def _write(record: dict) -> None:
@@ -34,6 +53,7 @@ def _write(record: dict) -> None:
         f.write(json.dumps(record) + "\n")
     if _on_report is not None:
         _on_report()
+    stop_if_asked()
 
 
 def _numbers(call: str, given: Mapping[str, Any] | None, named: dict[str, Any]) -> dict:

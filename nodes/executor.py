@@ -399,9 +399,9 @@ class Run:
 
     def cancel(self, grace_s: float = 5.0) -> None:
         """SIGTERM to the whole process group now, SIGKILL after the grace period. A warm
-        task is asked to stop instead (evo.job.Stopped is raised in its code), so its worker
-        stays warm; the worker is killed if the task has not answered by the end of the
-        grace period."""
+        task is asked to stop instead (evo.job.Stopped is raised in its code at its next
+        report or stop check), so its worker stays warm; the worker is killed if the task
+        has not answered by the end of the grace period."""
         self.cancelled = True
         if self.kill_at is None:
             if self.worker is not None:

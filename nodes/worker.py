@@ -207,14 +207,17 @@ def forget_users_modules(before: set[str]) -> None:
     importlib.invalidate_caches()
 
 
-_stoppable: Task | None = None  # the task a stop request may interrupt, while its code runs
+_stoppable: Task | None = None  # the task a stop request may concern, while its code runs
+_stopping: Task | None = None  # the task evo asked to stop
 _STOP_MARK = ""
 
 
 def _on_stop(signum: int, frame: object) -> None:
-    """The node asks the running task to stop (cancelled, or pruned by its sweep): raise in
-    the job's code, which unwinds it and leaves the worker warm. The mark must name this
-    task's lease, so a request that arrives after its task ended interrupts nothing."""
+    """The node asks the running task to stop (cancelled, or pruned by its sweep). Only noted
+    here: the task raises evo.job.Stopped at its next report or stop check (evo.job), a safe
+    point of its own code, and the worker stays warm. The mark must name this task's lease,
+    so a request that arrives after its task ended concerns nothing."""
+    global _stopping
     task = _stoppable
     if task is None:
         return
@@ -224,7 +227,11 @@ def _on_stop(signum: int, frame: object) -> None:
     except OSError:
         return
     if mark and mark == task.env.get("EVO_LEASE_EPOCH"):
-        raise Stopped("stopped by evo")
+        _stopping = task
+
+
+def _stop_asked() -> bool:
+    return _stopping is not None and _stopping is _stoppable
 
 
 def run_task(task: Task, out_fd: int, err_fd: int) -> TaskDone:
@@ -334,7 +341,7 @@ def main() -> int:
 
     from evo import job
 
-    job._on_report = notify
+    job._on_report, job._stop_asked = notify, _stop_asked
     write_frame(reply_fd, enc.encode(WorkerReady(pid=os.getpid())))
     while True:
         frame = read_frame(cmd_fd)

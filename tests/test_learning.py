@@ -147,6 +147,8 @@ def test_asha_prunes_and_a_pruned_trial_ends_pruned_told_with_its_last_value():
         trial = study.trials[e.job_id]
         assert trial.state == "pruned" and trial.value == trial.values[-1] == e.value
         assert desk.state.jobs[e.job_id].state == "pruned"
+    why = desk.handle(p.Why(job_id=asked[0].job_id), 2000.0).reply.text
+    assert why.startswith(f"{asked[0].job_id} is pruned by its sweep's pruner: rung ")
     assert not desk.state.problems()
 
 

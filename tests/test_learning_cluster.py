@@ -138,3 +138,41 @@ def test_a_users_own_sampler_drives_a_study_through_the_client(pbroker, nodes, t
             assert "complete" in str(exc) or "takes 8 trials" in str(exc), exc
         else:
             raise AssertionError("a ninth trial was taken")
+
+
+LOOPER = '''
+import time
+import evo
+
+def forever():
+    step = 0
+    while True:  # stopped only by evo: evo.report raises evo.Stopped once it is asked
+        step += 1
+        time.sleep(0.02)
+        evo.report(step=step, loss=1.0 / step)
+
+def quick():
+    return {"ok": 1.0}
+'''
+
+
+def test_a_stopped_warm_task_ends_at_its_next_report_and_its_worker_stays_warm(
+        pbroker, nodes, tmp_path: Path):
+    home, user = tmp_path / "home", tmp_path / "user"
+    user.mkdir()
+    (user / "looper.py").write_text(LOOPER)
+    b = pbroker(home)
+    nodes(home, "n1", "--slots", "1")
+    with Client(b.address) as c:
+        first = c.submit(callable="looper:forever", workdir=str(user))
+        wait_until(lambda: any(type(e).__name__ == "Progress" and e.job_id == first
+                               for e in c.read_all(1)), 60, "the loop to report")
+        c.cancel(first)
+        wait_until(lambda: any(type(e).__name__ == "JobCancelled" and e.job_id == first
+                               for e in c.read_all(1)), 30, "the cancelled end")
+        second = c.submit(callable="looper:quick", workdir=str(user))
+        events = wait_until(lambda: (lambda evs: evs if any(
+            type(e).__name__ == "JobCompleted" and e.job_id == second for e in evs) else None)(
+            list(c.read_all(1))), 60, "the next job")
+    pids = {e.job_id: e.pid for e in events if type(e).__name__ == "JobStarted"}
+    assert pids[first] == pids[second] > 0  # the same warm worker ran both

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 import msgspec
 import numpy as np
 
+from evo.job import stop_if_asked
+
 Prob = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Pos = Annotated[float, msgspec.Meta(gt=0.0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -109,7 +111,8 @@ def fit_xgb(p: XGBoost, X, y, seed: int, device: str) -> tuple[Predict, str]:
         n_estimators=p.n_estimators, max_depth=p.max_depth, learning_rate=p.learning_rate,
         subsample=p.subsample, colsample_bytree=p.colsample_bytree,
         min_child_weight=p.min_child_weight, reg_lambda=p.reg_lambda, tree_method="hist",
-        device=dev, n_jobs=p.nthread, random_state=seed, eval_metric="logloss")
+        device=dev, n_jobs=p.nthread, random_state=seed, eval_metric="logloss",
+        callbacks=[_stop_callback()] if _stoppable() else None)
     m.fit(X, y)
     if dev == "cuda":
         # predict from host arrays without a device copy warning
@@ -146,6 +149,7 @@ def fit_mlp(p: MLP, X, y, seed: int, device: str) -> tuple[Predict, str]:
     yt = torch.tensor(y, dtype=torch.float32, device=dev)[:, None]
     gen = torch.Generator().manual_seed(seed)
     for _ in range(p.epochs):
+        stop_if_asked()  # a pruned or cancelled trial ends here, its worker kept warm
         perm = torch.randperm(len(Xt), generator=gen).to(dev)
         for i in range(0, len(Xt), p.batch_size):
             b = perm[i:i + p.batch_size]
@@ -160,6 +164,26 @@ def fit_mlp(p: MLP, X, y, seed: int, device: str) -> tuple[Predict, str]:
             return torch.sigmoid(net(z)).cpu().numpy()[:, 0].astype(float)
 
     return predict, device
+
+
+def _stoppable() -> bool:
+    """Whether the job runs where evo may ask it to stop (a warm worker)."""
+    from evo import job
+
+    return job._stop_asked is not None
+
+
+def _stop_callback():  # noqa: ANN202 - an xgboost TrainingCallback
+    """Checks evo's stop request after every boosting round (in xgboost's Python loop, where
+    raising is safe); it changes nothing in what is trained."""
+    import xgboost as xgb
+
+    class StopWhenAsked(xgb.callback.TrainingCallback):
+        def after_iteration(self, model, epoch, evals_log) -> bool:  # noqa: ANN001
+            stop_if_asked()
+            return False
+
+    return StopWhenAsked()
 
 
 # each takes its own params class; called with the one PARAMS names for the same trainer
