@@ -83,8 +83,16 @@ space:{SPACE}""")
     spec = load_sweep(path)
     template = job_specs(spec)
     cl = Cluster(2)
+    import psutil
+
+    daemons = [psutil.Process(cl.broker.pid), psutil.Process(cl.node.pid)]
+
+    def cpu() -> float:  # the broker's and the node daemon's CPU seconds (not the workers')
+        return sum(sum(proc.cpu_times()[:2]) for proc in daemons)
+
     try:
         with Client(cl.address, timeout_s=60) as c:
+            cpu0 = cpu()
             t0 = time.perf_counter()
             reply = c.submit_sweep(spec.name, template, record(spec, path))
             reached = None
@@ -112,12 +120,13 @@ space:{SPACE}""")
                     done = ev
                     break
             wall = time.perf_counter() - t0
+            used = cpu() - cpu0
     finally:
         cl.close()
     return {"reached": reached, "wall": wall, "trials": done.completed + done.pruned
             + done.cancelled + done.failed, "pruned": done.pruned, "best": best,
             "busy": busy, "cost": statistics.mean(cost) if cost else 0.0,
-            "rungs": dict(sorted(rungs.items()))}
+            "rungs": dict(sorted(rungs.items())), "daemons_cpu": used}
 
 
 def run_optuna(last: int, seed: int, target: float, budget_s: float) -> dict:
@@ -212,7 +221,9 @@ def main() -> None:
             print(f"{tool:<7} seed {seed}: reached {when}; {r['trials']} trials "
                   f"({r['pruned']} pruned) in {r['wall']:.1f} s, best auc {r['best']:.6f}; "
                   f"{r['busy'] / max(r['trials'], 1):.2f} slot-s a trial, mean depth x trees "
-                  f"{r['cost']:.0f}, pruned at resource {r['rungs']}", flush=True)
+                  f"{r['cost']:.0f}, pruned at resource {r['rungs']}"
+                  + (f"; broker + node CPU {r['daemons_cpu']:.2f} s" if "daemons_cpu" in r else ""),
+                  flush=True)
 
     def median(tool: str) -> float:
         return statistics.median(r["reached"] if r["reached"] is not None else float("inf")

@@ -137,6 +137,14 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         metric = spec.metric
         table = leaderboard_table(reply.sweep_id, metric, top, broker)
         print_table(table, "table", title=f"{reply.sweep_id} ({spec.name}): top {top} by {metric}")
+        if learning(spec):
+            from evo.sweeps.summary import describe, learning_summary
+
+            recorded = record(spec, spec_file)
+            summary = learning_summary(reply.sweep_id, recorded,
+                                       lambda q, ps: sql(q, broker, params=ps))
+            for line in describe(summary) if summary else []:
+                typer.echo(line)
         if not done.get("completed"):
             raise EvoError(f"sweep {reply.sweep_id}: no job completed ({done})")
         best = _best(reply.sweep_id, sql, broker)
