@@ -17,6 +17,12 @@ time, its fraction of the grid's wall time (target: evo at most 0.25), the ratio
 Optuna's (target: at most 1.0), the trials each ran and pruned, and the best AUC each found.
 
     python bench/search.py [--last 4] [--seeds 1] [--grid-wall S --grid-best AUC]
+    python bench/search.py --same-trials 24   # the orchestration alone, below
+
+``--same-trials N`` separates the orchestration from the search: N fixed configurations, each
+run up to its first scored season (what a trial pruned at the first rung runs), through evo
+(a broker and a 2-slot node) and through two threads in one process as Optuna runs them:
+the wall time of each, and the time inside the trainer against the slot time per trial.
 """
 
 from __future__ import annotations
@@ -190,6 +196,81 @@ def run_optuna(last: int, seed: int, target: float, budget_s: float) -> dict:
     return out
 
 
+SHORT = '''
+import time
+from evo.trainers import experiment
+
+
+class Enough(Exception):
+    pass
+
+
+def first_season(**params):
+    """The trainer up to its first scored season's report: a trial pruned at rung 0."""
+    t0 = time.perf_counter()
+
+    def report(step=None, **named):
+        raise Enough()
+
+    experiment.report = report
+    try:
+        experiment.run("XGBoost", seed=42, **params)
+    except Enough:
+        pass
+    return {"inside_s": time.perf_counter() - t0}
+'''
+
+
+def run_same_trials(n: int, last: int) -> None:
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evo.events.schema import JobSpec
+
+    folder = Path(tempfile.mkdtemp(prefix="search-same-"))
+    (folder / "short.py").write_text(SHORT)
+    rng = random.Random(1)
+    confs = [dict(data="games", calibration="none", last=last, max_depth=rng.randint(3, 9),
+                  n_estimators=rng.randint(100, 500), learning_rate=0.1, subsample=0.8,
+                  colsample_bytree=0.8) for _ in range(n)]
+    cl = Cluster(2)
+    try:
+        with Client(cl.address, timeout_s=60) as c:
+            specs = [JobSpec(callable="short:first_season", params=p, workdir=str(folder))
+                     for p in confs]
+            seq0 = c.hello().last_seq
+            t0 = time.perf_counter()
+            ids = c.submit_many(specs)
+            starts: dict[str, float] = {}
+            ends: dict[str, float] = {}
+            inside: dict[str, float] = {}
+            for ev in c.follow(seq0 + 1, idle_s=0.5):
+                name = type(ev).__name__
+                if name == "JobStarted":
+                    starts[ev.job_id] = ev.time
+                if name == "JobCompleted":
+                    ends[ev.job_id], inside[ev.job_id] = ev.time, ev.metrics["inside_s"]
+                    if len(ends) == len(ids):
+                        break
+            evo_wall = time.perf_counter() - t0
+    finally:
+        cl.close()
+    busy = statistics.mean(ends[j] - starts[j] for j in ids)
+    sys.path.insert(0, str(folder))
+    import short  # type: ignore[import-not-found]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as ex:
+        res = list(ex.map(lambda p: short.first_season(**p), confs))
+    th_wall = time.perf_counter() - t0
+    th_inside = statistics.mean(r["inside_s"] for r in res)
+    print(f"{n} fixed trials up to their first scored season, 2 slots:\n"
+          f"evo      {evo_wall:6.2f} s; per trial {busy:.3f} slot-s, {statistics.mean(inside.values()):.3f}"
+          f" of it in the trainer\n"
+          f"threads  {th_wall:6.2f} s; per trial {th_inside:.3f} s in the trainer\n"
+          f"evo / threads = {evo_wall / th_wall:.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--last", type=int, default=4, help="scored seasons per configuration")
@@ -197,7 +278,12 @@ def main() -> None:
     ap.add_argument("--grid-wall", type=float, default=0.0,
                     help="the grid's wall time from an earlier run (skips running it)")
     ap.add_argument("--grid-best", type=float, default=0.0, help="with --grid-wall")
+    ap.add_argument("--same-trials", type=int, default=0,
+                    help="only the orchestration: N fixed trials through evo and two threads")
     a = ap.parse_args()
+    if a.same_trials:
+        run_same_trials(a.same_trials, a.last)
+        return
     print(f"XGBoost search: seed's space as ranges, 5,000 rows, last {a.last} seasons scored, "
           f"{os.cpu_count()} cores\n", flush=True)
     if a.grid_wall:
