@@ -286,3 +286,12 @@ def test_a_tpe_spec_makes_one_template_with_its_placeholders_kept(tmp_path):
     trial = trial_spec(template, {"lr": 0.25})
     assert trial.command == ["x", "0.25", "3"] and trial.params == {"lr": 0.25}
     assert trial.name == "t lr=0.25"
+
+
+def test_the_packaged_tpe_spec_is_a_learning_sweep_of_one_template():
+    from evo.sweeps.spec import learning
+
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "xgboost_tpe.yaml")
+    (template,) = job_specs(spec)
+    assert learning(spec) and spec.samples == 60 and spec.pruner == "asha"
+    assert template.trainer == "XGBoost" and "max_depth" not in template.params
