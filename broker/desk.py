@@ -33,97 +33,13 @@ from evo.events.schema import (
 from . import protocol as p
 from .cluster import Cluster
 from .liveness import compute_backoff, is_lost, lost_after
-from .scheduler import (decide, explain, free_of, misfit, never_fits, pick_devices, routing,
-                        waiting_for)
+from .scheduler import decide, explain, free_of, misfit, pick_devices, routing
+from .specs import InvalidSpec, fits_somewhere, unrouted, validate_spec
 from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED, TERMINAL,
                     BrokerState, Job, Sweep)
+from .status import status_of
 from evo.sweeps.spec import check_recorded, learning, trial_spec
 from evo.sweeps.study import ASKS
-from evo.names import nul_error
-
-
-class InvalidSpec(BadInput):
-    """Raised when a job spec is invalid in itself; the message names the field path."""
-
-
-def validate_spec(spec: JobSpec, state: BrokerState | None = None,
-                  cluster: Cluster | None = None) -> None:
-    """Check what a spec says about itself (and which jobs it depends on)."""
-    if (spec.command is None) == (spec.callable is None):
-        got = "both" if spec.command is not None else "neither"
-        raise InvalidSpec(f"$.spec: expected exactly one of `command` or `callable` (got {got})")
-    if spec.command is not None and (not spec.command or not all(spec.command)):
-        raise InvalidSpec("$.spec.command: expected a non-empty argv list of non-empty strings")
-    if spec.callable is not None and (":" not in spec.callable
-                                      or not all(spec.callable.split(":", 1))):
-        raise InvalidSpec(f"$.spec.callable: expected `module:function`, got {spec.callable!r}")
-    r = spec.resources
-    for name in ("cpus", "mem_gb", "gpus", "vram_gb"):
-        value = getattr(r, name)
-        if not (0 <= value <= 1e9):  # NaN fails this too
-            raise InvalidSpec(f"$.spec.resources.{name}: expected a finite number >= 0, "
-                              f"got {value}")
-    if r.vram_gb > 0 and r.gpus == 0:
-        raise InvalidSpec("$.spec.resources.vram_gb: VRAM was asked for without a GPU (gpus=0)")
-    for name, lo, hi in (("max_attempts", 1, 1000), ("priority", -(2**31), 2**31 - 1)):
-        value = getattr(spec, name)
-        if not lo <= value <= hi:
-            raise InvalidSpec(f"$.spec.{name}: expected {lo} to {hi}, got {value}")
-    if spec.seed is not None and not -(2**63) <= spec.seed < 2**63:
-        raise InvalidSpec(f"$.spec.seed: expected a 64-bit integer, got {spec.seed}")
-    bad = _text_error(spec)
-    if bad:
-        raise InvalidSpec(bad)
-    for i, pattern in enumerate(spec.outputs):  # globs in the job's folder, never outside it
-        parts = pattern.replace("\\", "/").split("/")
-        if not pattern or pattern.startswith("/") or ".." in parts:
-            raise InvalidSpec(f"$.spec.outputs[{i}]: expected a glob relative to the job's "
-                              f"folder, without '..', got {pattern!r}")
-    if state is not None and spec.after:
-        for i, dep in enumerate(spec.after):
-            if dep not in state.jobs:
-                raise InvalidSpec(f"$.spec.after[{i}]: unknown job {dep!r}")
-
-
-def _text_error(spec: JobSpec) -> str | None:
-    """A NUL byte in any argument, name, key or tag (the OS cuts strings there, so a job would
-    not run what was recorded), or a data path that is not one."""
-    texts: list[tuple[str, str | None]] = [
-        ("$.spec.callable", spec.callable), ("$.spec.trainer", spec.trainer),
-        ("$.spec.model_type", spec.model_type), ("$.spec.name", spec.name),
-        ("$.spec.key", spec.key), ("$.spec.workdir", spec.workdir)]
-    texts += [(f"$.spec.command[{i}]", a) for i, a in enumerate(spec.command or ())]
-    texts += [(f"$.spec.after[{i}]", a) for i, a in enumerate(spec.after)]
-    for k, v in spec.tags.items():
-        texts += [(f"$.spec.tags key {k!r}", k), (f"$.spec.tags.{k}", v)]
-    texts += [(f"$.spec.data key {k!r}", k) for k in spec.data]
-    texts += [(f"$.spec.params key {k!r}", k) for k in spec.params]
-    for where, text in texts:
-        if text is not None and (bad := nul_error(text, where)):
-            return bad
-    return None
-
-
-def _fits_somewhere(spec: JobSpec, state: BrokerState, cluster: Cluster) -> None:
-    """Refuse a job that no known machine (a node that ever joined, or one the cluster file
-    declares) could ever run; with none known yet there is nothing to judge by."""
-    r = spec.resources
-    if not (r.gpus or r.cpus > 1 or r.mem_gb):
-        return  # a 1-CPU job fits anything: skip the scan
-    why = never_fits(spec, state, cluster)
-    if why is not None:
-        raise InvalidSpec(f"$.spec.resources: {why.split('; it waits')[0]}; to queue it for a "
-                          "machine that has not joined yet, declare that machine under "
-                          "`machines:` in the cluster file")
-
-
-def _unrouted(spec: JobSpec, cluster: Cluster) -> str:
-    """What to say of a model type that no routing rule names (it runs wherever it fits)."""
-    if spec.model_type is None or not cluster.rules or cluster.rule_for(spec.model_type):
-        return ""
-    known = ", ".join(r.model_type for r in cluster.rules)
-    return (f"model type {spec.model_type!r} has no routing rule (the cluster file has {known}): "
-            "any node that fits runs it")
 
 
 @dataclass
@@ -235,7 +151,7 @@ class Desk:
             try:
                 validate_spec(spec, self.state, self.cluster)
                 if i == 0 or spec.resources != cmd.jobs[i - 1].resources:
-                    _fits_somewhere(spec, self.state, self.cluster)
+                    fits_somewhere(spec, self.state, self.cluster)
             except InvalidSpec as exc:
                 msg = str(exc).replace("$.spec", f"$.jobs[{i}]", 1)
                 return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=msg))
@@ -267,7 +183,7 @@ class Desk:
             where = f"$.jobs[{jobs.index(exc.event)}]" if exc.event in jobs else "$"
             return Outcome(reply=p.Error(req=cmd.req, code="invalid",
                                          message=f"sweep {cmd.name!r}: {where}: {exc}"))
-        warning = "; ".join(sorted({w for s in cmd.jobs if (w := _unrouted(s, self.cluster))}))
+        warning = "; ".join(sorted({w for s in cmd.jobs if (w := unrouted(s, self.cluster))}))
         out.reply = p.SweepAccepted(req=cmd.req, sweep_id=sweep_id, job_ids=job_ids,
                                     seq=self.state.last_seq, warning=warning)
         return out
@@ -284,7 +200,7 @@ class Desk:
         try:
             check_recorded(cmd.spec)
             validate_spec(cmd.jobs[0], self.state, self.cluster)
-            _fits_somewhere(cmd.jobs[0], self.state, self.cluster)
+            fits_somewhere(cmd.jobs[0], self.state, self.cluster)
         except BadInput as exc:
             return refuse(str(exc).replace("$.spec.", "$.jobs[0].", 1)
                           if isinstance(exc, InvalidSpec) else str(exc))
@@ -297,7 +213,7 @@ class Desk:
         except InvalidEvent as exc:
             return refuse(str(exc))
         out.reply = p.SweepAccepted(req=cmd.req, sweep_id=sweep_id, job_ids=[],
-                                    seq=self.state.last_seq, warning=_unrouted(template,
+                                    seq=self.state.last_seq, warning=unrouted(template,
                                                                                 self.cluster))
         return out
 
@@ -390,7 +306,7 @@ class Desk:
                                              duplicate=True))
         try:
             validate_spec(spec, self.state, self.cluster)
-            _fits_somewhere(spec, self.state, self.cluster)
+            fits_somewhere(spec, self.state, self.cluster)
         except InvalidSpec as exc:
             return Outcome(reply=p.Error(req=cmd.req, code="invalid", message=str(exc)))
         out = Outcome()
@@ -398,7 +314,7 @@ class Desk:
         job_id = f"j{self.state.job_number + 1}"
         self._emit(out, JobSubmitted, now, cause, job_id=job_id, spec=spec)
         out.reply = p.Submitted(req=cmd.req, job_id=job_id, seq=seq,
-                                warning=_unrouted(spec, self.cluster))
+                                warning=unrouted(spec, self.cluster))
         return out
 
     def on_retry(self, cmd: p.Retry, now: float, cause: str) -> Outcome:
@@ -772,57 +688,3 @@ def best_job(jobs: list[Job], metric: str, mode: str) -> str | None:
     scored = [(sign * j.metrics[metric], j.submitted_seq, j.job_id) for j in jobs
               if j.state == COMPLETED and metric in j.metrics and j.metrics[metric] == j.metrics[metric]]
     return min(scored)[2] if scored else None
-
-
-
-
-def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
-              now: float = 0.0, cluster: Cluster | None = None) -> p.StatusReply:
-    """Counts, nodes, and the newest jobs running, queued and failed (a lease taken ahead of a
-    free slot is queued on its node, not running: it is listed with the queued). A node that
-    is gone says since when, and what of the queue waits for it (``waiting_for``)."""
-    nodes = []
-    for n in state.nodes.values():
-        row = {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
-               "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
-               "running": sum(not state.jobs[j].ahead for j in n.running)}
-        if not n.alive:
-            row.update(gone=n.gone, since=n.gone_at)
-            if cluster is not None:
-                row.update(waiting_for(n, state, cluster, now))
-        nodes.append(row)
-    running: list[dict] = []
-    queued: list[dict] = []
-    failed: list[dict] = []
-    for job in reversed(state.jobs.values()):  # newest first
-        if job.state in ACTIVE and not job.ahead and len(running) < limit:
-            running.append({"job_id": job.job_id, "state": job.state, "node": job.node,
-                            "attempt": job.attempt, "name": _name(job.spec),
-                            "elapsed_s": round(now - job.started_at, 1) if job.started_at else None,
-                            "last": _last(job.metrics)})
-        elif (job.state == QUEUED or job.ahead) and len(queued) < limit:
-            queued.append({"job_id": job.job_id, "priority": job.spec.priority,
-                           "attempt": job.attempt, "name": _name(job.spec),
-                           "held": job.held, "on": job.node if job.ahead else None})
-        elif job.state == "failed" and len(failed) < limit:
-            failed.append({"job_id": job.job_id, "attempt": job.attempt, "name": _name(job.spec),
-                           "error": job.error[-200:]})
-    running.reverse()
-    queued.reverse()
-    counts = {k: v for k, v in state.counts.items() if v}
-    return p.StatusReply(req=req, last_seq=state.last_seq, jobs=counts, nodes=nodes,
-                         running=running, queued=queued, failed=failed)
-
-
-def _last(metrics: dict[str, float], n: int = 2) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[-n:])
-
-
-def _name(spec: JobSpec) -> str:
-    if spec.name:
-        return spec.name
-    if spec.trainer:
-        return spec.trainer
-    if spec.command:
-        return " ".join(spec.command)[:60]
-    return spec.callable or ""

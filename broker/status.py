@@ -1,0 +1,63 @@
+"""The answer to `evo status`: counts, nodes, and the newest running, queued and failed jobs,
+from the broker's state. Pure."""
+
+from __future__ import annotations
+
+from evo.events.schema import JobSpec
+
+from . import protocol as p
+from .cluster import Cluster
+from .scheduler import waiting_for
+from .state import ACTIVE, QUEUED, BrokerState
+
+
+def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
+              now: float = 0.0, cluster: Cluster | None = None) -> p.StatusReply:
+    """Counts, nodes, and the newest jobs running, queued and failed (a lease taken ahead of a
+    free slot is queued on its node, not running: it is listed with the queued). A node that
+    is gone says since when, and what of the queue waits for it (``waiting_for``)."""
+    nodes = []
+    for n in state.nodes.values():
+        row = {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
+               "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
+               "running": sum(not state.jobs[j].ahead for j in n.running)}
+        if not n.alive:
+            row.update(gone=n.gone, since=n.gone_at)
+            if cluster is not None:
+                row.update(waiting_for(n, state, cluster, now))
+        nodes.append(row)
+    running: list[dict] = []
+    queued: list[dict] = []
+    failed: list[dict] = []
+    for job in reversed(state.jobs.values()):  # newest first
+        if job.state in ACTIVE and not job.ahead and len(running) < limit:
+            running.append({"job_id": job.job_id, "state": job.state, "node": job.node,
+                            "attempt": job.attempt, "name": _name(job.spec),
+                            "elapsed_s": round(now - job.started_at, 1) if job.started_at else None,
+                            "last": _last(job.metrics)})
+        elif (job.state == QUEUED or job.ahead) and len(queued) < limit:
+            queued.append({"job_id": job.job_id, "priority": job.spec.priority,
+                           "attempt": job.attempt, "name": _name(job.spec),
+                           "held": job.held, "on": job.node if job.ahead else None})
+        elif job.state == "failed" and len(failed) < limit:
+            failed.append({"job_id": job.job_id, "attempt": job.attempt, "name": _name(job.spec),
+                           "error": job.error[-200:]})
+    running.reverse()
+    queued.reverse()
+    counts = {k: v for k, v in state.counts.items() if v}
+    return p.StatusReply(req=req, last_seq=state.last_seq, jobs=counts, nodes=nodes,
+                         running=running, queued=queued, failed=failed)
+
+
+def _last(metrics: dict[str, float], n: int = 2) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[-n:])
+
+
+def _name(spec: JobSpec) -> str:
+    if spec.name:
+        return spec.name
+    if spec.trainer:
+        return spec.trainer
+    if spec.command:
+        return " ".join(spec.command)[:60]
+    return spec.callable or ""
