@@ -134,12 +134,11 @@ class Desk:
             counts = {s: sum(j.state == s for j in jobs) for s in TERMINAL}
             metric = str(sweep.spec.get("metric") or "auc")
             best = best_job(jobs, metric, mode_in_sweep(metric, sweep.spec))
-            if sweep.study is not None and not reason:
-                reason = sweep.study.why_done(now)
+            why = reason or (sweep.study.why_done(now) if sweep.study is not None else "")
             self._emit(out, SweepCompleted, now, cause, sweep_id=sweep_id,
                        completed=counts[COMPLETED], failed=counts["failed"],
                        cancelled=counts["cancelled"], best_job=best, pruned=counts[PRUNED],
-                       reason=reason)
+                       reason=why)
 
     def on_submitsweep(self, cmd: p.SubmitSweep, now: float, cause: str) -> Outcome:
         if learning(cmd.spec) and not cmd.into:
@@ -249,8 +248,8 @@ class Desk:
             sweep = self.state.sweeps[sweep_id]
             study, template = sweep.study, sweep.template
             assert study is not None and template is not None
-            if sweep.spec.get("method") != ASKS or study.why_done(now) or any(self.state.jobs[j].state == QUEUED
-                                          for j in sweep.job_ids[-node.slots:]):
+            waiting = any(self.state.jobs[j].state == QUEUED for j in sweep.job_ids[-node.slots:])
+            if sweep.spec.get("method") != ASKS or study.why_done(now) or waiting:
                 continue
             free = free or free_of(self.state, node)
             probe = Job(job_id="", spec=template, queued_at=now)
@@ -279,13 +278,11 @@ class Desk:
         return suggest(sweep.study, sweep.spec["space"],
                        STARTUP_TRIALS if startup is None else int(startup))
 
-    def _prune(self, out: Outcome, now: float, cause: str) -> str:
-        """PruneRequested for each trial the pruner just ruled out; the last one's reason."""
-        why = ""
+    def _prune(self, out: Outcome, now: float, cause: str) -> None:
+        """PruneRequested for each trial the pruner has just ruled out."""
         for job_id, (resource, value, why) in list(self.state.to_prune.items()):
             self._emit(out, PruneRequested, now, cause, job_id=job_id, resource=resource,
                        value=value if value == value else None, reason=why)
-        return why
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -535,8 +532,10 @@ class Desk:
             out.reply = p.Error(req=cmd.req, code="rejected", message=f"{kind} report of "
                                 f"{cmd.job_id} refused: {bad}")
             return out
-        stop = self._prune(out, now, cause) if self.state.to_prune else ""
-        out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq,
+        if self.state.to_prune:
+            self._prune(out, now, cause)
+        stop = job.prune if any(type(e) is PruneRequested for e in out.events) else ""
+        out.reply = p.Ok(req=cmd.req, seq=self.state.last_seq,  # the node stops it at once
                          data={"stop": f"pruned: {stop}"} if stop else {})
         return out
 
