@@ -30,9 +30,11 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
     def leaderboard_table(sweep: str, metric: str, top: int, broker: str | None,  # noqa: ANN202
                           pruned: bool = False, mode: str = "max"):
         # only the parameters that vary make useful columns (one query for all of them)
+        rows = ("jobs WHERE sweep_id = ? AND state IN ('completed', 'pruned')" if pruned
+                else "leaderboard WHERE sweep_id = ?")  # the trials the table shows
         varying = [r["k"] for r in sql(
             "SELECT k, count(DISTINCT params ->> k) AS n FROM (SELECT params, "
-            "unnest(json_keys(params)) AS k FROM leaderboard WHERE sweep_id = ?) "
+            f"unnest(json_keys(params)) AS k FROM {rows}) "
             "GROUP BY k ORDER BY k", broker, params=[sweep]).to_pylist() if r["n"] > 1]
         cols = "".join(f", params ->> ? AS {_ident(k)}" for k in varying)
         if not pruned:
