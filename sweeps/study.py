@@ -149,16 +149,6 @@ class Study:
             return f"the time budget of {self.time_budget_s:g} s is spent"
         return ""
 
-    def in_flight(self) -> int:
-        return sum(t.state == RUNNING for t in self.trials.values())
-
-    def best(self) -> Trial | None:
-        done = [t for t in self.trials.values() if t.state == COMPLETE and t.value is not None]
-        if not done:
-            return None
-        sign = -1.0 if self.mode == "max" else 1.0
-        return min(done, key=lambda t: (sign * t.value, t.number))  # type: ignore[operator]
-
 
 # --- the pruners ------------------------------------------------------------------------------
 
@@ -220,12 +210,3 @@ def _median(study: Study, trial: Trial) -> str:
         return (f"resource {resource}: best {study.metric}={best:.6g} is worse than the median "
                 f"{median:.6g} of {len(at)} completed trials")
     return ""
-
-
-def rung_counts(study: Study) -> dict[int, int]:
-    """How many trials were told to stop at each resource (for leaderboards and reports)."""
-    out: dict[int, int] = {}
-    for t in study.trials.values():
-        if t.prune:
-            out[t.pruned_at] = out.get(t.pruned_at, 0) + 1
-    return dict(sorted(out.items()))

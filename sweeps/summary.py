@@ -7,7 +7,6 @@ row per trial: a sweep of thousands of trials is two small queries.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +41,7 @@ def learning_summary(sweep: str, spec: dict[str, Any], sql: Callable) -> dict[st
     return {"metric": metric, "mode": mode, "trials": len(rows),
             "completed": states.count("completed"), "pruned": states.count("pruned"),
             "pruned_at": {int(r["resource"]): int(r["n"]) for r in rungs},
-            "convergence": curve, "pruner": json.dumps(spec.get("pruner")) if spec.get("pruner")
-            else None}
+            "convergence": curve}
 
 
 def describe(summary: dict[str, Any], points: int = 6) -> list[str]:
