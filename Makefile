@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test check bench clean netns-tools
+.PHONY: install demo test check bench clean netns-tools slurm-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,15 @@ netns-tools:
 	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null 2>&1; } || true
 
-test: $(STAMP) netns-tools
+# Slurm pilot tests run against a real single-node Slurm (scripts/slurm-local): Debian's
+# slurmctld, slurmd, slurm-client and munge, installed when missing and root can; elsewhere
+# those tests skip and say why.
+slurm-tools:
+	@command -v sbatch >/dev/null 2>&1 && [ -x /usr/sbin/slurmd ] || { [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq slurmctld slurmd slurm-client munge) >/dev/null 2>&1; } || true
+
+test: $(STAMP) netns-tools slurm-tools
 	$(BIN)/python -m pytest -q
 
 # the type checker over the whole package (configured in pyproject.toml): zero errors

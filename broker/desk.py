@@ -33,7 +33,8 @@ from evo.events.schema import (
 from . import protocol as p
 from .cluster import Cluster
 from .liveness import compute_backoff, is_lost, lost_after
-from .scheduler import decide, explain, free_of, misfit, pick_devices, routing
+from .scheduler import (decide, explain, free_of, misfit, outlasts, pick_devices,
+                        routing)
 from .specs import InvalidSpec, fits_somewhere, unrouted, validate_spec
 from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED, TERMINAL,
                     BrokerState, Job, Sweep)
@@ -255,7 +256,8 @@ class Desk:
             probe = Job(job_id="", spec=template, queued_at=now)
             while limit > 0 and not study.why_done(now) and free.slots >= 1 \
                     and misfit(template, free, node) is None \
-                    and routing(probe, node, self.state, self.cluster, now)[0]:
+                    and routing(probe, node, self.state, self.cluster, now)[0] \
+                    and outlasts(probe, node, self.state, now) is None:
                 devices = pick_devices(template, free, node)
                 assert devices is not None
                 try:
@@ -418,7 +420,8 @@ class Desk:
         out = Outcome()
         joined: dict[str, Any] = dict(node=cmd.node, hostname=cmd.hostname, cpus=cmd.cpus, mem_gb=cmd.mem_gb,
                       gpus=cmd.gpus, labels=cmd.labels, slots=cmd.slots,
-                      capabilities=cmd.capabilities)
+                      capabilities=cmd.capabilities,
+                      ends_at=round(now + cmd.ends_in_s, 3) if cmd.ends_in_s else 0.0)
         check(NodeJoined(seq=self.state.last_seq + 1, time=now, **joined))  # before any fold
         old = self.state.nodes.get(cmd.node)
         if old is not None:  # a node that restarted: what it does not carry on is not running

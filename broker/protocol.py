@@ -109,6 +109,9 @@ class Join(Command, frozen=True, tag="join"):
     running: list[tuple[str, Int64]] = []  # (job id, lease epoch) still running after a reconnect
     # leases expire after 3 heartbeats missed
     heartbeat_s: Annotated[float, Meta(ge=0.01, le=3600)] = 2.0
+    # Seconds left until the node's allocation ends (a Slurm pilot), 0: it has no end. Relative,
+    # so the node's and the broker's clocks need not agree; the broker records when, on its own.
+    ends_in_s: Annotated[float, Meta(ge=0, le=10 * 365 * 86400)] = 0.0
 
 
 class Ready(Command, frozen=True, tag="ready"):
@@ -349,6 +352,7 @@ class StatusReply(Reply, frozen=True, tag="status"):
     running: list[dict[str, Any]] = []
     queued: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []  # the newest jobs that failed for good
+    asking: int = 0  # open sweeps that ask for a trial whenever a slot is free (method tpe)
 
 
 class Explanation(Reply, frozen=True, tag="why"):

@@ -9,6 +9,9 @@ Rules, in the order they apply to each queued job:
   * fit: free slots, cpus, memory, GPU count, and VRAM per GPU on this node, counted from the
     resources of the jobs it runs (a GPU job with ``vram_gb=0`` takes whole GPUs; with
     ``vram_gb>0`` it shares a GPU whose free VRAM covers it);
+  * time: a node whose allocation ends (a Slurm pilot) takes only jobs expected to end before
+    it does (estimates.py: declared, or learned from the jobs like it); a job nothing is known
+    about may run, and is retried elsewhere (from its checkpoint) if the allocation ends first;
   * order: higher priority first; among equal priorities, the sweep with the fewest running
     jobs goes first (fair share), then submit order. A job that does not fit is skipped, so
     smaller jobs behind it backfill the node.
@@ -216,6 +219,19 @@ def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: flo
     return False, ""
 
 
+def outlasts(job: Job, node: Node, state: BrokerState, now: float) -> str | None:
+    """Why the job would not end before the node's allocation does, or None when it would (or
+    the node has no end, or nothing is known of how long the job takes)."""
+    if not node.ends_at:
+        return None
+    est = state.durations.estimate(job.spec, node.node)
+    left = node.ends_at - now
+    if est is None or est.bound <= left:
+        return None
+    return (f"expected to take up to {est.bound:.0f}s ({est.basis}); {node.node}'s allocation "
+            f"ends in {max(left, 0):.0f}s")
+
+
 def waiting_for(node: Node, state: BrokerState, cluster: Cluster, now: float) -> dict:
     """For a node that is gone: how many queued jobs prefer it (their rule routes to its
     labels), and in how many seconds the last of them may fall back to another node (0: they
@@ -326,7 +342,7 @@ def decide(state: BrokerState, node_name: str, now: float, cluster: Cluster,
         if (free.slots < 1 and room < 1) or (max_leases is not None and len(out) >= max_leases):
             break
         ok, fallback = routing(job, node, state, cluster, now)
-        if not ok:
+        if not ok or (node.ends_at and outlasts(job, node, state, now) is not None):
             continue
         if free.slots >= 1 and misfit(job.spec, free, node) is None:
             devices = pick_devices(job.spec, free, node)
@@ -376,8 +392,11 @@ def explain(state: BrokerState, job_id: str, now: float, cluster: Cluster) -> st
         vram = max((g.vram_gb for g in node.gpus), default=0.0)
         cap = capacity_misfit(job.spec, node.cpus, node.mem_gb, len(node.gpus), vram, node.node)
         m = misfit(job.spec, free_of(state, node), node)
+        late = outlasts(job, node, state, now)
         if cap is not None:
             lines.append(f"  {node.node}: can never fit: {cap}")
+        elif late is not None:
+            lines.append(f"  {node.node}: too little time: {late}")
         elif m is not None:
             lines.append(f"  {node.node}: {m}")
         else:

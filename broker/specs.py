@@ -39,6 +39,9 @@ def validate_spec(spec: JobSpec, state: BrokerState | None = None,
         value = getattr(spec, name)
         if not lo <= value <= hi:
             raise InvalidSpec(f"$.spec.{name}: expected {lo} to {hi}, got {value}")
+    if not (0 <= spec.expected_s <= 1e9):
+        raise InvalidSpec(f"$.spec.expected_s: expected a finite number of seconds >= 0, "
+                          f"got {spec.expected_s}")
     if spec.seed is not None and not -(2**63) <= spec.seed < 2**63:
         raise InvalidSpec(f"$.spec.seed: expected a 64-bit integer, got {spec.seed}")
     bad = _text_error(spec)

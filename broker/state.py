@@ -59,6 +59,7 @@ from evo.events.lifecycle import (  # noqa: F401 - the rules, re-exported for th
     TRANSITIONS,
 )
 from evo.direction import mode_in_sweep
+from evo.broker.estimates import Durations
 from evo.sweeps.study import COMPLETE, FAIL, LEARNING, Study
 from evo.sweeps.study import PRUNED as TRIAL_PRUNED
 
@@ -121,6 +122,7 @@ class Node:
     drained: bool = False  # takes nothing new (`evo node drain`)
     gone: str = ""  # "lost" (missed its heartbeats) or "left", while not alive
     gone_at: float = 0.0  # since when
+    ends_at: float = 0.0  # when its allocation ends (a Slurm pilot), 0: never
 
 
 @dataclass(slots=True)
@@ -161,6 +163,8 @@ class BrokerState:
     # value, reason). The desk records the decision; a replay uses the recorded one.
     to_prune: dict[str, tuple[int, float, str]] = field(default_factory=dict, repr=False,
                                                         compare=False)
+    # How long jobs like each took (estimates.py): what a pilot's time left is checked against.
+    durations: Durations = field(default_factory=Durations)
 
     def apply(self, event: Event) -> None:
         """Fold one event into the state. Raises before mutating if the event is illegal."""
@@ -342,6 +346,8 @@ class BrokerState:
         job.metrics.update(ev.metrics)
         job.finished_at = ev.time
         job.error = ""  # an earlier attempt's, no longer the job's
+        if ev.duration_s > 0 and (job.runs <= 1 or not job.checkpoint):  # not a resumed part
+            self.durations.add(job.spec, job.node, ev.duration_s)
         self._release(job)
 
     def _failed(self, job: Job, ev: JobFailed) -> None:
@@ -378,7 +384,8 @@ class BrokerState:
         old = self.nodes.get(ev.node)
         node = Node(node=ev.node, hostname=ev.hostname, cpus=ev.cpus, mem_gb=ev.mem_gb,
                     gpus=list(ev.gpus), labels=list(ev.labels), slots=ev.slots,
-                    capabilities=list(ev.capabilities), joined_at=ev.time, last_seen=ev.time)
+                    capabilities=list(ev.capabilities), joined_at=ev.time, last_seen=ev.time,
+                    ends_at=ev.ends_at)
         if old is not None:  # a node that reconnects keeps the jobs it still runs
             node.running = old.running
             node.drained = old.drained  # and a drain: it was asked for the machine, not a run

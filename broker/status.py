@@ -21,6 +21,8 @@ def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
         row = {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
                "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
                "running": sum(not state.jobs[j].ahead for j in n.running)}
+        if n.ends_at and n.alive:
+            row["ends_in_s"] = round(max(n.ends_at - now, 0.0), 1)
         if not n.alive:
             row.update(gone=n.gone, since=n.gone_at)
             if cluster is not None:
@@ -46,7 +48,9 @@ def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
     queued.reverse()
     counts = {k: v for k, v in state.counts.items() if v}
     return p.StatusReply(req=req, last_seq=state.last_seq, jobs=counts, nodes=nodes,
-                         running=running, queued=queued, failed=failed)
+                         running=running, queued=queued, failed=failed,
+                         asking=sum(state.sweeps[s].spec.get("method") == "tpe"
+                                    for s in state.learning))
 
 
 def _last(metrics: dict[str, float], n: int = 2) -> str:

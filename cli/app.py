@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -176,12 +177,27 @@ def node(
     lease_ahead: Optional[int] = typer.Option(
         None, "--lease-ahead", help="short trials queued here beyond free slots (default 4 x slots; 0: off)"),
     cache_gb: float = typer.Option(20.0, "--cache-gb", help="bound of the cache of jobs' files (EVO_HOME/cache)"),
+    slurm: bool = typer.Option(False, "--slurm", help="submit Slurm pilots that each run a node"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="--slurm: the partition"),
+    nodes: int = typer.Option(1, "--nodes", help="--slurm: machines per pilot"),
+    cpus_per_node: Optional[int] = typer.Option(None, "--cpus-per-node", help="--slurm"),
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", help="--slurm"),
+    walltime: str = typer.Option("1:00:00", "--time", help="--slurm: each pilot's walltime"),
+    sbatch_arg: list[str] = typer.Option([], "--sbatch-arg", help="--slurm: passed to sbatch"),
+    scale: int = typer.Option(1, "--scale", help="--slurm: pilots kept alive while there is work"),
+    until: float = typer.Option(0.0, "--until", help="when this node's allocation ends (epoch s)"),
+    grace_s: float = typer.Option(60.0, "--grace-s",
+                                  help="stop this long before --until (pilots: before the walltime)"),
+    idle_exit_s: Optional[float] = typer.Option(
+        None, "--idle-exit-s", help="leave after this long with nothing to do (pilots: 120)"),
     broker: Optional[str] = BrokerOpt,
 ) -> None:
     """Run a node daemon: lease the jobs that fit this machine, run them, report back.
 
     Declared values override the probe (reserve headroom, or simulate a machine).
-    `evo node drain NAME` / `evo node resume NAME` stop and restart a node taking work."""
+    `evo node drain NAME` / `evo node resume NAME` stop and restart a node taking work.
+    With --slurm, submit pilot jobs instead, each running a node on a compute node, and keep
+    --scale of them while there is work; Ctrl-C cancels them."""
     if ctx.invoked_subcommand is not None:
         return
     from evo.home import find_broker, normalize_address
@@ -190,17 +206,48 @@ def node(
     for flag, value, least in (("--slots", slots, 1), ("--cpus", cpus, 0), ("--mem-gb", mem_gb, 0),
                                ("--gpus", gpus, 0), ("--vram-gb", vram_gb, 0),
                                ("--lease-ahead", lease_ahead, 0), ("--heartbeat-s", heartbeat_s, 0.01),
-                               ("--cache-gb", cache_gb, 0)):
+                               ("--cache-gb", cache_gb, 0), ("--nodes", nodes, 1),
+                               ("--cpus-per-node", cpus_per_node, 1),
+                               ("--gpus-per-node", gpus_per_node, 0), ("--scale", scale, 1),
+                               ("--until", until, 0), ("--grace-s", grace_s, 0),
+                               ("--idle-exit-s", idle_exit_s, 0)):
         if value is not None and not value >= least:  # not >=: NaN is refused too
             raise BadInput(f"{flag}: expected >= {least}, got {value}")
     _setup_logging()
-    find_broker(broker)  # none to be found: say so now, not in a retry loop
+    address = find_broker(broker)  # none to be found: say so now, not in a retry loop
+    if slurm:
+        _slurm_pilots(address, partition=partition, nodes=nodes, cpus_per_node=cpus_per_node,
+                      gpus_per_node=gpus_per_node, mem_gb=mem_gb, walltime=walltime,
+                      sbatch_args=sbatch_arg, scale=scale, labels=_labels(labels), slots=slots,
+                      grace_s=grace_s, heartbeat_s=heartbeat_s,
+                      idle_exit_s=120.0 if idle_exit_s is None else idle_exit_s)
+        return
+    if until and until - grace_s <= time.time():
+        raise BadInput(f"--until: the allocation ends in {until - time.time():.0f}s, within "
+                       f"--grace-s {grace_s:g}: nothing could run")
     # Without an explicit address the node looks again at each reconnect, so it finds a
     # broker that restarted on another port (EVO_HOME/broker.json).
     run_node(normalize_address(broker) if broker else None, name=name, labels=_labels(labels),
              slots=slots, cpus=cpus,
              mem_gb=mem_gb, gpus=gpus, vram_gb=vram_gb, heartbeat_s=heartbeat_s,
-             lease_ahead=lease_ahead, cache_gb=cache_gb)
+             lease_ahead=lease_ahead, cache_gb=cache_gb, until=until, grace_s=grace_s,
+             idle_exit_s=idle_exit_s or 0.0)
+
+
+def _slurm_pilots(address: str, *, scale: int, walltime: str, **kw) -> None:  # noqa: ANN003
+    """`evo node --slurm`: the keeper of pilots, in the foreground until Ctrl-C or SIGTERM."""
+    import signal
+
+    from evo.nodes.pilots import Keeper, PilotSpec, walltime_s, work_waiting
+
+    walltime_s(walltime)  # a bad --time: one line, before anything is submitted
+    spec = PilotSpec(broker=address, home=evo_home().absolute(), time=walltime, **kw)
+    keeper = Keeper(spec, scale, work_waiting(address))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: keeper.stop.set())
+    typer.echo(f"keeping {scale} Slurm pilot(s) of {walltime} while there is work "
+               f"(script: {keeper.script_path}); Ctrl-C cancels them", err=True)
+    keeper.run()
 
 
 def _changed(reply, what: str, already: str) -> None:  # noqa: ANN001
@@ -321,6 +368,9 @@ def submit(
     priority: int = typer.Option(0, "--priority", help="higher runs first"),
     after: Optional[list[str]] = typer.Option(None, "--after", help="job id that must complete first"),
     max_attempts: int = typer.Option(3, "--max-attempts"),
+    expected_s: float = typer.Option(
+        0.0, "--expected-s", help="how long it takes (default: learned from jobs like it); "
+                                  "a Slurm pilot with less time left does not take it"),
     key: Optional[str] = typer.Option(None, "--key", help="idempotency key"),
     tag: Optional[list[str]] = typer.Option(None, "--tag", help="k=v"),
     trainer: Optional[str] = typer.Option(None, "--trainer", help="built-in trainer instead of a command"),
@@ -370,7 +420,7 @@ def submit(
                      after=list(after or []), max_attempts=max_attempts, key=key,
                      tags=_kv(tag, "--tag", False), params=params, data=data,
                      seed=seed, name=name, isolate=isolate, workdir=_workdir(workdir),
-                     outputs=list(output or []))
+                     outputs=list(output or []), expected_s=expected_s)
     with _client(broker) as c:
         reply = c.submit_reply(spec)
     if reply.warning:

@@ -58,6 +58,9 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     code: dict[str, str] = {}  # what code it runs: git commit and changes, or files (at submit)
     tree: str = ""  # the manifest's digest of its files in the broker's store (evo.content)
     outputs: list[str] = []  # files (globs, from its folder) that come home when it completes
+    # How long an attempt is expected to take, as declared (`evo submit --expected-s`); 0: the
+    # broker estimates it from the history of jobs like it (broker/estimates.py).
+    expected_s: float = 0.0
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,6 +222,9 @@ class NodeJoined(Event, frozen=True, tag="NodeJoined"):
     labels: list[str] = []
     slots: int = 1
     capabilities: list[str] = []
+    # When the node's allocation ends (broker wall clock; 0: never): a Slurm pilot's walltime.
+    # The scheduler leases it only jobs expected to end before then.
+    ends_at: float = 0.0
 
 
 class NodeLost(Event, frozen=True, tag="NodeLost"):

@@ -61,7 +61,8 @@ class NodeDaemon:
                  heartbeat_s: float = 2.0, util_every_s: float = 5.0,
                  poll_s: float = 0.05, idle_wait_s: float = 1.0, ship_every_s: float = 0.5,
                  warm_workers: bool = True, lease_ahead: int | None = None,
-                 cache_gb: float = 20.0) -> None:
+                 cache_gb: float = 20.0, until: float = 0.0, grace_s: float = 30.0,
+                 idle_exit_s: float = 0.0) -> None:
         hw = probe()
         key = find_key(None, Path(os.environ.get("EVO_HOME", ".evo")).absolute())
         # a node's name is its key's (the broker machine's own key runs any)
@@ -113,6 +114,13 @@ class NodeDaemon:
         self._stop_told = False
         self.refused = ""  # why the broker refused this node's key, once it has
         self._next_ship = 0.0
+        # A pilot's allocation (``until``, wall clock) ends: the node tells the broker it ends
+        # ``grace_s`` before then, so it is leased only jobs expected to end by that time, and
+        # at that time stops what still runs (SIGTERM first: a job can checkpoint) and leaves.
+        # The deadline is kept on the monotonic clock.
+        self.end_at = time.monotonic() + (until - grace_s - time.time()) if until else 0.0
+        self.idle_exit_s = idle_exit_s  # a pilot with nothing to do for this long leaves
+        self._idle_since = time.monotonic()
 
     # --- the core's instructions, carried out -------------------------------------------------
 
@@ -152,7 +160,8 @@ class NodeDaemon:
             try:
                 self.client = Client(self.broker, timeout_s=max(2.0, self.heartbeat_s))
                 link = Link(self.client, self.name, sample)
-                join = p.Join(**{**_fields(self.join_cmd), "running": self.core.held()})
+                join = p.Join(**{**_fields(self.join_cmd), "running": self.core.held(),
+                                 "ends_in_s": self._ends_in()})
                 try:
                     joined = link.join(join)
                 except CommandRejected as exc:
@@ -178,6 +187,25 @@ class NodeDaemon:
             self.client = None
 
     # --- the loop -----------------------------------------------------------------------------
+
+    def _ends_in(self) -> float:
+        """Seconds until this node's declared end (0: it has none)."""
+        return max(self.end_at - time.monotonic(), 0.001) if self.end_at else 0.0
+
+    def _pilot_clock(self) -> None:
+        """A pilot stops at its declared end, and leaves when idle for ``idle_exit_s``."""
+        now = time.monotonic()
+        if self.end_at and now >= self.end_at and not (self._stop.is_set()
+                                                       and not self._drain_on_stop):
+            log.info("the allocation ends in %.0fs: stopping what runs and leaving",
+                     self.end_at - now)
+            self.stop(drain=False)
+        if self.runs or self.core.queued or self.core.running:
+            self._idle_since = now
+        elif self.idle_exit_s and now - self._idle_since >= self.idle_exit_s \
+                and not self._stop.is_set():
+            log.info("idle for %.0fs: leaving", now - self._idle_since)
+            self.stop(drain=True)
 
     def stop(self, drain: bool = True) -> None:
         """Ask the loop to stop (from a signal handler too: the loop tells the core)."""
@@ -220,6 +248,8 @@ class NodeDaemon:
     def turn(self, poller: zmq.Poller | None = None) -> bool:
         """One pass: collect, report, ask for work, then wait for something to happen."""
         assert self.client is not None and self.link is not None
+        if self.end_at or self.idle_exit_s:
+            self._pilot_clock()
         if self._stop.is_set() and not self._stop_told:
             self._stop_told = True
             self._do(c.Stop(drain=self._drain_on_stop))
@@ -465,6 +495,13 @@ def run_node(broker: str | None, **kw) -> None:
     # the first Ctrl-C (or SIGTERM) drains; a second one stops what runs at once
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop(drain=not node._stop.is_set()))
+    if node.end_at:
+        # A pilot: Slurm's SIGTERM (scancel, preemption, the time limit) leaves it seconds
+        # (KillWait) before SIGKILL: stop what runs now, so their reports reach the broker and
+        # they are retried elsewhere. SIGUSR1 (sbatch --signal) is the warning that the end
+        # is near: take nothing new, let what runs finish until the declared end.
+        signal.signal(signal.SIGTERM, lambda *_: node.stop(drain=False))
+        signal.signal(signal.SIGUSR1, lambda *_: node.stop(drain=True))
     try:
         node.run()
     except KeyRefused:

@@ -252,3 +252,67 @@ def test_the_node_admits_a_lease_by_the_schedulers_own_fit_rule():
     busy = free_for(3, 4.0, 16.0, vram, [(spec(cpus=3.5, mem=12.0), [])])
     assert not fits_on(spec(cpus=1.0), [], busy, vram) and not fits_on(spec(cpus=0.5, mem=8.0), [], busy, vram)
     assert fits_on(spec(cpus=0.5, mem=4.0), [], busy, vram)
+
+
+def test_a_node_whose_allocation_ends_takes_only_jobs_expected_to_end_before_it():
+    w = World()
+    w.emit(NodeJoined, node="pilot", labels=["slurm"], cpus=4, mem_gb=8, slots=4,
+           ends_at=w.t + 60)
+    seq = w.state.last_seq + 1
+    for job_id, expected in ((f"j{seq}", 120.0), (f"j{seq + 1}", 30.0), (f"j{seq + 2}", 0.0)):
+        w.emit(JobSubmitted, job_id=job_id, spec=JobSpec(command=["x"], expected_s=expected))
+    long, short, unknown = f"j{seq}", f"j{seq + 1}", f"j{seq + 2}"
+    # nothing is known of the third: it may run (a pilot that ends first has it retried)
+    assert w.lease(w.decide("pilot")) == [short, unknown]
+    why = explain(w.state, long, w.t, CLUSTER)
+    assert ("pilot: too little time: expected to take up to 120s (declared); pilot's "
+            "allocation ends in 60s") in why
+    w.t += 50  # 10 s left: a 30 s job no longer fits
+    w.emit(JobSubmitted, job_id="j900", spec=JobSpec(command=["x"], expected_s=30))
+    assert "j900" not in w.lease(w.decide("pilot"))
+
+
+def test_expected_durations_are_learned_per_sweep_and_node_and_bound_pilots():
+    from evo.broker.estimates import Durations
+
+    w = World()
+    w.node("fast", ["cpu"], slots=1)
+    w.node("slow", ["cpu"], slots=1)
+    for node, took in (("fast", 10.0), ("fast", 12.0), ("slow", 40.0)):
+        seq = w.state.last_seq + 1
+        w.emit(JobSubmitted, job_id=f"j{seq}", spec=JobSpec(command=["python", "train.py"],
+                                                           sweep_id="s1"))
+        w.emit(JobLeased, job_id=f"j{seq}", attempt=1, node=node)
+        w.emit(JobCompleted, job_id=f"j{seq}", lease_epoch=seq + 1, duration_s=took)
+    spec = JobSpec(command=["python", "train.py", "--lr", "3"], sweep_id="s1")
+    d: Durations = w.state.durations
+    fast, slow = d.estimate(spec, "fast"), d.estimate(spec, "slow")
+    assert fast is not None and slow is not None
+    assert (fast.seconds, fast.n, fast.basis) == (11.0, 2, "sweep s1 on fast (2 runs)")
+    assert abs(fast.bound - (11 + 2 * 2 ** 0.5)) < 1e-9  # the mean and two deviations
+    assert (slow.seconds, slow.bound, slow.basis) == (40.0, 40.0, "sweep s1 on slow (1 run)")
+    anywhere = d.estimate(spec, "new")
+    assert anywhere is not None and anywhere.basis == "sweep s1 (3 runs)"
+    # another sweep of the same script: learned under the command's program and script
+    other = d.estimate(JobSpec(command=["/usr/bin/python", "train.py"], sweep_id="s2"), None)
+    assert other is not None and other.basis == "command python train.py (3 runs)"
+    assert d.estimate(JobSpec(command=["other"]), "fast") is None
+    # a pilot with 30 s left takes the sweep's next trial when it would run on fast, not on slow
+    w.emit(NodeJoined, node="fast", labels=["cpu"], cpus=8, mem_gb=32, slots=1, ends_at=w.t + 30)
+    w.emit(NodeJoined, node="slow", labels=["cpu"], cpus=8, mem_gb=32, slots=1, ends_at=w.t + 30)
+    w.emit(JobSubmitted, job_id="j99", spec=spec)
+    assert w.decide("slow") == []
+    assert [g.job_id for g in w.decide("fast")] == ["j99"]
+
+
+def test_a_multi_gpu_job_gets_distinct_devices_no_other_job_holds():
+    w = World()
+    w.node("ws", ["gpu"], slots=4, gpus=[24, 24, 24])
+    two = w.job(gpus=2)
+    other = w.job(gpus=2)
+    one = w.job(gpus=1)
+    grants = w.decide("ws")
+    assert [(g.job_id, g.devices) for g in grants] == [(two, (0, 1)), (one, (2,))]
+    w.lease(grants)
+    assert w.decide("ws") == []
+    assert "needs 2 whole GPU(s); ws has 0 free" in explain(w.state, other, w.t, CLUSTER)

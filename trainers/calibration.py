@@ -7,8 +7,6 @@ seasons before the one it will be applied to (see cv.py), so it never sees the t
 from __future__ import annotations
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 METHODS = ("none", "platt", "isotonic")
 _CLIP = 1e-6
@@ -27,10 +25,17 @@ class Calibrator:
         self._model = None
 
     def fit(self, p: np.ndarray, y: np.ndarray) -> Calibrator:
+        # scikit-learn's models are imported when used: its isotonic module alone (scipy) takes
+        # over a second to import, which every trial of a warm worker that starts would wait
+        # for, calibrated or not
         if self.method == "platt":
+            from sklearn.linear_model import LogisticRegression
+
             # A logistic regression on the logit of the forecast: p' = sigmoid(a * logit(p) + b).
             self._model = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(p)[:, None], y)
         elif self.method == "isotonic":
+            from sklearn.isotonic import IsotonicRegression
+
             self._model = IsotonicRegression(y_min=_CLIP, y_max=1 - _CLIP,
                                              out_of_bounds="clip").fit(p, y)
         return self
