@@ -666,6 +666,18 @@ class Desk:
         return Outcome(reply=p.Explanation(req=cmd.req,
                                            text=explain(self.state, cmd.job_id, now, self.cluster)))
 
+    def on_estimate(self, cmd: p.Estimate, now: float, cause: str) -> Outcome:
+        nodes = [n for n in self.state.nodes.values() if n.alive and not n.drained]
+        rows = []
+        for spec in cmd.specs:
+            row: dict[str, list | None] = {}
+            for n in nodes:
+                est = self.state.durations.estimate(spec, n.node)
+                row[n.node] = [round(est.seconds, 3), est.basis] if est is not None else None
+            rows.append(row)
+        return Outcome(reply=p.Estimates(req=cmd.req, jobs=rows, nodes=[
+            {"node": n.node, "slots": n.slots, "labels": n.labels} for n in nodes]))
+
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
         return Outcome(reply=status_of(self.state, cmd.req, now=now, cluster=self.cluster))
 

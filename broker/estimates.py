@@ -75,7 +75,7 @@ class Durations:
     """The fold: per key, over all nodes and per (key, node)."""
 
     anywhere: dict[str, Stats] = field(default_factory=dict)
-    on_node: dict[tuple[str, str], Stats] = field(default_factory=dict)
+    per_node: dict[tuple[str, str], Stats] = field(default_factory=dict)
 
     def add(self, spec: JobSpec, node: str | None, seconds: float) -> None:
         if not (seconds >= 0) or math.isinf(seconds):
@@ -83,7 +83,7 @@ class Durations:
         for key in keys(spec):
             self.anywhere.setdefault(key, Stats()).add(seconds)
             if node:
-                self.on_node.setdefault((key, node), Stats()).add(seconds)
+                self.per_node.setdefault((key, node), Stats()).add(seconds)
 
     def estimate(self, spec: JobSpec, node: str | None = None) -> Estimate | None:
         """The expected duration of an attempt of ``spec`` on ``node`` (None: nothing known)."""
@@ -91,7 +91,7 @@ class Durations:
             return Estimate(spec.expected_s, 0.0, spec.expected_s, 0, "declared")
         ks = keys(spec)
         for key in ks:
-            s = self.on_node.get((key, node)) if node else None
+            s = self.per_node.get((key, node)) if node else None
             if s is not None:
                 return _of(s, f"{key} on {node}")
         for key in ks:
@@ -101,9 +101,41 @@ class Durations:
         return None
 
 
+    def on_node(self, spec: JobSpec, node: str) -> Estimate | None:
+        """What jobs like ``spec`` took on ``node`` itself (None: none ran there): a node's
+        speed, which a declared duration does not tell."""
+        for key in keys(spec):
+            s = self.per_node.get((key, node))
+            if s is not None:
+                return _of(s, f"{key} on {node}")
+        return None
+
+
 def _of(s: Stats, where: str) -> Estimate:
     bound = s.mean + 2 * s.spread
     if s.n < FEW:
         bound = max(bound, s.longest)
     runs = "1 run" if s.n == 1 else f"{s.n} runs"
     return Estimate(s.mean, s.spread, bound, s.n, f"{where} ({runs})")
+
+
+def makespan(jobs: list[dict[str, float]], slots: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """When a batch of jobs would be done, each job (longest first) given to the slot that
+    finishes it soonest; ``jobs``: per job, its expected seconds on each node it may run on.
+    Returns (the makespan, each node's busy slot-seconds). Jobs with no node are left out."""
+    import heapq
+
+    free = {n: [0.0] * k for n, k in slots.items() if k > 0}
+    for lanes in free.values():
+        heapq.heapify(lanes)
+    busy = {n: 0.0 for n in free}
+    end = 0.0
+    for per in sorted(jobs, key=lambda d: -min(d.values(), default=0.0)):
+        options = [(free[n][0] + s, n) for n, s in per.items() if n in free]
+        if not options:
+            continue
+        done, n = min(options)
+        heapq.heapreplace(free[n], done)
+        busy[n] += per[n]
+        end = max(end, done)
+    return end, busy

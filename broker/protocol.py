@@ -94,6 +94,13 @@ class Why(Command, frozen=True, tag="why"):
     job_id: str
 
 
+class Estimate(Command, frozen=True, tag="estimate"):
+    """How long each of these jobs is expected to take on each node present (`evo sweep
+    --plan`): the broker's estimates (broker/estimates.py), nothing submitted."""
+
+    specs: Annotated[list[JobSpec], Meta(max_length=100_000)]
+
+
 # Node commands (the node daemon speaks these; see nodes/daemon.py).
 
 
@@ -289,7 +296,7 @@ class GetBlob(Command, frozen=True, tag="get_blob"):
 
 
 AnyCommand = Union[Hello, Submit, SubmitSweep, Cancel, Read, Status, Why, Join, Ready, Heartbeat, Report, Leave,
-                   Output, Logs, Query, Retry, Drain, Hold, Have, PutBlob, GetBlob]
+                   Output, Logs, Query, Retry, Drain, Hold, Have, PutBlob, GetBlob, Estimate]
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="reply"):
@@ -359,6 +366,13 @@ class Explanation(Reply, frozen=True, tag="why"):
     text: str
 
 
+class Estimates(Reply, frozen=True, tag="estimates"):
+    """Per job (in the order asked), per node present: [seconds, basis], or None (unknown)."""
+
+    nodes: list[dict[str, Any]]  # name, slots, labels
+    jobs: list[dict[str, list | None]]
+
+
 class Ok(Reply, frozen=True, tag="ok"):
     seq: int = 0
     data: dict[str, Any] = {}
@@ -407,7 +421,7 @@ class Blob(Reply, frozen=True, tag="blob"):
 
 
 AnyReply = Union[Error, Welcome, Submitted, SweepAccepted, Cancelled, Events, StatusReply, Explanation, Ok, Leases,
-                 LogChunk, QueryResult, Retried, Changed, Blob]
+                 LogChunk, QueryResult, Retried, Changed, Blob, Estimates]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(AnyCommand)

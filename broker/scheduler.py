@@ -203,8 +203,10 @@ def prefers(rule: Rule | None, labels: Iterable[str]) -> bool:
     return rule is None or bool(set(rule.route_to) & set(labels))
 
 
-def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: float) -> tuple[bool, str]:
-    """(may this node take the job, why it is a fallback if it is one)."""
+def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: float,
+            memo: dict | None = None) -> tuple[bool, str]:
+    """(may this node take the job, why it is a fallback if it is one). ``memo``: one call of
+    decide's answers for jobs alike (the learned choice depends on the job's kind alone)."""
     rule = cluster.rule_for(job.spec.model_type)
     if rule is None or prefers(rule, node.labels):
         return True, ""
@@ -216,7 +218,57 @@ def routing(job: Job, node: Node, state: BrokerState, cluster: Cluster, now: flo
     limit = cluster.wait_limit(rule)
     if waited >= limit:
         return True, f"waited {waited:.0f}s for {'/'.join(preferred_alive)} (limit {limit:g}s)"
+    if memo is None:
+        sooner = sooner_here(job, node, [state.nodes[n] for n in preferred_alive], state, now)
+    else:
+        sp = job.spec
+        kind = (sp.sweep_id, sp.model_type, sp.trainer, sp.callable,
+                tuple(sp.command[:2]) if sp.command else None, sp.resources)
+        if kind not in memo:
+            memo[kind] = sooner_here(job, node, [state.nodes[n] for n in preferred_alive],
+                                     state, now)
+        sooner = memo[kind]
+    if sooner:
+        return True, sooner
     return False, ""
+
+
+def sooner_here(job: Job, node: Node, preferred: list[Node], state: BrokerState,
+                now: float) -> str:
+    """Why ``node`` is expected to finish the job before any node its rule prefers, when every
+    preferred node is busy ("" when not, or when history cannot say).
+
+    The finish on a preferred node is when its first running job is expected to end (each
+    job's estimate there, from its start) plus the job's own estimate there; on ``node``, the
+    job's estimate from the history of jobs like it on ``node`` itself. Every estimate must be
+    known, from each node's own history: an unknown keeps the routing rule's default (wait,
+    up to the limit)."""
+    here = state.durations.on_node(job.spec, node.node)
+    if here is None:
+        return ""
+    best = None
+    for p in preferred:
+        free = free_of(state, p)
+        if free.slots >= 1 and misfit(job.spec, free, p) is None:
+            return ""  # a preferred node takes it as soon as it asks
+        ends = []
+        for jid in p.running:
+            r = state.jobs[jid]
+            est = state.durations.on_node(r.spec, p.node)
+            if est is None:
+                return ""
+            ends.append(max((r.started_at or r.leased_at) + est.seconds - now, 0.0))
+        there = state.durations.on_node(job.spec, p.node)
+        if there is None or not ends:
+            return ""
+        finish = min(ends) + there.seconds
+        if best is None or finish < best[0]:
+            best = (finish, p.node, min(ends), there.seconds)
+    if best is None or here.seconds >= best[0]:
+        return ""
+    return (f"expected to finish sooner here: ~{here.seconds:.0f}s on {node.node} ({here.basis}) "
+            f"against ~{best[0]:.0f}s on {best[1]}, busy ~{best[2]:.0f}s more, then "
+            f"~{best[3]:.0f}s")
 
 
 def outlasts(job: Job, node: Node, state: BrokerState, now: float) -> str | None:
@@ -338,10 +390,11 @@ def decide(state: BrokerState, node_name: str, now: float, cluster: Cluster,
         return []
     empty = Free(slots=1, cpus=node.cpus, mem_gb=node.mem_gb)
     out: list[GrantLease] = []
+    memo: dict = {}
     for job in _fair_order(state, now):
         if (free.slots < 1 and room < 1) or (max_leases is not None and len(out) >= max_leases):
             break
-        ok, fallback = routing(job, node, state, cluster, now)
+        ok, fallback = routing(job, node, state, cluster, now, memo)
         if not ok or (node.ends_at and outlasts(job, node, state, now) is not None):
             continue
         if free.slots >= 1 and misfit(job.spec, free, node) is None:
@@ -367,7 +420,8 @@ def explain(state: BrokerState, job_id: str, now: float, cluster: Cluster) -> st
         tries = f" after {job.attempt} attempts" if job.attempt > 1 else ""
         return f"{job_id} is {job.state}{tries}{extra}"
     if job.state in ACTIVE:
-        return f"{job_id} is {job.state} on {job.node} (attempt {job.attempt})"
+        placed = f"; not a node its rule prefers: {job.fallback}" if job.fallback else ""
+        return f"{job_id} is {job.state} on {job.node} (attempt {job.attempt}){placed}"
     why = blocked(job, state, now)
     if why is not None:
         return f"{job_id} is queued: {why}"

@@ -102,6 +102,7 @@ class Job:
     checkpoint: str = ""  # the latest stored checkpoint's manifest: a retry starts from it
     checkpoint_step: int | None = None
     prune: str = ""  # why its sweep's pruner stopped it (a PruneRequested), while it runs
+    fallback: str = ""  # why its lease went to a node its routing rule does not prefer
 
 
 @dataclass(slots=True)
@@ -301,6 +302,7 @@ class BrokerState:
         job.leased_at = ev.time
         job.not_before = 0.0
         job.ahead = ev.ahead
+        job.fallback = ev.fallback
         if ev.node in self.nodes:
             self.nodes[ev.node].running.add(job.job_id)
 

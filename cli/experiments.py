@@ -313,59 +313,79 @@ def _best(sweep_id: str, sql: Callable, broker: str | None) -> dict | None:
 
 
 def _plan(spec, jobs: list, sql: Callable, client: Callable, broker: str | None) -> None:  # noqa: ANN001
-    """Where the routing rules would send each configuration now, and how long it may take."""
-    from collections import Counter
+    """Where the routing rules would send each configuration now, how long each may take on
+    each node (the broker's estimates, learned from jobs like it), and when all would be done."""
+    from collections import Counter, defaultdict
 
+    from evo.broker import protocol as p
     from evo.broker.cluster import load_cluster
+    from evo.broker.estimates import makespan
     from evo.broker.scheduler import prefers
     from evo.home import NoBroker
 
     cluster = load_cluster(None, evo_home())
     nodes: list[dict] = []
+    est: list[dict] = [{} for _ in jobs]
     try:
         with client(broker) as c:
-            nodes = [n for n in c.status().nodes if n["alive"] and not n.get("drained")]
+            reply = c.request(p.Estimate(specs=jobs))
+            nodes, est = reply.nodes, reply.jobs
     except NoBroker:
         pass
     typer.echo(f"sweep {spec.name}: {len(jobs)} configurations ({spec.method}), "
                f"metric {spec.metric}")
     by_type = Counter(j.model_type or "-" for j in jobs)
-    try:
-        hist = {r["model_type"]: (r["mean_s"], r["n"]) for r in sql(
-            "SELECT model_type, avg(finished_at - started_at) AS mean_s, count(*) AS n "
-            "FROM jobs WHERE state = 'completed' AND started_at IS NOT NULL "
-            "GROUP BY model_type", broker).to_pylist()}
-    except Exception:  # noqa: BLE001 - no history yet is a normal answer
-        hist = {}
-    total_slot_s = 0.0
-    known = True
+    may: dict[str, list[str]] = {}  # model type -> the nodes the routing sends it to now
     for mt, n in sorted(by_type.items()):
         rule = cluster.rule_for(mt) if mt != "-" else None
         preferred = [x["node"] for x in nodes if rule and prefers(rule, x["labels"])]
         if rule is None:
             where = ", ".join(x["node"] for x in nodes) or "any node (none present now)"
             why = "no routing rule: any node that fits"
+            may[mt] = [x["node"] for x in nodes]
         elif preferred:
             where, why = ", ".join(preferred), f"preferred ({rule.reason})"
+            may[mt] = preferred
         else:
             others = ", ".join(x["node"] for x in nodes) or "none present now"
             where = f"fallback: {others}"
             why = f"no node labelled {'/'.join(rule.route_to)} present: any node that fits " \
                   f"takes them now (once one joins, others wait up to {cluster.wait_limit(rule):g}s)"
-        est = hist.get(mt)
-        if est is not None and est[0] is not None:
-            total_slot_s += est[0] * n
-            guess = f"~{est[0]:.1f}s each (mean of {est[1]} past runs)"
+            may[mt] = [x["node"] for x in nodes]
+        typer.echo(f"  {mt:<14} {n:>5} jobs -> {where}   [{why}]")
+    # per node: the mean estimate of the jobs it may take, and what it is learned from
+    per_node: dict[str, list[float]] = defaultdict(list)
+    basis: dict[str, Counter] = defaultdict(Counter)
+    unknown = 0
+    batch: list[dict[str, float]] = []
+    for job, row in zip(jobs, est):
+        allowed = may.get(job.model_type or "-", [])
+        known = {n: v[0] for n, v in row.items() if v is not None and n in allowed}
+        for n, v in row.items():
+            if v is not None and n in allowed:
+                per_node[n].append(v[0])
+                basis[n][v[1]] += 1
+        if known:
+            batch.append(known)
         else:
-            known = False
-            guess = "no past runs to estimate from"
-        typer.echo(f"  {mt:<14} {n:>5} jobs -> {where}   [{why}]; {guess}")
+            unknown += 1
+    for x in nodes:
+        times = per_node.get(x["node"])
+        if times:
+            src, _ = basis[x["node"]].most_common(1)[0]
+            typer.echo(f"  {x['node']:<14} ~{sum(times) / len(times):.1f}s a job, {x['slots']} "
+                       f"slot(s) [{src}]")
+        else:
+            typer.echo(f"  {x['node']:<14} no estimate (nothing like these ran yet)")
     slots = sum(x["slots"] for x in nodes)
-    if known and slots:
-        typer.echo(f"estimated duration: ~{total_slot_s / slots:.0f}s on {slots} slot(s) "
-                   f"({total_slot_s:.0f} slot-seconds)")
-    elif not slots:
+    if not slots:
         typer.echo("no node is present now: nothing would start until one joins")
+    elif batch:
+        end, busy = makespan(batch, {x["node"]: x["slots"] for x in nodes})
+        share = ", ".join(f"{n} {s:.0f}" for n, s in busy.items() if s)
+        left = f"; {unknown} job(s) with no estimate not counted" if unknown else ""
+        typer.echo(f"estimated makespan: ~{end:.0f}s on {slots} slot(s) (slot-seconds: "
+                   f"{share}){left}")
     else:
-        typer.echo("estimated duration: unknown for some model types (no history yet)")
+        typer.echo("estimated duration: unknown (nothing like these ran yet)")
     sys.stdout.flush()

@@ -40,7 +40,7 @@ class World:
     def lease(self, grants):
         for g in grants:
             self.emit(JobLeased, job_id=g.job_id, attempt=self.state.jobs[g.job_id].attempt + 1,
-                      node=g.node, devices=list(g.devices), ahead=g.ahead)
+                      node=g.node, devices=list(g.devices), ahead=g.ahead, fallback=g.fallback)
         return [g.job_id for g in grants]
 
     def decide(self, node, **kw):
@@ -316,3 +316,36 @@ def test_a_multi_gpu_job_gets_distinct_devices_no_other_job_holds():
     w.lease(grants)
     assert w.decide("ws") == []
     assert "needs 2 whole GPU(s); ws has 0 free" in explain(w.state, other, w.t, CLUSTER)
+
+
+def test_a_job_goes_to_a_non_preferred_node_that_is_expected_to_finish_it_sooner():
+    w = World()
+    w.node("ws", ["gpu"], slots=1)
+    w.node("laptop", ["cpu"], slots=1)
+
+    def ran(node, took, n=3):  # history: XGBoost jobs that completed on the node
+        for _ in range(n):
+            seq = w.state.last_seq + 1
+            w.emit(JobSubmitted, job_id=f"j{seq}", spec=JobSpec(command=["x"],
+                                                               model_type="XGBoost"))
+            w.emit(JobLeased, job_id=f"j{seq}", attempt=1, node=node)
+            w.emit(JobCompleted, job_id=f"j{seq}", lease_epoch=seq + 1, duration_s=took)
+
+    busy = w.job("XGBoost")
+    w.lease(w.decide("ws"))  # ws busy with it from now
+    waiting = w.job("XGBoost")
+    assert w.decide("laptop") == []  # nothing known yet: the rule's default, wait
+    ran("ws", 100.0)
+    ran("laptop", 300.0)
+    assert w.decide("laptop") == []  # ws frees in ~100 s and takes 100: 200 < 300 here
+    w.state.jobs[busy].started_at = w.t - 100 + 10  # ws's job has run 90 s: ~10 s left
+    assert w.decide("laptop") == []
+    w.state.jobs[busy].started_at = w.t  # just started again: ws is busy ~100 s more
+    ran("laptop", 50.0, n=30)  # the laptop is fast for these after all: ~72 s there
+    (g,) = w.decide("laptop")
+    assert g.job_id == waiting and "expected to finish sooner here" in g.fallback
+    assert "on ws, busy ~100s more, then ~100s" in g.fallback
+    w.lease([g])
+    why = explain(w.state, waiting, w.t, CLUSTER)
+    assert why.startswith(f"{waiting} is leased on laptop (attempt 1); not a node its rule "
+                          "prefers: expected to finish sooner here")

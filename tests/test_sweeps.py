@@ -182,6 +182,7 @@ space:
     r = run_evo("sweep", str(spec), "--plan", home=home)
     assert r.returncode == 0, r.stderr
     assert "4 configurations" in r.stdout and "GLM" in r.stdout and "solo" in r.stdout
+    before = r.stdout
     with Client(b.address) as c:
         assert not of(list(c.read_all(1)), "SweepSubmitted")  # --plan submitted nothing
     r = run_evo("sweep", str(spec), "--wait", home=home, timeout=120)
@@ -197,6 +198,14 @@ space:
     assert done.completed == 4 and done.best_job == best["job_id"]
     completed = {e.job_id: e for e in of(events, "JobCompleted")}
     assert max(completed.values(), key=lambda e: e.metrics["auc"]).job_id == best["job_id"]
+    # the same plan again: now the history of these model types on the node says how long
+    r = run_evo("sweep", str(spec), "--plan", home=home)
+    assert r.returncode == 0, r.stderr
+    assert "no estimate" in before and "estimated duration: unknown" in before
+    assert re.search(r"solo +~\d+\.\ds a job, \d slot\(s\) \[model type (GLM|XGBoost) on solo "
+                     r"\(2 runs\)\]", r.stdout), r.stdout
+    assert re.search(r"estimated makespan: ~\d+s on \d slot\(s\) \(slot-seconds: solo \d+\)",
+                     r.stdout), r.stdout
     started = of(events, "JobStarted")
     assert all(s.env["data"] == {str(csv_file): best_sha(csv_file)} for s in started)
     assert all(s.env["seed"] == 11 and "numpy" in s.env["packages"] for s in started)
