@@ -75,7 +75,7 @@ class Durations:
     """The fold: per key, over all nodes and per (key, node)."""
 
     anywhere: dict[str, Stats] = field(default_factory=dict)
-    per_node: dict[tuple[str, str], Stats] = field(default_factory=dict)
+    per_node: dict[str, dict[str, Stats]] = field(default_factory=dict)  # node -> key -> stats
 
     def add(self, spec: JobSpec, node: str | None, seconds: float) -> None:
         if not (seconds >= 0) or math.isinf(seconds):
@@ -83,7 +83,7 @@ class Durations:
         for key in keys(spec):
             self.anywhere.setdefault(key, Stats()).add(seconds)
             if node:
-                self.per_node.setdefault((key, node), Stats()).add(seconds)
+                self.per_node.setdefault(node, {}).setdefault(key, Stats()).add(seconds)
 
     def estimate(self, spec: JobSpec, node: str | None = None) -> Estimate | None:
         """The expected duration of an attempt of ``spec`` on ``node`` (None: nothing known)."""
@@ -91,7 +91,7 @@ class Durations:
             return Estimate(spec.expected_s, 0.0, spec.expected_s, 0, "declared")
         ks = keys(spec)
         for key in ks:
-            s = self.per_node.get((key, node)) if node else None
+            s = self.per_node.get(node, {}).get(key) if node else None
             if s is not None:
                 return _of(s, f"{key} on {node}")
         for key in ks:
@@ -105,7 +105,7 @@ class Durations:
         """What jobs like ``spec`` took on ``node`` itself (None: none ran there): a node's
         speed, which a declared duration does not tell."""
         for key in keys(spec):
-            s = self.per_node.get((key, node))
+            s = self.per_node.get(node, {}).get(key)
             if s is not None:
                 return _of(s, f"{key} on {node}")
         return None

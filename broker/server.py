@@ -52,7 +52,8 @@ from .notify import Notifier
 from .outputs import OutputStore
 from .store import ContentStore, StoreError
 from evo.broker.follower import Follower
-from .state import IllegalTransition, fold
+from . import snapshot
+from .state import BrokerState, IllegalTransition, fold
 
 log = logging.getLogger("evo.broker")
 
@@ -64,6 +65,10 @@ _WRITES = (p.Submit, p.SubmitSweep, p.Cancel, p.Retry, p.Drain, p.Hold, p.Join, 
 # Plain ints: combining pyzmq's enum flags per message costs more than the send itself.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
+
+# A snapshot of the state after this many new events (and at a clean stop): a restart then
+# folds at most this many events of the log (broker/snapshot.py).
+SNAPSHOT_EVERY = 100_000
 
 class BrokerError(EvoError):
     """Raised when the broker cannot start (home locked, bad bind address)."""
@@ -84,6 +89,8 @@ class Broker:
         tick_s: float = 1.0,
         projections: bool = True,
         notify: list[str] | None = None,
+        snapshots: bool = True,
+        snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
         self.home = Path(home).absolute()
         self.notifier = Notifier(notify) if notify else None  # `--notify CMD`
@@ -101,13 +108,16 @@ class Broker:
             kw["segment_bytes"] = segment_bytes
         try:
             self.log = SegmentLog(self.home / "log", **kw)
-            state = fold(self.log.read_from(1))
+            state = self._restore_state(snapshots)
         except (CorruptLog, EventDecodeError, IllegalTransition, ValueError) as exc:
             os.close(self._lock_fd)
             raise BrokerError(
                 f"the event log in {self.home / 'log'} is damaged, so the broker does not start: "
                 f"{exc}. `evo log check` lists every problem; `evo log salvage --to DIR` writes "
                 "the valid prefix as a new log to go on from") from None
+        self.snapshots = snapshot.Writer(self.home, self.log) if snapshots else None
+        self.snapshot_every = snapshot_every
+        self._snapshot_seq = state.last_seq if self.restored_from else 0
         self.outputs = OutputStore(self.home / "logs")
         self.store = ContentStore(self.home / "store")
         for msg in self.log.recovered:
@@ -201,6 +211,40 @@ class Broker:
             ) from None
         return fd
 
+    def _restore_state(self, snapshots: bool) -> BrokerState:
+        """The state at the log's end: from the newest good snapshot and the events after it,
+        else by folding the whole log. A snapshot whose tail does not fold is dropped."""
+        self.restored_from = 0
+        state = snapshot.load(self.home, self.log) if snapshots else None
+        if state is not None:
+            at = state.last_seq
+            try:
+                state = fold(self.log.read_from(at + 1), state)
+                self.restored_from = at
+                log.info("state from the snapshot at seq %d and the %d events after it", at,
+                         state.last_seq - at)
+                return state
+            except (IllegalTransition, ValueError) as exc:
+                log.warning("the snapshot at seq %d does not fold on with the log (%s): "
+                            "folding the whole log", at, exc)
+        return fold(self.log.read_from(1))
+
+    def maybe_snapshot(self, force: bool = False) -> None:
+        """Snapshot the state when ``snapshot_every`` events came since the last one (the
+        loop calls it when a batch had nothing to do), or at a clean stop."""
+        if self.snapshots is None or self.write_error:
+            return
+        seq = self.desk.state.last_seq
+        if seq <= self._snapshot_seq or (not force and seq - self._snapshot_seq
+                                         < self.snapshot_every):
+            return
+        if force:
+            self.snapshots.join()
+            snapshot.write(self.home, self.desk.state, self.log)
+            self._snapshot_seq = seq
+        elif self.snapshots.submit(self.desk.state):
+            self._snapshot_seq = seq
+
     # --- the loop -----------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -228,9 +272,16 @@ class Broker:
                     self._next_tick = min(self._next_tick, lost)
                 due = min([self._next_tick, *(d for _, _, d in self._parked)])
                 wait = min(poll_ms, max(0, int((due - time.monotonic()) * 1000)) + 1)
-                poller.poll(wait)
+                if not poller.poll(wait):  # nothing to do: a moment for a snapshot
+                    self.maybe_snapshot()
                 self.run_batch()
+            try:
+                self.maybe_snapshot(force=True)  # a clean stop: the next start folds nothing
+            except OSError as exc:
+                log.warning("no snapshot at the stop: %s", exc)
         finally:
+            if self.snapshots is not None:
+                self.snapshots.join(30)
             self.close()
 
     def run_batch(self) -> None:

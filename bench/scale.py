@@ -1,0 +1,212 @@
+"""A broker at scale, in one run: restarts over long logs, and many nodes on a long queue.
+
+1. Restart (``--restart 100000,1000000``): a legal history of N events made by the real Desk
+   (broker/history.py, cached under bench/out) is written as a log; then `evo broker` is
+   started on it, twice: cold (no snapshot, no projection: the follower builds evo.duckdb
+   from nothing in the background) and warm (after a clean stop, which leaves a snapshot of
+   the state and an up-to-date projection). Printed: the time from start to the first
+   answered `evo status`, the broker's RSS then and once the follower has caught up, beside
+   the full fold of the same log in this process (decode + apply, no I/O: the floor a
+   restart without a snapshot cannot beat). Targets at 1,000,000 events: at most 2 s, at
+   most 400 MB.
+2. Load (``--nodes 8 --jobs 10000``): `evo broker`, then N light nodes (one thread each,
+   speaking the real protocol through evo.Client: Join, Ready, Report, Heartbeat) against
+   a queue of J jobs; each leased job is reported started and completed at once. Meanwhile a
+   client sends `evo status`, `evo why` and a submit in turn. Printed: command latency p50
+   and p99 (target p99 under 20 ms), leases per second, the broker's RSS.
+
+    python bench/scale.py [--restart 100000,1000000] [--nodes 8] [--jobs 10000] [--skip-load]
+
+The histories are prefixes of one generated history of the largest size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from bench.projections import history  # noqa: E402
+from evo.broker import protocol as p  # noqa: E402
+from evo.broker.state import BrokerState  # noqa: E402
+from evo.client import Client  # noqa: E402
+from evo.events.codec import decode  # noqa: E402
+from evo.events.log import SegmentLog  # noqa: E402
+
+EVO = [sys.executable, "-m", "evo.cli.app"]
+
+
+class Broker:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        for name in ("broker.json",):
+            (home / name).unlink(missing_ok=True)
+        self.log = open(home / f"broker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+        env = {k: v for k, v in os.environ.items() if k != "EVO_BROKER"}
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen([*EVO, "--home", str(home), "broker"], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
+        self.ps = psutil.Process(self.proc.pid)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                info = json.loads((home / "broker.json").read_text())
+                if info.get("pid") == self.proc.pid:
+                    self.address = info["address"]
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((home / self.log.name).read_text())
+            time.sleep(0.005)
+
+    def rss_mb(self) -> float:
+        return self.ps.memory_info().rss / 1e6
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+        self.log.close()
+
+
+def first_status(home: Path) -> tuple[Broker, float]:
+    b = Broker(home)
+    with Client(b.address, timeout_s=600) as c:
+        c.status()
+    return b, time.perf_counter() - b.t0
+
+
+def caught_up(b: Broker, last_seq: int, timeout: float = 900) -> float:
+    """Seconds until the projection has every event (the follower's catch-up)."""
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    with Client(b.address, timeout_s=600) as c:
+        while time.monotonic() < deadline:
+            try:
+                rows = c.sql("SELECT max(seq) AS s FROM events").to_pylist()
+                if rows and rows[0]["s"] is not None and rows[0]["s"] >= last_seq:
+                    return time.perf_counter() - t0
+            except Exception:  # noqa: BLE001 - not ready yet
+                pass
+            time.sleep(0.2)
+    return float("nan")
+
+
+def restart(n: int, whole: list[bytes]) -> None:
+    raws = whole[:n]  # a prefix of a legal history is one
+    t0 = time.perf_counter()
+    state = BrokerState()
+    for raw in raws:
+        state.apply(decode(raw))
+    fold_s = time.perf_counter() - t0
+    jobs = len(state.jobs)
+    del state
+    home = Path(tempfile.mkdtemp(prefix="scale-", dir=ROOT / "bench" / "out"))
+    try:
+        log = SegmentLog(home / "log", sync=False)
+        for i in range(0, len(raws), 10_000):
+            batch = raws[i:i + 10_000]
+            log.append([decode(r) for r in batch], batch)
+        log.close()
+        del raws
+        print(f"{n:,} events, {jobs:,} jobs; full fold in this process: {fold_s:.2f} s",
+              flush=True)
+        for run in ("cold", "warm"):
+            b, took = first_status(home)
+            rss = b.rss_mb()
+            behind = caught_up(b, n)
+            print(f"  {run}: first status {took:6.2f} s ({took / fold_s:.2f}x the full fold), "
+                  f"RSS {rss:.0f} MB; projection caught up {behind:.1f} s later, RSS then "
+                  f"{b.rss_mb():.0f} MB", flush=True)
+            b.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def load(n_nodes: int, n_jobs: int) -> None:
+    home = Path(tempfile.mkdtemp(prefix="scale-load-", dir=ROOT / "bench" / "out"))
+    b = Broker(home)
+    try:
+        from evo.client import make_spec
+
+        with Client(b.address, timeout_s=60) as c:
+            c.submit_many([make_spec(["true"], name=f"t{i}") for i in range(n_jobs)])
+        stop = threading.Event()
+        leased = [0] * n_nodes
+
+        def node(k: int) -> None:
+            name = f"n{k}"
+            with Client(b.address, timeout_s=60) as c:
+                c.request(p.Join(node=name, cpus=4, mem_gb=16, slots=4, heartbeat_s=5))
+                while not stop.is_set():
+                    r = c.request(p.Ready(node=name, max_leases=4, wait_s=0.2))
+                    assert isinstance(r, p.Leases)
+                    for g in r.leases:
+                        for body in (p.StartedReport(pid=1), p.CompletedReport(metrics={})):
+                            c.request(p.Report(node=name, job_id=g.job_id,
+                                               lease_epoch=g.lease_epoch, report=body))
+                        leased[k] += 1
+
+        threads = [threading.Thread(target=node, args=(k,), daemon=True) for k in range(n_nodes)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        lat: list[float] = []
+        with Client(b.address, timeout_s=60) as c:
+            i = 0
+            while sum(leased) < n_jobs * 0.9 and time.perf_counter() - t0 < 300:
+                s = time.perf_counter()
+                if i % 3 == 0:
+                    c.status()
+                elif i % 3 == 1:
+                    c.request(p.Why(job_id=f"j{1 + i % n_jobs}"))
+                else:
+                    c.submit(["true"], name=f"extra{i}")
+                lat.append((time.perf_counter() - s) * 1000)
+                i += 1
+                time.sleep(0.01)
+        wall = time.perf_counter() - t0
+        stop.set()
+        for t in threads:
+            t.join(30)
+        lat.sort()
+        p50, p99 = statistics.median(lat), lat[int(len(lat) * 0.99) - 1]
+        print(f"{n_nodes} nodes, {n_jobs:,} queued jobs: command latency p50 {p50:.1f} ms, "
+              f"p99 {p99:.1f} ms (target < 20 ms) over {len(lat)} commands; "
+              f"{sum(leased) / wall:.0f} leases/s; broker RSS {b.rss_mb():.0f} MB", flush=True)
+    finally:
+        b.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--restart", default="100000,1000000")
+    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=10_000)
+    ap.add_argument("--skip-load", action="store_true")
+    a = ap.parse_args()
+    sizes = [int(n) for n in a.restart.split(",") if n]
+    if sizes:
+        whole = history(max(max(sizes), 1_000_000))  # one history, cached, whatever the sizes
+        for n in sizes:
+            restart(n, whole)
+    if not a.skip_load:
+        load(a.nodes, a.jobs)
+
+
+if __name__ == "__main__":
+    main()
