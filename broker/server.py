@@ -213,20 +213,21 @@ class Broker:
 
     def _restore_state(self, snapshots: bool) -> BrokerState:
         """The state at the log's end: from the newest good snapshot and the events after it,
-        else by folding the whole log. A snapshot whose tail does not fold is dropped."""
+        else by folding the whole log. A snapshot that does not fold on with this log is
+        set aside (with a warning) for the full fold."""
         self.restored_from = 0
-        state = snapshot.load(self.home, self.log) if snapshots else None
-        if state is not None:
+        found = snapshot.load(self.home, self.log.last_seq) if snapshots else None
+        if found is not None:
+            state, event = found
             at = state.last_seq
             try:
-                state = fold(self.log.read_from(at + 1), state)
+                state = snapshot.fold_tail(state, self.log, event)
                 self.restored_from = at
                 log.info("state from the snapshot at seq %d and the %d events after it", at,
                          state.last_seq - at)
                 return state
-            except (IllegalTransition, ValueError) as exc:
-                log.warning("the snapshot at seq %d does not fold on with the log (%s): "
-                            "folding the whole log", at, exc)
+            except (snapshot.Mismatch, IllegalTransition, ValueError) as exc:
+                log.warning("snapshot at seq %d not used: %s; folding the whole log", at, exc)
         return fold(self.log.read_from(1))
 
     def maybe_snapshot(self, force: bool = False) -> None:

@@ -106,9 +106,14 @@ def _write(home: Path, seq: int, data: bytes, event: str) -> Path:
     return final
 
 
-def load(home: Path, log_: EventLog) -> BrokerState | None:
-    """The newest snapshot that passes every check and is not past the log's end, or None."""
-    last = log_.last_seq
+class Mismatch(Exception):
+    """The log's event at the snapshot's seq is not the one the snapshot was taken after."""
+
+
+def load(home: Path, last_seq: int) -> tuple[BrokerState, str] | None:
+    """The newest snapshot that passes its own checks and is not past the log's end (the
+    log's last seq), with the hash of the event it was taken after (``fold_tail`` checks it
+    against the log as it reads on), or None."""
     for path in sorted(folder(home).glob("state-*.snap"), reverse=True):
         try:
             with open(path, "rb") as f:
@@ -118,21 +123,78 @@ def load(home: Path, log_: EventLog) -> BrokerState | None:
             why = ""
             if header.get("format") != FORMAT:
                 why = f"format {header.get('format')}, not {FORMAT}"
-            elif seq > last:
-                why = f"it is at seq {seq}, past the log's end ({last})"
+            elif seq > last_seq:
+                why = f"it is at seq {seq}, past the log's end ({last_seq})"
             elif hashlib.sha256(data).hexdigest() != header["sha256"]:
                 why = "its payload does not match its digest"
-            elif _event_hash(log_, seq) != header["event"]:
-                why = f"the log's event {seq} is not the one it was taken after"
             if why:
                 log.warning("snapshot %s not used: %s", path.name, why)
                 continue
             state = _decoder.decode(data)
+            if state.last_seq != seq:
+                raise ValueError(f"its state is at seq {state.last_seq}, its header says {seq}")
         except (OSError, ValueError, KeyError, msgspec.DecodeError) as exc:
             log.warning("snapshot %s not used: %s", path.name, exc)
             continue
-        return state
+        return state, str(header["event"])
     return None
+
+
+def fold_tail(state: BrokerState, log_: EventLog, event: str) -> BrokerState:
+    """Fold the log's events after the snapshot's seq onto it, in one read of the log that
+    first checks the event at that seq is the one the snapshot was taken after."""
+    from evo.events.codec import decode
+
+    at = state.last_seq
+    first = True
+    for seq, raw in log_.read_raw_from(at):
+        if first:
+            if seq != at or hashlib.sha256(raw).hexdigest() != event:
+                raise Mismatch(f"the log's event {at} is not the one it was taken after")
+            first = False
+            continue
+        state.apply(decode(raw))
+    if first:
+        raise Mismatch(f"the log has no event {at}")
+    return state
+
+
+def verify(home: Path, log_: EventLog) -> list[tuple[str, bool]]:
+    """Each snapshot against the fold of the log up to its seq (`evo log check`): (what was
+    found, whether it matches). Reads the log once."""
+    from evo.events.codec import decode
+
+    snaps = []
+    for path in sorted(folder(home).glob("state-*.snap")):
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.readline())
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != header["sha256"]:
+                snaps.append((path, int(header["seq"]), None, "its payload does not match "
+                              "its digest"))
+                continue
+            snaps.append((path, int(header["seq"]), _decoder.decode(data), ""))
+        except (OSError, ValueError, KeyError, msgspec.DecodeError) as exc:
+            snaps.append((path, 0, None, f"unreadable: {exc}"))
+    out: list[tuple[str, bool]] = []
+    todo = sorted((s for s in snaps if s[2] is not None), key=lambda s: s[1])
+    out += [(f"snapshot {path.name}: {why}", False) for path, _, st, why in snaps if st is None]
+    state = BrokerState()
+    for seq, raw in log_.read_raw_from(1):
+        if not todo:
+            break
+        state.apply(decode(raw))
+        while todo and todo[0][1] == seq:
+            path, at, snap, _ = todo.pop(0)
+            same = state_digest(snap) == state_digest(state)
+            out.append((f"snapshot {path.name}: " + ("the same state as the log's fold to seq "
+                        f"{at}" if same else f"differs from the log's fold to seq {at}: a "
+                        "restart does not use it once the log's event there differs; delete it"),
+                        same))
+    out += [(f"snapshot {path.name}: at seq {at}, past the log's end (not used)", True)
+            for path, at, _, _ in todo]
+    return out
 
 
 class Writer:

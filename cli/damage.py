@@ -38,6 +38,14 @@ def check_cmd(fold: bool = typer.Option(True, "--fold/--no-fold",
         found.problems.append(None)  # type: ignore[arg-type]
     for note in found.notes:
         typer.echo(f"note: {note}")
+    if fold and not found.problems:  # the broker's snapshots: each the fold of the log to it
+        from evo.broker.snapshot import verify
+        from evo.events.log import SegmentLog
+
+        for line, same in verify(evo_home(), SegmentLog(d, readonly=True)):
+            typer.echo(line)
+            if not same:
+                found.problems.append(None)  # type: ignore[arg-type]
     summary = (f"{d}: {found.segments} segment(s), {found.events:,} event(s) read back, "
                f"seqs 1..{found.last_seq}")
     if not found.problems:
