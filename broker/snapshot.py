@@ -164,7 +164,7 @@ def verify(home: Path, log_: EventLog) -> list[tuple[str, bool]]:
     found, whether it matches). Reads the log once."""
     from evo.events.codec import decode
 
-    snaps = []
+    snaps: list[tuple[Path, int, BrokerState | None, str]] = []
     for path in sorted(folder(home).glob("state-*.snap")):
         try:
             with open(path, "rb") as f:
@@ -187,6 +187,7 @@ def verify(home: Path, log_: EventLog) -> list[tuple[str, bool]]:
         state.apply(decode(raw))
         while todo and todo[0][1] == seq:
             path, at, snap, _ = todo.pop(0)
+            assert snap is not None
             same = state_digest(snap) == state_digest(state)
             out.append((f"snapshot {path.name}: " + ("the same state as the log's fold to seq "
                         f"{at}" if same else f"differs from the log's fold to seq {at}: a "

@@ -75,6 +75,8 @@ class IllegalTransition(Exception):
         )
 
 
+FAILED_KEPT = 50  # failed jobs `evo status` can list, newest first
+
 @dataclass(slots=True)
 class Job:
     job_id: str
@@ -166,6 +168,8 @@ class BrokerState:
                                                         compare=False)
     # How long jobs like each took (estimates.py): what a pilot's time left is checked against.
     durations: Durations = field(default_factory=Durations)
+    # The newest jobs that failed for good (`evo status` lists them without a scan of all jobs)
+    failed_recent: list[str] = field(default_factory=list)
 
     def apply(self, event: Event) -> None:
         """Fold one event into the state. Raises before mutating if the event is illegal."""
@@ -260,6 +264,10 @@ class BrokerState:
         if before != after:
             self.counts[before] -= 1  # type: ignore[index] # a job exists: before is a state
             self.counts[after] = self.counts.get(after, 0) + 1
+            if after == FAILED:
+                self.failed_recent.append(job_id)
+                if len(self.failed_recent) > 2 * FAILED_KEPT:
+                    del self.failed_recent[:-FAILED_KEPT]
             if before == QUEUED:
                 self.queue.pop(job_id, None)
                 self.waiting.pop(job_id, None)

@@ -8,7 +8,7 @@ from evo.events.schema import JobSpec
 from . import protocol as p
 from .cluster import Cluster
 from .scheduler import waiting_for
-from .state import ACTIVE, QUEUED, BrokerState
+from .state import ACTIVE, BrokerState, Job
 
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
@@ -31,19 +31,31 @@ def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
     running: list[dict] = []
     queued: list[dict] = []
     failed: list[dict] = []
-    for job in reversed(state.jobs.values()):  # newest first
-        if job.state in ACTIVE and not job.ahead and len(running) < limit:
-            running.append({"job_id": job.job_id, "state": job.state, "node": job.node,
-                            "attempt": job.attempt, "name": _name(job.spec),
-                            "elapsed_s": round(now - job.started_at, 1) if job.started_at else None,
-                            "last": _last(job.metrics)})
-        elif (job.state == QUEUED or job.ahead) and len(queued) < limit:
-            queued.append({"job_id": job.job_id, "priority": job.spec.priority,
-                           "attempt": job.attempt, "name": _name(job.spec),
-                           "held": job.held, "on": job.node if job.ahead else None})
-        elif job.state == "failed" and len(failed) < limit:
-            failed.append({"job_id": job.job_id, "attempt": job.attempt, "name": _name(job.spec),
-                           "error": job.error[-200:]})
+    # From the indexes, not a scan of every job: what runs is on the nodes, what waits is the
+    # queue (and the leases queued ahead on nodes), what failed is the state's recent list.
+    on_nodes = [state.jobs[j] for n in state.nodes.values() for j in n.running]
+    active = sorted((j for j in on_nodes if j.state in ACTIVE and not j.ahead),
+                    key=lambda j: j.submitted_seq, reverse=True)[:limit]
+    for job in active:
+        running.append({"job_id": job.job_id, "state": job.state, "node": job.node,
+                        "attempt": job.attempt, "name": _name(job.spec),
+                        "elapsed_s": round(now - job.started_at, 1) if job.started_at else None,
+                        "last": _last(job.metrics)})
+    newest_queued: list[Job] = []
+    for job_id in reversed(state.queue):
+        if len(newest_queued) >= limit:
+            break
+        newest_queued.append(state.jobs[job_id])
+    waiting = sorted({j.job_id: j for j in [*newest_queued, *(j for j in on_nodes if j.ahead)]
+                      }.values(), key=lambda j: j.submitted_seq, reverse=True)[:limit]
+    for job in waiting:
+        queued.append({"job_id": job.job_id, "priority": job.spec.priority,
+                       "attempt": job.attempt, "name": _name(job.spec),
+                       "held": job.held, "on": job.node if job.ahead else None})
+    for job_id in reversed(state.failed_recent[-limit:]):
+        job = state.jobs[job_id]
+        failed.append({"job_id": job.job_id, "attempt": job.attempt, "name": _name(job.spec),
+                       "error": job.error[-200:]})
     running.reverse()
     queued.reverse()
     counts = {k: v for k, v in state.counts.items() if v}

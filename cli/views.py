@@ -18,14 +18,18 @@ def status_view(st: p.StatusReply, show: int = 10) -> Group:
     parts.append(Text.from_markup(f"[bold]seq {st.last_seq}[/bold]  jobs: {counts}"))
     if st.nodes:
         t = Table(title="nodes", title_justify="left")
-        for col in ("node", "alive", "labels", "slots", "running", "cpus", "mem GB", "GPUs"):
+        ends = any("ends_in_s" in n for n in st.nodes)  # a Slurm pilot's time left
+        for col in ("node", "alive", "labels", "slots", "running", "cpus", "mem GB", "GPUs",
+                    *(("ends in",) if ends else ())):
             t.add_column(col)
         gone = []
         for n in st.nodes:
             alive = ("drained" if n.get("drained") else "yes") if n["alive"] else n.get("gone") or "no"
+            left = n.get("ends_in_s")
             t.add_row(n["node"], alive, ",".join(n["labels"]),
                       str(n["slots"]), str(n["running"]), f"{n['cpus']:g}",
-                      f"{n['mem_gb']:.1f}", str(n["gpus"]))
+                      f"{n['mem_gb']:.1f}", str(n["gpus"]),
+                      *((f"{left:.0f}s" if left is not None else "",) if ends else ()))
             if not n["alive"] and n.get("gone") == "lost":
                 gone.append(gone_line(n))
         parts.append(t)

@@ -189,6 +189,8 @@ def test_a_pilot_with_60s_left_is_not_leased_a_job_expected_to_take_longer(
         wait_until(lambda: pilots(c), 60, "the pilot to join")
         (node,) = pilots(c)
         assert 0 < node["ends_in_s"] <= 60
+        shown = run_evo("status", home=home).stdout
+        assert "ends in" in shown and node["node"] in shown
         events = wait_for(c, done(short), timeout=60)
         assert of(events, "JobLeased", short)[0].node == node["node"]
         assert not of(events, "JobLeased", long)
