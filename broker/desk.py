@@ -679,7 +679,8 @@ class Desk:
             {"node": n.node, "slots": n.slots, "labels": n.labels} for n in nodes]))
 
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
-        return Outcome(reply=status_of(self.state, cmd.req, now=now, cluster=self.cluster))
+        return Outcome(reply=status_of(self.state, cmd.req, now=now, cluster=self.cluster,
+                                       within_s=cmd.within_s))
 
 
 def _handlers_of(cls: type) -> dict[type, Callable[..., Outcome]]:

@@ -87,7 +87,9 @@ class Read(Command, frozen=True, tag="read"):
 
 
 class Status(Command, frozen=True, tag="status"):
-    pass
+    # > 0: also say whether a queued job could start now on a new node whose allocation is
+    # this long (`StatusReply.startable`): what a Slurm pilots' keeper asks before submitting
+    within_s: Annotated[float, Meta(ge=0, le=10 * 365 * 86400)] = 0.0
 
 
 class Why(Command, frozen=True, tag="why"):
@@ -360,6 +362,7 @@ class StatusReply(Reply, frozen=True, tag="status"):
     queued: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []  # the newest jobs that failed for good
     asking: int = 0  # open sweeps that ask for a trial whenever a slot is free (method tpe)
+    startable: bool = False  # with Status.within_s: a queued job is runnable and fits that time
 
 
 class Explanation(Reply, frozen=True, tag="why"):

@@ -7,12 +7,23 @@ from evo.events.schema import JobSpec
 
 from . import protocol as p
 from .cluster import Cluster
-from .scheduler import waiting_for
-from .state import ACTIVE, BrokerState, Job
+from .scheduler import blocked, outlasts, waiting_for
+from .state import ACTIVE, BrokerState, Job, Node
+
+
+def startable(state: BrokerState, within_s: float, now: float) -> bool:
+    """Whether a queued job could start on a new node whose allocation lasts ``within_s``: not
+    held, waiting for others or backing off (``blocked``), and not expected to outlast it
+    (``outlasts``' rule, for a node with no history of its own). The first such job ends the
+    search, so a long queue of runnable jobs costs one look."""
+    probe = Node(node="", ends_at=now + within_s)
+    return any(blocked(state.jobs[j], state, now) is None
+               and outlasts(state.jobs[j], probe, state, now) is None for j in state.queue)
 
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
-              now: float = 0.0, cluster: Cluster | None = None) -> p.StatusReply:
+              now: float = 0.0, cluster: Cluster | None = None,
+              within_s: float = 0.0) -> p.StatusReply:
     """Counts, nodes, and the newest jobs running, queued and failed (a lease taken ahead of a
     free slot is queued on its node, not running: it is listed with the queued). A node that
     is gone says since when, and what of the queue waits for it (``waiting_for``)."""
@@ -62,7 +73,8 @@ def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
     return p.StatusReply(req=req, last_seq=state.last_seq, jobs=counts, nodes=nodes,
                          running=running, queued=queued, failed=failed,
                          asking=sum(state.sweeps[s].spec.get("method") == "tpe"
-                                    for s in state.learning))
+                                    for s in state.learning),
+                         startable=startable(state, within_s, now) if within_s else False)
 
 
 def _last(metrics: dict[str, float], n: int = 2) -> str:

@@ -242,7 +242,7 @@ def _slurm_pilots(address: str, *, scale: int, walltime: str, **kw) -> None:  # 
 
     walltime_s(walltime)  # a bad --time: one line, before anything is submitted
     spec = PilotSpec(broker=address, home=evo_home().absolute(), time=walltime, **kw)
-    keeper = Keeper(spec, scale, work_waiting(address))
+    keeper = Keeper(spec, scale, work_waiting(address, walltime_s(walltime) - spec.grace_s))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: keeper.stop.set())
     typer.echo(f"keeping {scale} Slurm pilot(s) of {walltime} while there is work "

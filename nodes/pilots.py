@@ -179,17 +179,22 @@ class Keeper:
                 log.warning("%s", exc)
 
 
-def work_waiting(broker: str):  # noqa: ANN201
-    """A check for the keeper: jobs are queued, or a sweep asks for trials as slots free."""
+def work_waiting(broker: str, within_s: float):  # noqa: ANN201
+    """A check for the keeper: a queued job a new pilot could start (runnable, and not
+    expected to outlast ``within_s``, the pilot's walltime less its grace), or a sweep that
+    asks for trials as slots free. A job no pilot could take (held, waiting for another, or
+    longer than any pilot lasts) submits no pilot, or pilots would come and go for it."""
+    from evo.broker import protocol as p
     from evo.client import Client
 
     def check() -> bool:
         try:
             with Client(broker, timeout_s=10) as c:
-                st = c.status()
+                st = c.request(p.Status(within_s=within_s))
         except Exception as exc:  # noqa: BLE001 - the broker away: keep what runs, add none
             raise RuntimeError(f"the broker at {broker}: {exc}") from None
-        return st.jobs.get("queued", 0) > 0 or st.asking > 0
+        assert isinstance(st, p.StatusReply)
+        return st.startable or st.asking > 0
 
     return check
 

@@ -349,3 +349,19 @@ def test_a_job_goes_to_a_non_preferred_node_that_is_expected_to_finish_it_sooner
     why = explain(w.state, waiting, w.t, CLUSTER)
     assert why.startswith(f"{waiting} is leased on laptop (attempt 1); not a node its rule "
                           "prefers: expected to finish sooner here")
+
+
+def test_a_new_pilot_is_wanted_only_for_a_queued_job_it_could_start():
+    from evo.broker.status import startable
+    from evo.events.schema import JobHeld
+
+    w = World()
+    w.emit(JobSubmitted, job_id="j1", spec=JobSpec(command=["x"], expected_s=120))
+    assert not startable(w.state, 60, w.t)  # longer than any such pilot lasts
+    assert startable(w.state, 180, w.t)
+    w.emit(JobSubmitted, job_id="j2", spec=JobSpec(command=["y"]))  # nothing known: it may
+    assert startable(w.state, 60, w.t)
+    w.emit(JobHeld, job_id="j2")
+    assert not startable(w.state, 60, w.t)  # held: no pilot comes for it
+    w.emit(JobSubmitted, job_id="j3", spec=JobSpec(command=["z"], after=["j1"]))
+    assert not startable(w.state, 60, w.t)  # waits for j1
