@@ -31,7 +31,7 @@ import msgspec
 
 from evo.events.log import EventLog
 
-from .state import BrokerState
+from .state import BrokerState, compact
 
 log = logging.getLogger("evo.broker")
 
@@ -131,6 +131,8 @@ def load(home: Path, last_seq: int) -> tuple[BrokerState, str] | None:
                 log.warning("snapshot %s not used: %s", path.name, why)
                 continue
             state = _decoder.decode(data)
+            for job in state.jobs.values():  # what the fold shares, shared again
+                job.spec = compact(job.spec)
             if state.last_seq != seq:
                 raise ValueError(f"its state is at seq {state.last_seq}, its header says {seq}")
         except (OSError, ValueError, KeyError, msgspec.DecodeError) as exc:

@@ -12,9 +12,12 @@ is being replayed means the log and the code disagree: it is loud on purpose.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
+
+import msgspec
 
 from evo.events.schema import (
     Checkpointed,
@@ -74,6 +77,39 @@ class IllegalTransition(Exception):
             f"in state {state or 'unknown'}"
         )
 
+
+# A job's spec stays in memory for as long as the job: the parts that repeat from job to job
+# are shared (nothing changes a spec once submitted: it is frozen, and no code mutates its
+# lists or dicts), so a sweep's thousand trials hold one copy of their callable, model type,
+# sweep id, folder, code record and resources, and no empty containers of their own.
+_EMPTY_LIST: list = []
+_EMPTY_DICT: dict = {}
+_SHARED: dict = {}
+_STRINGS = ("callable", "trainer", "model_type", "sweep_id", "workdir", "tree", "name")
+
+
+def compact(spec: JobSpec) -> JobSpec:
+    """``spec`` with what it shares with other jobs' specs shared (equal, not the same)."""
+    changes: dict[str, Any] = {}
+    for f in ("after", "outputs"):
+        if not getattr(spec, f):
+            changes[f] = _EMPTY_LIST
+    for f in ("params", "data", "tags"):
+        if not getattr(spec, f):
+            changes[f] = _EMPTY_DICT
+    if spec.code:
+        key = ("code", msgspec.json.encode(spec.code, order="deterministic"))
+        changes["code"] = _SHARED.setdefault(key, spec.code)
+    else:
+        changes["code"] = _EMPTY_DICT
+    for f in _STRINGS:
+        v = getattr(spec, f)
+        if v:
+            changes[f] = sys.intern(v)
+    changes["resources"] = _SHARED.setdefault(spec.resources, spec.resources)
+    if len(_SHARED) > 100_000:  # bounded: what was shared stays shared
+        _SHARED.clear()
+    return msgspec.structs.replace(spec, **changes)
 
 FAILED_KEPT = 50  # failed jobs `evo status` can list, newest first
 
@@ -229,7 +265,7 @@ class BrokerState:
     def _submitted(self, ev: JobSubmitted) -> None:
         if ev.job_id in self.jobs:
             raise IllegalTransition(ev.job_id, self.jobs[ev.job_id].state, ev)
-        self.jobs[ev.job_id] = Job(job_id=ev.job_id, spec=ev.spec, submitted_seq=ev.seq,
+        self.jobs[ev.job_id] = Job(job_id=ev.job_id, spec=compact(ev.spec), submitted_seq=ev.seq,
                                    submitted_at=ev.time, queued_at=ev.time)
         self.job_number = max(self.job_number, _number(ev.job_id))
         self.queue[ev.job_id] = None
