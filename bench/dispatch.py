@@ -60,7 +60,29 @@ class Cluster:
         with Client(self.address) as c:
             while not any(n["alive"] for n in c.status().nodes):
                 time.sleep(0.05)
-        time.sleep(1.0)  # let the warm workers finish their imports
+        self.settle(slots)
+
+    def settle(self, slots: int, quiet_s: float = 0.5, limit_s: float = 30.0) -> None:
+        """Wait until the node's warm workers have started and finished their imports: at
+        least ``slots`` processes below the node, and no CPU spent by any of them for
+        ``quiet_s`` (a search timed from here starts on warm workers, as a user's does)."""
+        import psutil
+
+        node = psutil.Process(self.node.pid)
+        deadline = time.monotonic() + limit_s
+        last, since = -1.0, time.monotonic()
+        while time.monotonic() < deadline:
+            kids = node.children(recursive=True)
+            try:
+                used = sum(sum(k.cpu_times()[:2]) for k in kids)
+            except psutil.NoSuchProcess:
+                continue
+            if len(kids) >= slots and used == last:
+                if time.monotonic() - since >= quiet_s:
+                    return
+            else:
+                last, since = used, time.monotonic()
+            time.sleep(0.05)
 
     def run(self, specs: list) -> tuple[float, int]:
         """Submit every spec (pipelined), wait for all to finish; (wall seconds, completed)."""
