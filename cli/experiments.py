@@ -110,7 +110,7 @@ def register(app: typer.Typer, sql: Callable, print_table: Callable, client: Cal
         spec = load_sweep(spec_file)
         jobs = job_specs(spec)
         if plan:  # a learning sweep's trials are its template, samples times, as far as a plan goes
-            _plan(spec, jobs * (spec.samples or 1) if learning(spec) else jobs, sql, client,
+            _plan(spec, jobs * (spec.samples or 1) if learning(spec) else jobs, client,
                   broker)
             return
         into = ""
@@ -312,7 +312,7 @@ def _best(sweep_id: str, sql: Callable, broker: str | None) -> dict | None:
             "params": json_cell(r["params"]), "metrics": json_cell(r["metrics"])}
 
 
-def _plan(spec, jobs: list, sql: Callable, client: Callable, broker: str | None) -> None:  # noqa: ANN001
+def _plan(spec, jobs: list, client: Callable, broker: str | None) -> None:  # noqa: ANN001
     """Where the routing rules would send each configuration now, how long each may take on
     each node (the broker's estimates, learned from jobs like it), and when all would be done."""
     from collections import Counter, defaultdict

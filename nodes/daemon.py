@@ -119,6 +119,7 @@ class NodeDaemon:
         # at that time stops what still runs (SIGTERM first: a job can checkpoint) and leaves.
         # The deadline is kept on the monotonic clock.
         self.end_at = time.monotonic() + (until - grace_s - time.time()) if until else 0.0
+        self.grace_s = grace_s
         self.idle_exit_s = idle_exit_s  # a pilot with nothing to do for this long leaves
         self._idle_since = time.monotonic()
 
@@ -198,7 +199,7 @@ class NodeDaemon:
         if self.end_at and now >= self.end_at and not (self._stop.is_set()
                                                        and not self._drain_on_stop):
             log.info("the allocation ends in %.0fs: stopping what runs and leaving",
-                     self.end_at - now)
+                     self.end_at + self.grace_s - now)
             self.stop(drain=False)
         if self.runs or self.core.queued or self.core.running:
             self._idle_since = now
