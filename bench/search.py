@@ -356,6 +356,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--last", type=int, default=4, help="scored seasons per configuration")
     ap.add_argument("--seeds", type=int, default=1, help="searches per tool (seeds 1..N)")
+    ap.add_argument("--first-seed", type=int, default=1, help="seeds FIRST..FIRST+N-1")
     ap.add_argument("--grid-wall", type=float, default=0.0,
                     help="the grid's wall time from an earlier run (skips running it)")
     ap.add_argument("--grid-best", type=float, default=0.0, help="with --grid-wall")
@@ -383,7 +384,7 @@ def main() -> None:
           f"{grid_wall:.0f} s\n", flush=True)
     tools = a.tools.split(",")
     rows: dict[str, list[dict]] = {tool: [] for tool in tools}
-    for seed in range(1, a.seeds + 1):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
         for tool in tools:
             r = TOOLS[tool](a.last, seed, target, grid_wall)
             rows[tool].append(r)
