@@ -30,6 +30,10 @@ The rules:
   * **Cancel.** A job the broker cancels that has not started is reported cancelled at once; a
     running one is stopped (and ends with its own final report). A trial its sweep's pruner
     stops is stopped the same way, as soon as the answer to its report says so.
+  * **A pilot's end.** A node with an end (``ends_at``, a Slurm allocation less its grace)
+    stops what runs at that time and leaves, as a stop without drain does; with
+    ``idle_exit_s``, a node with nothing to run (and nothing owed) for that long drains and
+    leaves.
   * **Drain.** Once asked to stop, the node takes nothing new (queued leases are dropped: the
     broker gives them back when the node leaves), keeps heartbeating, and leaves when its
     attempts have ended and their reports are acknowledged; attempts still running at the
@@ -193,6 +197,11 @@ class NodeCore:
     heartbeat_s: float = 2.0
     util_every_s: float = 5.0
     idle_wait_s: float = 1.0
+    # A pilot (a Slurm allocation): at ``ends_at`` it stops what still runs and leaves, and
+    # with nothing to run for ``idle_exit_s`` it drains and leaves.
+    ends_at: float | None = None
+    idle_exit_s: float = 0.0
+    idle_since: float | None = None
 
     queued: dict[str, p.LeaseGrant] = field(default_factory=dict)  # leased, waiting for a slot
     running: dict[str, Running] = field(default_factory=dict)
@@ -232,6 +241,8 @@ class NodeCore:
     def next_deadline(self) -> float:
         """When the core next has something to do without a new event."""
         times = [self.next_hb]
+        if self.ends_at is not None and self.stop_at is None:
+            times.append(self.ends_at)
         if self.stop_at is not None and not self.left:
             times.append(self.leave_at if self.killed else self.stop_at)
         return min(times)
@@ -314,17 +325,37 @@ class NodeCore:
         elif kind is Disconnected:
             self.ready_out = False
         elif isinstance(event, Stop):
-            if self.stop_at is None:
-                self.stop_at = now + (DRAIN_S if event.drain else 0.0)
-                self.queued.clear()
-            elif not event.drain:
-                self.stop_at = min(self.stop_at, now)
+            self._stop(event.drain, now)
             self._tick(out, now)
         else:
             raise TypeError(f"not a node event: {event!r}")
+        if self.idle_exit_s and (self.running or self.queued or self.finishing):
+            self.idle_since = now  # busy until the last attempt's report is acknowledged
         return out
 
+    def _stop(self, drain: bool, now: float) -> None:
+        if self.stop_at is None:
+            self.stop_at = now + (DRAIN_S if drain else 0.0)
+            self.queued.clear()
+        elif not drain:
+            self.stop_at = min(self.stop_at, now)
+
+    def _pilot(self, out: list[Instruction], now: float) -> None:
+        """A pilot's end and its idle exit (see ``ends_at``)."""
+        if self.ends_at is not None and now >= self.ends_at and (self.stop_at is None
+                                                                 or self.stop_at > now):
+            out.append(Warn("the allocation's end is here: stopping what runs and leaving"))
+            self._stop(False, now)
+        if self.running or self.queued or self.finishing or self.idle_since is None:
+            self.idle_since = now
+        elif self.idle_exit_s and self.stop_at is None \
+                and now - self.idle_since >= self.idle_exit_s:
+            out.append(Warn(f"idle for {now - self.idle_since:.0f}s: leaving"))
+            self._stop(True, now)
+
     def _tick(self, out: list[Instruction], now: float) -> None:
+        if self.ends_at is not None or self.idle_exit_s:
+            self._pilot(out, now)
         if now >= self.next_hb:
             sample = now >= self.next_util
             if sample:

@@ -89,7 +89,12 @@ class NodeDaemon:
             node=self.name, slots=self.slots, cpus=self.join_cmd.cpus,
             mem_gb=self.join_cmd.mem_gb, vram={g.index: g.vram_gb for g in gpu_list},
             lease_ahead=4 * self.slots if lease_ahead is None else lease_ahead,
-            heartbeat_s=heartbeat_s, util_every_s=util_every_s, idle_wait_s=idle_wait_s)
+            heartbeat_s=heartbeat_s, util_every_s=util_every_s, idle_wait_s=idle_wait_s,
+            # a pilot's allocation (``until``, wall clock) on the monotonic clock, ``grace_s``
+            # early: the broker leases it only jobs expected to end by then (Join.ends_in_s),
+            # and then the core stops what still runs (SIGTERM first: a job can checkpoint)
+            ends_at=time.monotonic() + (until - grace_s - time.time()) if until else None,
+            idle_exit_s=idle_exit_s)
         self.broker = broker
         self.work = Path(work or Path(os.environ.get("EVO_HOME", ".evo")) / "nodes" / self.name).absolute()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -114,14 +119,6 @@ class NodeDaemon:
         self._stop_told = False
         self.refused = ""  # why the broker refused this node's key, once it has
         self._next_ship = 0.0
-        # A pilot's allocation (``until``, wall clock) ends: the node tells the broker it ends
-        # ``grace_s`` before then, so it is leased only jobs expected to end by that time, and
-        # at that time stops what still runs (SIGTERM first: a job can checkpoint) and leaves.
-        # The deadline is kept on the monotonic clock.
-        self.end_at = time.monotonic() + (until - grace_s - time.time()) if until else 0.0
-        self.grace_s = grace_s
-        self.idle_exit_s = idle_exit_s  # a pilot with nothing to do for this long leaves
-        self._idle_since = time.monotonic()
 
     # --- the core's instructions, carried out -------------------------------------------------
 
@@ -191,22 +188,8 @@ class NodeDaemon:
 
     def _ends_in(self) -> float:
         """Seconds until this node's declared end (0: it has none)."""
-        return max(self.end_at - time.monotonic(), 0.001) if self.end_at else 0.0
-
-    def _pilot_clock(self) -> None:
-        """A pilot stops at its declared end, and leaves when idle for ``idle_exit_s``."""
-        now = time.monotonic()
-        if self.end_at and now >= self.end_at and not (self._stop.is_set()
-                                                       and not self._drain_on_stop):
-            log.info("the allocation ends in %.0fs: stopping what runs and leaving",
-                     self.end_at + self.grace_s - now)
-            self.stop(drain=False)
-        if self.runs or self.core.queued or self.core.running:
-            self._idle_since = now
-        elif self.idle_exit_s and now - self._idle_since >= self.idle_exit_s \
-                and not self._stop.is_set():
-            log.info("idle for %.0fs: leaving", now - self._idle_since)
-            self.stop(drain=True)
+        end = self.core.ends_at
+        return max(end - time.monotonic(), 0.001) if end is not None else 0.0
 
     def stop(self, drain: bool = True) -> None:
         """Ask the loop to stop (from a signal handler too: the loop tells the core)."""
@@ -249,8 +232,6 @@ class NodeDaemon:
     def turn(self, poller: zmq.Poller | None = None) -> bool:
         """One pass: collect, report, ask for work, then wait for something to happen."""
         assert self.client is not None and self.link is not None
-        if self.end_at or self.idle_exit_s:
-            self._pilot_clock()
         if self._stop.is_set() and not self._stop_told:
             self._stop_told = True
             self._do(c.Stop(drain=self._drain_on_stop))
@@ -496,7 +477,7 @@ def run_node(broker: str | None, **kw) -> None:
     # the first Ctrl-C (or SIGTERM) drains; a second one stops what runs at once
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop(drain=not node._stop.is_set()))
-    if node.end_at:
+    if node.core.ends_at is not None:
         # A pilot: Slurm's SIGTERM (scancel, preemption, the time limit) leaves it seconds
         # (KillWait) before SIGKILL: stop what runs now, so their reports reach the broker and
         # they are retried elsewhere. SIGUSR1 (sbatch --signal) is the warning that the end

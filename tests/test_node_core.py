@@ -235,3 +235,34 @@ def test_the_invariant_check_sees_a_broken_core():
         "a final report owed for leases still here: ['j2']",
         "admitted past the node's size: Free(slots=-1, cpus=-1.0, mem_gb=8.0, gpus={})"]
     del n.running["j3"], n.queued["j1"], n.finishing["j2"]  # as it was: the check after passes
+
+
+def test_a_pilot_stops_what_runs_at_its_declared_end_and_leaves():
+    n = core(heartbeat_s=2.0, ends_at=10.0)
+    joined(n)
+    assert n.next_deadline() == 2.0  # the heartbeat first, then the end
+    g = grant("j1", 5)
+    assert n.handle(Leased(leases=(g,)), 1.0) == [Start(g)]
+    n.handle(Tick(), 8.0)
+    assert n.next_deadline() == 10.0
+    out = n.handle(Tick(), 10.0)
+    assert Warn("the allocation's end is here: stopping what runs and leaving") in out
+    assert Kill("j1", c.STOP_GRACE_S, "the node is stopping") in out
+    assert n.handle(Leased(leases=(grant("j2", 6),)), 10.1) == []  # nothing new is taken
+    stopped = report("j1", 5, p.FailedReport(error="SIGTERM", exit_code=-15))
+    assert n.handle(Ended(stopped), 10.5) == [SendReport(stopped)]
+    assert n.handle(Answered(stopped), 10.6) == []
+    assert n.handle(Tick(), 10.7) == [Leave()]
+
+
+def test_a_pilot_with_nothing_to_run_for_its_idle_time_drains_and_leaves():
+    n = core(heartbeat_s=2.0, idle_exit_s=30.0)
+    joined(n, 0.0)
+    g = grant("j1", 5)
+    n.handle(Leased(leases=(g,)), 1.0)
+    done = report("j1", 5, DONE)
+    n.handle(Ended(done), 20.0)
+    n.handle(Answered(done), 20.1)
+    assert Leave() not in n.handle(Tick(), 40.0)  # idle since 20.1 only
+    out = n.handle(Tick(), 50.2)
+    assert Warn("idle for 30s: leaving") in out and Leave() in out
