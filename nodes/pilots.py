@@ -109,7 +109,7 @@ class PilotSpec:
             lines.append(f'exec {cmd} --name "slurm-$SLURM_JOB_ID" --until "$UNTIL"')
         else:  # one node per allocated machine; srun passes the signals on
             lines.append(f"exec srun --kill-on-bad-exit=0 bash -c "
-                         f"{shlex.quote(cmd + ' --name slurm-$SLURM_JOB_ID-$SLURM_NODEID --until ')}"
+                         f"{shlex.quote('exec ' + cmd + ' --name slurm-$SLURM_JOB_ID-$SLURM_NODEID --until ')}"
                          f'"$UNTIL"')
         return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -22,14 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """A single-node Slurm for the session: its environment (SLURM_CONF), or a skip."""
+    """A two-node Slurm for the session (two slurmd on this machine, so allocations of
+    several nodes run for real): its environment (SLURM_CONF), or a skip."""
     if not shutil.which("sbatch") or not Path("/usr/sbin/slurmctld").exists():
         pytest.skip("Slurm is not installed (apt-get install slurmctld slurmd slurm-client "
                     "munge; `make test` does it as root)")
     if os.geteuid() != 0:
         pytest.skip("a local Slurm needs root (SlurmUser=root)")
     folder = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    ctl, d = free_port(), free_port()
+    while not free_port_at(d + 1):
+        d = free_port()
+    env = {**os.environ, "SLURMCTLD_PORT": str(ctl), "SLURMD_PORT": str(d), "NODES": "2"}
     r = subprocess.run([str(ROOT / "scripts" / "slurm-local"), "start", str(folder)],
                        capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
@@ -38,6 +43,15 @@ def slurm(tmp_path_factory):
     yield {"SLURM_CONF": conf}
     subprocess.run([str(ROOT / "scripts" / "slurm-local"), "stop", str(folder)],
                    capture_output=True, timeout=60)
+
+
+def free_port_at(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class PilotKeeper:
@@ -123,6 +137,35 @@ def test_pilots_start_lease_jobs_run_a_sweep_and_are_cancelled_with_their_keeper
         wait_until(lambda: not ids & set(k.squeue()), 60, "the pilots to be cancelled")
         wait_until(lambda: not pilots(c), 60, "the pilots to leave the broker")
     assert "0.3" in r.stdout.splitlines()[-1] or "0.3" in r.stdout
+
+
+def test_a_pilot_of_two_nodes_runs_an_evo_node_on_each_and_both_leave_with_it(
+        pbroker, keeper, tmp_path):
+    home = tmp_path / "home"
+    b = pbroker(home)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "train.py").write_text("import sys, time, evo\n"
+                                   "time.sleep(1)\n"
+                                   "evo.result(x=float(sys.argv[1]))\n")
+    (proj / "sweep.yaml").write_text(f"name: two-nodes\ncommand: [{PY}, train.py, '{{x}}']\n"
+                                     "metric: x\nmode: max\n"
+                                     "space:\n  x: [1, 2, 3, 4]\n")
+    k = keeper(home, "--scale", "1", "--nodes", "2", "--cpus-per-node", "1", "--mem-gb", "1",
+               "--time", "5", "--grace-s", "10", "--idle-exit-s", "60")
+    r = run_evo("sweep", "sweep.yaml", "--wait", home=home, cwd=proj, timeout=240)
+    assert r.returncode == 0, r.stderr + k.output()
+    with Client(b.address) as c:
+        events = list(c.read_all(1))
+        joined = [e for e in of(events, "NodeJoined") if e.node.startswith("slurm-")]
+        (job_id,) = set(k.squeue())  # one allocation ...
+        # ... and an evo node on each of its machines, named by the allocation and the node
+        assert sorted(e.node for e in joined) == [f"slurm-{job_id}-0", f"slurm-{job_id}-1"]
+        assert all(e.ends_at > e.time for e in joined)
+        assert len({e.job_id for e in of(events, "JobCompleted")}) == 4
+        assert k.stop() == 0
+        wait_until(lambda: job_id not in k.squeue(), 60, "the pilot to be cancelled")
+        wait_until(lambda: not pilots(c), 60, "both of its nodes to leave the broker")
 
 
 RESUMABLE = """\
