@@ -24,8 +24,12 @@ NODES = [
 MODELS = ["GLM", "RandomForest", "XGBoost", "MLP"]
 
 
-def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
+def generate(n_events: int, seed: int = 0, sweep_size: int = 24,
+             util_every: int = 1) -> list[Event]:
+    """``util_every`` k: a node's heartbeat carries a utilization sample every k-th round
+    (samples are most of a history's events; fewer of them, more jobs per event)."""
     rng = random.Random(seed)
+    rounds = 0
     desk = Desk()
     events: list[Event] = []
     now, mono = 1_700_000_000.0, 0.0
@@ -61,6 +65,8 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
                 break
             now += rng.uniform(0.5, 3.0)
             mono += 1.0
+            rounds += 1
+            sample = rounds % util_every == 0
             if sweeps % 7 == 0 and rng.random() < 0.2:
                 run(p.Hold(target=held, release=True))
             if sweeps % 11 == 0:  # and a node is drained for a while
@@ -94,10 +100,11 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24) -> list[Event]:
                     else:
                         run(p.Cancel(target=job_id, reason="enough"))
                         run(p.Report(report=p.CancelledReport(), **ids))
+                util = {"cpu": rng.uniform(0, 100), "mem": rng.uniform(0, 100)}
+                gpus = [GpuSample(index=0, util=rng.uniform(0, 100), vram_used_gb=rng.uniform(0, 24),
+                                  vram_total_gb=24)] if j.gpus else []
                 run(p.Heartbeat(node=j.node, running=[(x, desk.state.jobs[x].lease_epoch) for x in node.running],
-                                util={"cpu": rng.uniform(0, 100), "mem": rng.uniform(0, 100)},
-                                gpus=[GpuSample(index=0, util=rng.uniform(0, 100), vram_used_gb=rng.uniform(0, 24),
-                                                vram_total_gb=24)] if j.gpus else []))
+                                util=util if sample else {}, gpus=gpus if sample else []))
                 run(p.Ready(node=j.node))
             events.extend(desk.tick(now, mono).events)
     return events

@@ -304,12 +304,13 @@ def up(
 ) -> None:
     """Embedded broker and a local node in the foreground: zero setup. Ctrl-C stops both."""
     from evo.broker.cluster import load_cluster
-    from evo.broker.server import Broker, broker_collector
+    from evo.broker.server import Broker, broker_collector, collector_paused
     from evo.nodes.daemon import NodeDaemon
     import threading
 
     _setup_logging()
-    b = Broker(evo_home(), cluster=load_cluster(None, evo_home()))
+    with collector_paused():
+        b = Broker(evo_home(), cluster=load_cluster(None, evo_home()))
     t = threading.Thread(target=b.serve_forever, daemon=True)
     t.start()
     n = NodeDaemon(b.address, name="local", labels=_labels(labels), slots=slots, gpus=gpus)
