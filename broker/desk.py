@@ -60,6 +60,7 @@ class Desk:
                  mono: float = 0.0, lease_s: float = 6.0) -> None:
         self.state = state or BrokerState()
         self.cluster = cluster or Cluster()
+        self.mono_now = mono
         # Liveness is not state: it lives on the broker's monotonic clock and starts afresh
         # (with a full grace period) for every node the log says was alive.
         self.last_seen: dict[str, float] = {n: mono for n, node in self.state.nodes.items()
@@ -112,6 +113,7 @@ class Desk:
             return Outcome(reply=p.Error(req=cmd.req, code="unknown",
                                          message=f"command {type(cmd).__name__} is not served"))
         before = self.state.last_seq
+        self.mono_now = mono  # the command's monotonic time (heartbeat ages in a status)
         try:
             if type(cmd) in _NODE_COMMANDS:
                 out = method(self, cmd, now, cause, mono)
@@ -679,8 +681,9 @@ class Desk:
             {"node": n.node, "slots": n.slots, "labels": n.labels} for n in nodes]))
 
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
+        heard = {n: round(max(self.mono_now - t, 0.0), 1) for n, t in self.last_seen.items()}
         return Outcome(reply=status_of(self.state, cmd.req, now=now, cluster=self.cluster,
-                                       within_s=cmd.within_s))
+                                       within_s=cmd.within_s, heard=heard))
 
 
 def _handlers_of(cls: type) -> dict[type, Callable[..., Outcome]]:

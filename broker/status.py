@@ -23,15 +23,18 @@ def startable(state: BrokerState, within_s: float, now: float) -> bool:
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
               now: float = 0.0, cluster: Cluster | None = None,
-              within_s: float = 0.0) -> p.StatusReply:
+              within_s: float = 0.0, heard: dict[str, float] | None = None) -> p.StatusReply:
     """Counts, nodes, and the newest jobs running, queued and failed (a lease taken ahead of a
     free slot is queued on its node, not running: it is listed with the queued). A node that
-    is gone says since when, and what of the queue waits for it (``waiting_for``)."""
+    is gone says since when, and what of the queue waits for it (``waiting_for``); one that is
+    alive, how long ago it was last heard from (``heard``: node -> seconds, the desk's clock)."""
     nodes = []
     for n in state.nodes.values():
         row = {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
                "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
                "running": sum(not state.jobs[j].ahead for j in n.running)}
+        if heard is not None and n.alive and n.node in heard:
+            row["heard_s"] = heard[n.node]
         if n.ends_at and n.alive:
             row["ends_in_s"] = round(max(n.ends_at - now, 0.0), 1)
         if not n.alive:

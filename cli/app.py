@@ -330,6 +330,56 @@ def up(
 
 
 @app.command()
+def ui(port: int = typer.Option(8765, "--port", help="the page's port (0: a free one)"),
+       bind: str = typer.Option("127.0.0.1", "--bind", help="the address to listen on; off "
+                                "loopback the page needs its token"),
+       token: Optional[str] = typer.Option(None, "--token", envvar="EVO_UI_TOKEN",
+                                           help="the page's token (default: a new one, printed, "
+                                           "when not on loopback)"),
+       open_: bool = typer.Option(False, "--open", help="open the page in a browser"),
+       broker: Optional[str] = BrokerOpt) -> None:
+    """A read-only web page over the projections, live from the event relay (Ctrl-C stops)."""
+    import ipaddress
+    import secrets
+    import socket
+
+    from evo.errors import BadInput
+
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(bind)).is_loopback
+    except (OSError, ValueError):
+        raise BadInput(f"--bind: {bind!r} is not an address of this machine") from None
+    if not loopback and not token:
+        token = secrets.token_urlsafe(18)
+    if not 0 <= port <= 65535:
+        raise BadInput(f"--port: {port} is not a port (0-65535)")
+    with _client(broker) as c:  # no broker: said now, in one line, not by the page
+        c.hello()
+        address = c.address
+    import uvicorn
+
+    from evo.ui.app import make_app
+
+    app_ = make_app(address, token=token)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+    except OSError as exc:
+        raise BadInput(f"--port {port}: cannot listen on {bind}:{port} ({exc.strerror})") from None
+    sock.listen(128)  # a browser that comes early waits for the server instead of a refusal
+    url = f"http://{bind}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
+    typer.echo(f"evo ui: {url} (broker {address}; Ctrl-C stops)", err=True)
+    if open_:
+        import webbrowser
+
+        webbrowser.open(url)
+    config = uvicorn.Config(app_, log_level="warning", timeout_graceful_shutdown=1,
+                            access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@app.command()
 def why(job: str = typer.Argument(...), broker: Optional[str] = BrokerOpt) -> None:
     """Why a job waits, naming the nodes and what each one lacks."""
     from evo.broker import protocol as p

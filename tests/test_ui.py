@@ -1,0 +1,295 @@
+"""`evo ui` in a real headless browser (Debian's chromium and chromedriver through Selenium;
+`make test` installs them as root where missing), against a real broker, node and sweeps.
+Where no browser can start, these tests skip and say why.
+
+Set EVO_UI_SCREENSHOT=FILE to keep the sweep page's screenshot (the README's)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from evo.broker import protocol as p
+from evo.client import Client
+from tests.conftest import ProcBroker, evo_cmd, free_port, run_evo, wait_until
+from tests.test_nodes import PY, NodeProc
+
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+# A trial that waits for a gate file (GATE, put before it), so the test decides when the
+# sweep moves on.
+GATED = """\
+import os, sys, time, evo
+lr, depth = float(sys.argv[1]), int(sys.argv[2])
+while not os.path.exists(GATE):
+    time.sleep(0.05)
+loss = 1.0
+for step in range(1, 6):
+    loss = loss * (0.6 + abs(lr - 0.03) * 3) + 0.01 * depth
+    evo.report(step=step, loss=loss)
+print(f"trial lr={lr} depth={depth}: loss {loss:.4f}")
+evo.result(loss=loss)
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (the dev extra)")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
+        pytest.skip("no headless browser: apt-get install chromium chromium-driver "
+                    "(`make test` does it as root)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1280,1500", "--disable-gpu"):
+        opts.add_argument(arg)
+    try:
+        driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    except Exception as exc:  # noqa: BLE001 - the reason is the skip's
+        pytest.skip(f"chromium did not start: {str(exc).splitlines()[0]}")
+    yield driver
+    driver.quit()
+
+
+class Stack:
+    """A broker, a node with two slots and `evo ui`, as a user starts them."""
+
+    def __init__(self, root: Path) -> None:
+        self.home = root / "home"
+        self.broker = ProcBroker(self.home)
+        self.node = NodeProc(self.home, "worker", "--slots", "2")
+        self.port = free_port()
+        self.log = open(root / "ui.log", "wb")  # noqa: SIM115
+        env = {**os.environ, "EVO_HOME": str(self.home)}
+        env.pop("EVO_BROKER", None)
+        self.ui = subprocess.Popen(evo_cmd("ui", "--port", str(self.port)), stdout=self.log,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(self._answers, 30, "evo ui to answer")
+
+    def _answers(self) -> bool:
+        assert self.ui.poll() is None, (self.home.parent / "ui.log").read_text()
+        try:
+            with urllib.request.urlopen(self.url + "/api/sweeps", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        for proc in (self.ui,):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+        self.log.close()
+        self.node.kill()
+        self.broker.kill()
+        self.broker.logfile.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("ui"))
+    yield s
+    s.stop()
+
+
+def sweep(stack: Stack, folder: Path, yaml: str, gate: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.py").write_text(f"GATE = {str(gate)!r}\n" + GATED)
+    (folder / "sweep.yaml").write_text(yaml)
+    r = run_evo("sweep", "sweep.yaml", home=stack.home, cwd=folder)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()[-1]
+
+
+def js(driver, expr: str):  # noqa: ANN001, ANN201
+    return driver.execute_script("return " + expr)
+
+
+def chip(driver, key: str) -> str:  # noqa: ANN001
+    text = js(driver, f"document.querySelector('#progress .chip[data-key=\"{key}\"]')?.textContent")
+    return text.split()[-1] if text else ""
+
+
+def rows(driver, table: str) -> list[list[str]]:  # noqa: ANN001
+    """The table's cells as text, read in one go (the page redraws tables as events come)."""
+    return js(driver, f"[...document.querySelectorAll('{table} tbody tr')]"
+                      ".map(r => [...r.cells].map(c => c.textContent))")
+
+
+def text(driver, id_: str) -> str:  # noqa: ANN001
+    return js(driver, f"document.getElementById('{id_}').textContent")
+
+
+def test_a_running_sweeps_progress_appears_without_a_reload(stack, browser, tmp_path):
+    gate = tmp_path / "go"
+    sid = sweep(stack, tmp_path / "proj", f"name: live\ncommand: [{PY}, train.py, '{{lr}}', '{{depth}}']\n"
+                "metric: loss\nmode: min\nspace:\n  lr: [0.001, 0.01, 0.03, 0.1]\n  depth: [2, 4]\n",
+                gate)
+    browser.get(f"{stack.url}/sweeps/{sid}")
+    wait_until(lambda: chip(browser, "jobs") == "8", 30, "the sweep's page to load")
+    assert chip(browser, "completed") == "0"
+    wait_until(lambda: js(browser, "document.getElementById('live').textContent") == "live", 30,
+               "the page to join the event stream")
+    loaded = js(browser, "window.evoLoadedAt")
+    gate.write_text("")  # the trials run now
+    wait_until(lambda: chip(browser, "completed") == "8", 120, "8 completions on the page")
+    wait_until(lambda: len(rows(browser, "#board")) == 8, 30, "the leaderboard's 8 rows")
+    assert js(browser, "window.evoLoadedAt") == loaded  # the same page: updated, not reloaded
+    first = rows(browser, "#board")[0][2]
+    with Client(stack.broker.address) as c:
+        best = c.sql("SELECT job_id FROM leaderboard WHERE sweep_id = ? AND rank = 1",
+                     [sid]).to_pylist()[0]["job_id"]
+    assert first == best  # rank 1 on the page is the projection's rank 1 (mode: min)
+    # the convergence plot has a point per trial, its best-so-far line never rises (min)
+    best_so_far = js(browser, "document.getElementById('convergence').data[1].y")
+    assert len(best_so_far) == 8 and best_so_far == sorted(best_so_far, reverse=True)
+    js(browser, "document.querySelector('#board tbody input[type=checkbox]').click()")
+    wait_until(lambda: js(browser, "(document.getElementById('curves').data || []).length") == 1,
+               30, "the ticked trial's curve")
+    if os.environ.get("EVO_UI_SCREENSHOT"):
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(os.environ["EVO_UI_SCREENSHOT"])
+
+
+def test_a_lost_node_shows_as_lost(stack, browser):
+    with Client(stack.broker.address) as c:
+        c.request(p.Join(node="ghost", hostname="elsewhere", cpus=4, mem_gb=8, slots=1,
+                         heartbeat_s=0.5))
+        browser.get(stack.url + "/")
+
+        def state_of_ghost() -> str:
+            return next((r[1] for r in rows(browser, "#nodes") if r[0] == "ghost"), "")
+
+        wait_until(lambda: state_of_ghost() == "alive", 30, "the new node, alive")
+        loaded = js(browser, "window.evoLoadedAt")
+        # it sends no heartbeat: the broker declares it lost, and the page says so by itself
+        wait_until(lambda: state_of_ghost() == "lost", 60, "the node shown as lost")
+        assert js(browser, "window.evoLoadedAt") == loaded
+        assert any(n["node"] == "ghost" and not n["alive"] for n in c.status().nodes)
+    worker = [r for r in rows(browser, "#nodes") if r[0] == "worker"]
+    assert worker and worker[0][1] == "alive" and worker[0][4].endswith("/ 2")
+
+
+def test_the_parallel_coordinates_filter_changes_what_is_drawn(stack, browser, tmp_path):
+    gate = tmp_path / "go"
+    gate.write_text("")
+    sid = sweep(stack, tmp_path / "proj",
+                f"name: pc\ncommand: [{PY}, train.py, '{{lr}}', '{{depth}}']\nmetric: loss\n"
+                "mode: min\nmethod: random\nsamples: 6\nseed: 3\n"
+                "space:\n  lr: {low: 0.001, high: 0.1, log: true}\n  depth: [2, 4, 8]\n", gate)
+    with Client(stack.broker.address) as c:
+        wait_until(lambda: c.sql("SELECT count(*) AS n FROM leaderboard WHERE sweep_id = ?",
+                                 [sid]).to_pylist()[0]["n"] == 6, 120, "6 ranked trials")
+    browser.get(f"{stack.url}/sweeps/{sid}")
+    lines = lambda: len(browser.find_elements("css selector", "#pc .pc-line"))  # noqa: E731
+    wait_until(lambda: lines() == 6, 30, "a line per trial")
+    kinds = dict(js(browser, "[...document.querySelectorAll('#pc .axis')]"
+                             ".map(a => [a.dataset.axis, a.dataset.kind])"))
+    assert kinds == {"lr": "log", "depth": "linear", "loss": "linear"}
+    top = browser.find_element("id", "top")  # typed into, as a user does
+    top.clear()
+    top.send_keys("3\n")
+    wait_until(lambda: lines() == 3, 30, "only the best 3 drawn")
+    drawn = set(js(browser, "[...document.querySelectorAll('#pc .pc-line')].map(e => e.dataset.job)"))
+    with Client(stack.broker.address) as c:
+        best3 = {r["job_id"] for r in c.sql(
+            "SELECT job_id FROM leaderboard WHERE sweep_id = ? AND rank <= 3", [sid]).to_pylist()}
+    assert drawn == best3
+
+
+def test_a_job_page_shows_its_curves_and_output(stack, browser, tmp_path):
+    gate = tmp_path / "go"
+    sid = sweep(stack, tmp_path / "proj", f"name: one\ncommand: [{PY}, train.py, '{{lr}}', '{{depth}}']\n"
+                "metric: loss\nspace:\n  lr: [0.02]\n  depth: [3]\n", gate)
+    with Client(stack.broker.address) as c:
+        job_id = wait_until(lambda: c.sql("SELECT job_id FROM jobs WHERE sweep_id = ?", [sid])
+                            .to_pylist(), 30, "the job")[0]["job_id"]
+    browser.get(f"{stack.url}/jobs/{job_id}")
+    wait_until(lambda: text(browser, "state") in ("queued", "leased", "running"), 30,
+               "the job's page")
+    loaded = js(browser, "window.evoLoadedAt")
+    gate.write_text("")
+    wait_until(lambda: text(browser, "state") == "completed", 60,
+               "the job completed, on the page")
+    curve = "(document.getElementById('curves').data || [])"
+    wait_until(lambda: js(browser, curve + ".length") == 1, 30, "the loss curve")
+    assert js(browser, curve + "[0].x") == [1, 2, 3, 4, 5]
+    assert js(browser, curve + "[0].name") == "loss"
+    wait_until(lambda: "trial lr=0.02 depth=3" in text(browser, "stdout"), 30,
+               "the job's output")
+    assert js(browser, "window.evoLoadedAt") == loaded
+    commands = text(browser, "commands")
+    assert f"evo retry {job_id}" in commands and f"evo audit {job_id}" in commands
+    assert rows(browser, "#attempts")[0][:2] == ["1", "worker"]
+
+
+def test_the_jobs_list_filters_and_pages_on_the_server(stack, browser):
+    browser.get(stack.url + "/jobs?state=completed")
+    wait_until(lambda: "of" in text(browser, "range"), 30, "the list")
+    with Client(stack.broker.address) as c:
+        n = c.sql("SELECT count(*) AS n FROM jobs WHERE state = 'completed'").to_pylist()[0]["n"]
+    assert text(browser, "range").endswith(f"of {n}")
+    states = {r[4] for r in rows(browser, "#jobs")}
+    assert states == {"completed"}
+
+
+def test_events_page_tails_live_and_the_assets_are_local(stack, browser):
+    browser.get(stack.url + "/events")
+    wait_until(lambda: js(browser, "document.getElementById('live').textContent") == "live", 30,
+               "the event stream")
+    new = "[...document.querySelectorAll('#events tbody tr.new')].map(r => r.textContent)"
+    before = len(js(browser, new))
+    with Client(stack.broker.address) as c:
+        job = c.submit([PY, "-c", "print(1)"])
+    wait_until(lambda: any(job in r for r in js(browser, new)), 30,
+               "the new job's events on the page")
+    assert len(js(browser, new)) > before
+    # every script and stylesheet comes from the page's own server (no CDN)
+    srcs = js(browser, "[...document.querySelectorAll('script[src], link[href]')]"
+                       ".map(e => e.src || e.href)")
+    assert srcs and all(s.startswith(stack.url) for s in srcs)
+
+
+def test_ui_without_a_broker_or_with_a_bad_port_is_one_line_and_exit_2(tmp_path):
+    r = run_evo("ui", "--port", "1", home=tmp_path / "nohome", timeout=30)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "broker" in r.stderr
+    r = run_evo("ui", "--port", "70000", home=tmp_path / "nohome", timeout=30)
+    assert r.returncode == 2 and "--port" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_off_loopback_the_page_needs_its_token(stack):
+    port = free_port()
+    env = {**os.environ, "EVO_HOME": str(stack.home)}
+    proc = subprocess.Popen(evo_cmd("ui", "--port", str(port), "--bind", "0.0.0.0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        line = proc.stderr.readline().decode()
+        assert "?token=" in line, line
+        token = line.split("?token=")[1].split()[0]
+        base = f"http://127.0.0.1:{port}/api/sweeps"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base, timeout=10)
+        assert refused.value.code == 403
+        with urllib.request.urlopen(f"{base}?token={token}", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,316 @@
+"""`evo ui`: a read-only page over the projections and the live event relay (Starlette, Jinja2
+templates, Plotly's JavaScript from its Python package: nothing is fetched from the network).
+
+Pages are HTML shells; their data comes from the JSON routes under /api, each answered from
+the broker's projection by the queries of ui/queries.py (bind parameters, DuckDB doing the
+aggregation) and timed in a Server-Timing header. /api/stream is the relay as server-sent
+events: a page refreshes what an event touches, without a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import (FileResponse, HTMLResponse, PlainTextResponse, Response,
+                                 StreamingResponse)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import queries as q
+from .live import Relay
+
+HERE = Path(__file__).resolve().parent
+COMMANDS_SHOWN = ("why", "logs", "retry", "cancel")
+
+
+def plotly_js() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+
+class Source:
+    """The broker, one client per server thread (a zmq socket is not shared by threads)."""
+
+    def __init__(self, broker: str | None, home: Any = None) -> None:
+        self.broker, self.home = broker, home
+        self.local = threading.local()
+
+    def client(self):  # noqa: ANN201
+        c = getattr(self.local, "client", None)
+        if c is None:
+            from evo.client import Client
+
+            c = self.local.client = Client(self.broker, home=self.home, timeout_s=10)
+        return c
+
+    def rows(self, query: q.Q) -> list[dict[str, Any]]:
+        sql, params = query
+        return self.client().sql(sql, params).to_pylist()
+
+    def one(self, query: q.Q) -> dict[str, Any] | None:
+        rows = self.rows(query)
+        return rows[0] if rows else None
+
+
+def _json(value: Any) -> Any:
+    """A JSON column (text) as a value; anything else as it is."""
+    if isinstance(value, str) and value[:1] in "[{\"":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def answer(data: Any, started: float) -> Response:
+    ms = (time.perf_counter() - started) * 1000
+    return Response(_encoder.encode(data), media_type="application/json",
+                    headers={"Server-Timing": f"app;dur={ms:.1f}", "Cache-Control": "no-store"})
+
+
+def make_app(broker: str | None = None, home: Any = None, token: str | None = None,
+             relay: bool = True) -> Starlette:
+    src = Source(broker, home)
+    live = Relay(broker, home) if relay else None
+    env = Environment(loader=FileSystemLoader(HERE / "templates"),
+                      autoescape=select_autoescape(["html"]))
+
+    def page(name: str, **context: Any):  # noqa: ANN202
+        async def render(request: Request) -> HTMLResponse:
+            args = {k: request.path_params.get(k, "") for k in ("job_id", "sweep_id")}
+            return HTMLResponse(env.get_template(f"{name}.html").render(
+                page=name, **args, **context))
+        return render
+
+    # --- the JSON routes (run in Starlette's thread pool: each blocks on the broker) ---------
+
+    def overview(request: Request) -> Response:
+        t0 = time.perf_counter()
+        from evo.broker import protocol as p
+
+        c = src.client()
+        status = c.status()
+        queue = src.rows(q.queue())
+        for row in queue:  # each with the scheduler's own words (`evo why`)
+            why = c.request(p.Why(job_id=row["job_id"]))
+            row["why"] = getattr(why, "text", "")
+        summary = {r["node"]: r for r in src.rows(q.node_summary())}
+        nodes = []
+        for n in status.nodes:
+            s = summary.get(n["node"], {})
+            state = ("drained" if n.get("drained") else "alive") if n["alive"] else (
+                n.get("gone") or "left")
+            nodes.append({**n, "state": state, "busy_fraction": s.get("busy_fraction"),
+                          "jobs_completed": s.get("jobs_completed", 0)})
+        return answer({"seq": status.last_seq, "counts": status.jobs, "queue": queue,
+                       "nodes": nodes, "cpu": src.rows(q.cpu_series()),
+                       "gpu": src.rows(q.gpu_series()), "now": time.time()}, t0)
+
+    def jobs(request: Request) -> Response:
+        t0 = time.perf_counter()
+        filters = {k: request.query_params.get(k) or None for k in q.FILTERS}
+        page_no = _int(request.query_params.get("page"), 0)
+        rows = src.rows(q.jobs_page(filters, page_no))
+        total = (src.one(q.jobs_total(filters)) or {}).get("n", 0)
+        options: dict[str, list] = {k: [] for k in q.FILTERS}
+        for r in src.rows(q.choices()):
+            if r["v"] is not None:
+                options[r["k"]].append(r["v"])
+        return answer({"rows": rows, "total": total, "page": page_no, "size": q.PAGE,
+                       "filters": filters, "options": options}, t0)
+
+    def job(request: Request) -> Response:
+        t0 = time.perf_counter()
+        job_id = request.path_params["job_id"]
+        row = src.one(q.job(job_id))
+        if row is None:
+            return answer({"error": f"no job {job_id!r}"}, t0)
+        for k in ("params", "metrics", "artifacts", "command", "tags", "spec"):
+            row[k] = _json(row[k])
+        tries = src.rows(q.attempts(job_id))
+        for a in tries:
+            a["devices"], a["env"] = _json(a["devices"]), _json(a["env"])
+        spec = row.get("spec") or {}
+        commands = [f"evo {verb} {job_id}" for verb in COMMANDS_SHOWN]
+        if row.get("state") == "completed":
+            commands.append(f"evo audit {job_id}")
+        if row.get("sweep_id"):
+            commands.append(f"evo leaderboard {row['sweep_id']}")
+        return answer({"job": row, "attempts": tries, "curves": src.rows(q.curves([job_id])),
+                       "checkpoints": src.rows(q.checkpoints(job_id)),
+                       "output": _tail(src, job_id),
+                       "fingerprints": {"code": spec.get("code") or {},
+                                        "data": spec.get("data") or {},
+                                        "tree": spec.get("tree") or ""},
+                       "commands": commands}, t0)
+
+    def sweeps(request: Request) -> Response:
+        t0 = time.perf_counter()
+        return answer({"rows": src.rows(q.sweeps())}, t0)
+
+    def sweep(request: Request) -> Response:
+        t0 = time.perf_counter()
+        sweep_id = request.path_params["sweep_id"]
+        row = src.one(q.sweep(sweep_id))
+        if row is None:
+            return answer({"error": f"no sweep {sweep_id!r}"}, t0)
+        spec = _json(row.pop("spec")) or {}
+        metric = request.query_params.get("metric") or spec.get("metric") or ""
+        top = max(1, min(_int(request.query_params.get("top"), 50), 10_000))
+        board = src.rows(q.leaderboard(sweep_id, metric, top)) if metric else []
+        for r in board:
+            r["params"] = _json(r["params"]) or {}
+        ranked = (src.one(q.ranked(sweep_id, metric)) or {}).get("n", 0) if metric else 0
+        return answer({"sweep": row, "metric": metric, "mode": spec.get("mode"),
+                       "method": spec.get("method") or "grid", "space": spec.get("space") or {},
+                       "pruner": spec.get("pruner"),
+                       "leaderboard": board, "ranked": ranked, "top": top,
+                       "convergence": src.rows(q.convergence(sweep_id, metric)) if metric else [],
+                       "pruned": src.rows(q.pruned_by_rung(sweep_id)),
+                       "commands": [f"evo leaderboard {sweep_id}",
+                                    f"evo report {sweep_id} --out report-{sweep_id}",
+                                    f"evo audit {sweep_id}" if spec.get("method") == "tpe"
+                                    else f"evo sql \"SELECT * FROM leaderboard WHERE sweep_id = '{sweep_id}'\""]},
+                      t0)
+
+    def curves(request: Request) -> Response:
+        t0 = time.perf_counter()
+        ids = [j for j in (request.query_params.get("jobs") or "").split(",") if j][:50]
+        return answer({"curves": src.rows(q.curves(ids)) if ids else []}, t0)
+
+    def events(request: Request) -> Response:
+        t0 = time.perf_counter()
+        type_ = request.query_params.get("type") or None
+        job_id = request.query_params.get("job") or None
+        from evo.events.schema import EVENT_TYPES
+
+        return answer({"rows": src.rows(q.events(type_, job_id)),
+                       "types": sorted(EVENT_TYPES)}, t0)
+
+    async def stream(request: Request) -> Response:
+        if live is None:
+            return PlainTextResponse("no relay", status_code=404)
+        queue = live.subscribe()
+
+        async def feed():  # noqa: ANN202
+            try:
+                yield b"retry: 1000\n\n"
+                while True:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), 15.0)
+                    except asyncio.TimeoutError:
+                        yield b": keep-alive\n\n"  # and a gone page is noticed
+                        continue
+                    yield b"data: " + _encoder.encode(item) + b"\n\n"
+            finally:
+                live.unsubscribe(queue)
+
+        return StreamingResponse(feed(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    async def plotly(request: Request) -> FileResponse:
+        return FileResponse(plotly_js(), media_type="text/javascript",
+                            headers={"Cache-Control": "max-age=86400"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):  # noqa: ANN202
+        if live is not None:
+            live.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            if live is not None:
+                live.stop.set()
+
+    routes = [
+        Route("/", page("overview")),
+        Route("/jobs", page("jobs")),
+        Route("/jobs/{job_id}", page("job")),
+        Route("/sweeps", page("sweeps")),
+        Route("/sweeps/{sweep_id}", page("sweep")),
+        Route("/events", page("events")),
+        Route("/api/overview", overview),
+        Route("/api/jobs", jobs),
+        Route("/api/jobs/{job_id}", job),
+        Route("/api/sweeps", sweeps),
+        Route("/api/sweeps/{sweep_id}", sweep),
+        Route("/api/curves", curves),
+        Route("/api/events", events),
+        Route("/api/stream", stream),
+        Route("/static/plotly.min.js", plotly),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    middleware = [Middleware(TokenGate, token=token)] if token else []
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _tail(src: Source, job_id: str, size: int = 16_384) -> dict[str, Any]:
+    """The last ``size`` bytes of the job's stdout and stderr, as the broker stores them."""
+    from evo.errors import EvoError
+
+    out: dict[str, Any] = {}
+    for stream in ("stdout", "stderr"):
+        try:
+            c = src.client()
+            head = c.logs(job_id, stream=stream, limit=0)
+            chunk = c.logs(job_id, stream=stream, offset=max(head.size - size, 0), limit=size)
+            out[stream] = chunk.data.decode("utf-8", "replace")
+        except EvoError:
+            out[stream] = ""
+    return out
+
+
+class TokenGate:
+    """Off loopback the page asks for its token: ``?token=`` once (then a cookie). Plain
+    ASGI, so the event stream passes through it unbuffered."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        offered = request.query_params.get("token")
+        given = offered or request.cookies.get("evo_token") or ""
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            await PlainTextResponse("evo ui: this page needs its token (?token=...)",
+                                    status_code=403)(scope, receive, send)
+            return
+        if not offered:
+            await self.app(scope, receive, send)
+            return
+
+        async def with_cookie(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                cookie = f"evo_token={self.token}; HttpOnly; SameSite=Strict; Path=/"
+                message = {**message, "headers": [*message.get("headers", []),
+                                                   (b"set-cookie", cookie.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, with_cookie)
