@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test check bench clean netns-tools slurm-tools
+.PHONY: install demo test check bench clean netns-tools slurm-tools browser-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,13 @@ slurm-tools:
 		&& command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq slurmctld slurmd slurm-client munge) >/dev/null 2>&1; } || true
 
-test: $(STAMP) netns-tools slurm-tools
+# The web page's tests drive a headless chromium through chromedriver: installed likewise.
+browser-tools:
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || { [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1; } || true
+
+test: $(STAMP) netns-tools slurm-tools browser-tools
 	$(BIN)/python -m pytest -q
 
 # the type checker over the whole package (configured in pyproject.toml): zero errors

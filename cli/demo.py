@@ -105,6 +105,8 @@ def main() -> None:
         evo("replay", "--verify")
         print(f"\ndone in {time.monotonic() - t0:.0f}s; explore with: "
               f"EVO_HOME={HOME} .venv/bin/evo sql \"SELECT * FROM leaderboard WHERE metric = 'auc'\"")
+        print(f"or in a browser (http://127.0.0.1:8765/; Ctrl-C stops both): "
+              f"(export EVO_HOME={HOME}; .venv/bin/evo broker & .venv/bin/evo ui; kill %1)")
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
