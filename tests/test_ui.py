@@ -211,6 +211,15 @@ def test_the_parallel_coordinates_filter_changes_what_is_drawn(stack, browser, t
         best3 = {r["job_id"] for r in c.sql(
             "SELECT job_id FROM leaderboard WHERE sweep_id = ? AND rank <= 3", [sid]).to_pylist()}
     assert drawn == best3
+    # the report's files, written on asking and linked
+    js(browser, "document.getElementById('report').click()")
+    links = "[...document.querySelectorAll('#reportfiles a')].map(a => a.href)"
+    wait_until(lambda: any(h.endswith("/comparison.csv") for h in js(browser, links)), 60,
+               "links to the report's files")
+    csv = next(h for h in js(browser, links) if h.endswith("/comparison.csv"))
+    with urllib.request.urlopen(csv, timeout=10) as r:
+        table = r.read().decode()
+    assert all(j in table for j in best3)
 
 
 def test_a_job_page_shows_its_curves_and_output(stack, browser, tmp_path):

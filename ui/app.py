@@ -189,6 +189,40 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
                                     else f"evo sql \"SELECT * FROM leaderboard WHERE sweep_id = '{sweep_id}'\""]},
                       t0)
 
+    from evo.home import evo_home
+
+    reports = Path(evo_home(home)) / "ui" / "reports"
+    writing = threading.Lock()
+
+    def report(request: Request) -> Response:
+        """The sweep's report (`evo report`'s files), written on first asking into
+        EVO_HOME/ui/reports/<sweep>-<its finished count>, so a sweep that moved on gets a new
+        one; the answer lists the files, served under /reports/."""
+        t0 = time.perf_counter()
+        from evo.errors import EvoError
+        from evo.trainers.report import write_report
+
+        sweep_id = request.path_params["sweep_id"]
+        row = src.one(q.sweep(sweep_id))
+        if row is None:
+            return answer({"error": f"no sweep {sweep_id!r}"}, t0)
+        done = sum(row.get(k) or 0 for k in ("completed", "failed", "cancelled", "pruned"))
+        folder = reports / f"{sweep_id}-{done}"
+        notes: list[str] = []
+        with writing:  # one report at a time: each takes seconds of matplotlib
+            if not (folder / ".done").exists():
+                try:
+                    _, notes = write_report(sweep_id, lambda sql, ps=(): src.client().sql(sql, ps),
+                                            folder)
+                except EvoError as exc:
+                    return answer({"error": str(exc)}, t0)
+                (folder / ".done").write_text("\n".join(notes))
+            else:
+                notes = [n for n in (folder / ".done").read_text().splitlines() if n]
+        files = sorted(str(f.relative_to(reports)) for f in folder.rglob("*")
+                       if f.is_file() and f.name != ".done")
+        return answer({"files": [f"/reports/{f}" for f in files], "notes": notes}, t0)
+
     def curves(request: Request) -> Response:
         t0 = time.perf_counter()
         ids = [j for j in (request.query_params.get("jobs") or "").split(",") if j][:50]
@@ -250,12 +284,14 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         Route("/api/jobs/{job_id}", job),
         Route("/api/sweeps", sweeps),
         Route("/api/sweeps/{sweep_id}", sweep),
+        Route("/api/sweeps/{sweep_id}/report", report),
         Route("/api/curves", curves),
         Route("/api/events", events),
         Route("/api/stream", stream),
         Route("/static/plotly.min.js", plotly),
         Route("/favicon.ico", lambda request: Response(status_code=204)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        Mount("/reports", StaticFiles(directory=reports, check_dir=False), name="reports"),
     ]
     middleware = [Middleware(TokenGate, token=token)] if token else []
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

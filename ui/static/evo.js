@@ -249,6 +249,7 @@ pages.sweep = async () => {
     const form = document.getElementById("pcform");
     form.addEventListener("change", () => pages.sweep());
     form.addEventListener("submit", e => { e.preventDefault(); pages.sweep(); });
+    document.getElementById("report").onclick = writeReport;
   }
   const d = await api(`/api/sweeps/${encodeURIComponent(SWEEP)}?top=${Number(top.value) || 50}`);
   if (d.error) { document.getElementById("name").textContent = d.error; return; }
@@ -277,6 +278,14 @@ pages.sweep = async () => {
   document.getElementById("commands").textContent = d.commands.join("\n");
   await drawTicked();
 };
+async function writeReport() {
+  const note = document.getElementById("reportnote");
+  note.textContent = "writing...";
+  const d = await api(`/api/sweeps/${encodeURIComponent(SWEEP)}/report`);
+  note.textContent = d.error || (d.notes || []).join("; ");
+  document.getElementById("reportfiles").replaceChildren(...(d.files || []).map(f =>
+    el("li", {}, link(f, f.split("/").slice(3).join("/")))));
+}
 async function drawTicked() {
   const ids = [...ticked];
   const d = ids.length ? await api("/api/curves?jobs=" + ids.map(encodeURIComponent).join(",")) : {curves: []};
