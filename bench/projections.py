@@ -37,16 +37,18 @@ from evo.broker.history import generate  # noqa: E402
 from evo.projections.store import CATCH_UP_BATCH, Projection, replay  # noqa: E402
 
 
-def history(n: int, util_every: int = 1) -> list[bytes]:
+def history(n: int, util_every: int = 1, first_sweep: int = 0) -> list[bytes]:
     import hashlib
 
     made_by = hashlib.sha256((ROOT / "broker" / "history.py").read_bytes()).hexdigest()[:12]
-    every = f"-u{util_every}" if util_every != 1 else ""
+    every = (f"-u{util_every}" if util_every != 1 else "") + (
+        f"-s{first_sweep}" if first_sweep else "")
     cache = ROOT / "bench" / "out" / f"history-{n}{every}-{made_by}.pkl"  # a new generator, anew
     if cache.exists():
         return pickle.loads(cache.read_bytes())
     t0 = time.perf_counter()
-    raws = [encode(e) for e in generate(n, seed=1, util_every=util_every)]
+    raws = [encode(e) for e in generate(n, seed=1, util_every=util_every,
+                                        first_sweep=first_sweep)]
     print(f"generated {len(raws):,} events with the Desk in {time.perf_counter() - t0:.1f} s")
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(pickle.dumps(raws))

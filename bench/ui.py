@@ -41,7 +41,8 @@ EVO = [sys.executable, "-m", "evo.cli.app"]
 TARGET_MS = 200.0
 
 
-def pages(sweep_id: str, job_id: str, metric: str) -> dict[str, tuple[str, list[q.Q]]]:
+def pages(sweep_id: str, big: str, job_id: str, metric: str
+          ) -> dict[str, tuple[str, list[q.Q]]]:
     """Each page: its route, and the queries its handler runs (ui/app.py)."""
     none = {k: None for k in q.FILTERS}
     done = {**none, "state": "completed"}
@@ -58,6 +59,14 @@ def pages(sweep_id: str, job_id: str, metric: str) -> dict[str, tuple[str, list[
                                               q.ranked(sweep_id, metric),
                                               q.convergence(sweep_id, metric),
                                               q.pruned_by_rung(sweep_id)]),
+        "sweep of 10,000 trials, top 50": (
+            f"/api/sweeps/{big}", [q.sweep(big), q.leaderboard(big, metric, 50),
+                                   q.ranked(big, metric), q.convergence(big, metric),
+                                   q.pruned_by_rung(big)]),
+        "the same, top 1,000": (
+            f"/api/sweeps/{big}?top=1000", [q.sweep(big), q.leaderboard(big, metric, 1000),
+                                            q.ranked(big, metric), q.convergence(big, metric),
+                                            q.pruned_by_rung(big)]),
         "events": ("/api/events", [q.events()]),
         "events, Progress": ("/api/events?type=Progress", [q.events("Progress")]),
     }
@@ -77,8 +86,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--big-sweep", type=int, default=10_000,
+                    help="the history's first sweep has this many trials (the sweep page's worst case)")
     a = ap.parse_args()
-    raws = history(max(a.events, 1_000_000), 4)[:a.events]
+    raws = history(max(a.events, 1_000_000), 4, first_sweep=a.big_sweep)[:a.events]
     home = Path(tempfile.mkdtemp(prefix="ui-", dir=ROOT / "bench" / "out"))
     ui = None
     try:
@@ -91,14 +102,18 @@ def main() -> None:
         took = caught_up(b, len(raws))
         with Client(b.address, timeout_s=600) as c:
             n_jobs = c.sql("SELECT count(*) AS n FROM jobs").to_pylist()[0]["n"]
-            # the sweep with the most ranked trials, and a job of it with progress reports
-            sweep_id, metric = c.sql(
-                "SELECT sweep_id, metric FROM leaderboard GROUP BY ALL ORDER BY count(*) DESC, "
-                "sweep_id LIMIT 1").to_pylist()[0].values()
+            # the sweep with the most ranked trials, one of the usual size, and the job
+            # with the most progress reports
+            big, metric, n_big = c.sql(
+                "SELECT sweep_id, metric, count(*) FROM leaderboard GROUP BY ALL "
+                "ORDER BY count(*) DESC, sweep_id LIMIT 1").to_pylist()[0].values()
+            sweep_id = c.sql("SELECT sweep_id FROM sweeps WHERE jobs < 100 ORDER BY sweep_id "
+                             "LIMIT 1").to_pylist()[0]["sweep_id"]
             job_id = c.sql("SELECT job_id FROM metrics WHERE kind = 'progress' GROUP BY job_id "
                            "ORDER BY count(*) DESC, job_id LIMIT 1").to_pylist()[0]["job_id"]
         print(f"{len(raws):,} events, {n_jobs:,} jobs; the broker's projection caught up in "
-              f"{took:.1f} s; sweep {sweep_id} ({metric}), job {job_id}", flush=True)
+              f"{took:.1f} s; sweeps {sweep_id} and {big} ({n_big:,} ranked trials), job "
+              f"{job_id}", flush=True)
         port = 8700 + os.getpid() % 200
         env = {**os.environ, "EVO_HOME": str(home)}
         env.pop("EVO_BROKER", None)
@@ -108,7 +123,7 @@ def main() -> None:
         line = ui.stderr.readline().decode()
         assert "evo ui:" in line, line
         base = f"http://127.0.0.1:{port}"
-        plan = pages(sweep_id, job_id, metric)
+        plan = pages(sweep_id, big, job_id, metric)
         served: dict[str, tuple[float, float]] = {}
         for name, (route, _) in plan.items():
             get(base + route)  # once unmeasured: the server's first client and imports

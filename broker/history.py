@@ -25,9 +25,10 @@ MODELS = ["GLM", "RandomForest", "XGBoost", "MLP"]
 
 
 def generate(n_events: int, seed: int = 0, sweep_size: int = 24,
-             util_every: int = 1) -> list[Event]:
+             util_every: int = 1, first_sweep: int = 0) -> list[Event]:
     """``util_every`` k: a node's heartbeat carries a utilization sample every k-th round
-    (samples are most of a history's events; fewer of them, more jobs per event)."""
+    (samples are most of a history's events; fewer of them, more jobs per event).
+    ``first_sweep`` N: the first sweep has N jobs (its trials run beside the later sweeps')."""
     rng = random.Random(seed)
     rounds = 0
     desk = Desk()
@@ -52,7 +53,7 @@ def generate(n_events: int, seed: int = 0, sweep_size: int = 24,
                         seed=i, priority=rng.choice([0, 0, 0, 1]),
                         resources=Resources(cpus=1, gpus=1 if model == "XGBoost" else 0,
                                             vram_gb=2.0 if model == "XGBoost" else 0.0))
-                for i in range(sweep_size)]
+                for i in range(first_sweep if sweeps == 1 and first_sweep else sweep_size)]
         accepted = run(p.SubmitSweep(name=f"{model.lower()}-grid", jobs=jobs,
                                      spec={"model_type": model, "metric": "auc"}))
         assert isinstance(accepted, p.SweepAccepted), accepted

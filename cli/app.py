@@ -351,6 +351,11 @@ def ui(port: int = typer.Option(8765, "--port", help="the page's port (0: a free
         raise BadInput(f"--bind: {bind!r} is not an address of this machine") from None
     if not loopback and not token:
         token = secrets.token_urlsafe(18)
+    from evo.ui.app import LOOPBACK, TOKEN_CHARS
+
+    if token is not None and (not token or not set(token) <= TOKEN_CHARS):
+        raise BadInput("--token: use letters, digits, '-' and '_' only (it goes in a URL and "
+                       "a cookie)")
     if not 0 <= port <= 65535:
         raise BadInput(f"--port: {port} is not a port (0-65535)")
     with _client(broker) as c:  # no broker: said now, in one line, not by the page
@@ -360,7 +365,9 @@ def ui(port: int = typer.Option(8765, "--port", help="the page's port (0: a free
 
     from evo.ui.app import make_app
 
-    app_ = make_app(address, token=token)
+    # on loopback, only loopback's names (another site's name pointed at 127.0.0.1 is
+    # refused); elsewhere the token guards the page, under whatever name reaches it
+    app_ = make_app(address, token=token, hosts=LOOPBACK if loopback else ["*"])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -6,7 +6,10 @@ Set EVO_UI_SCREENSHOT=FILE to keep the sweep page's screenshot (the README's).""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -58,6 +61,9 @@ def browser():
         driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
     except Exception as exc:  # noqa: BLE001 - the reason is the skip's
         pytest.skip(f"chromium did not start: {str(exc).splitlines()[0]}")
+    # a deadline for every page: pages left behind that keep their event streams open would
+    # use up the browser's six connections to the host, and the next page would wait for one
+    driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
 
@@ -176,7 +182,11 @@ def test_a_lost_node_shows_as_lost(stack, browser):
         def state_of_ghost() -> str:
             return next((r[1] for r in rows(browser, "#nodes") if r[0] == "ghost"), "")
 
-        wait_until(lambda: state_of_ghost() == "alive", 30, "the new node, alive")
+        def beating_and_alive() -> bool:  # heartbeats until the page has shown it alive
+            c.request(p.Heartbeat(node="ghost"))
+            return state_of_ghost() == "alive"
+
+        wait_until(beating_and_alive, 30, "the new node, alive", every=0.2)
         loaded = js(browser, "window.evoLoadedAt")
         # it sends no heartbeat: the broker declares it lost, and the page says so by itself
         wait_until(lambda: state_of_ghost() == "lost", 60, "the node shown as lost")
@@ -216,10 +226,10 @@ def test_the_parallel_coordinates_filter_changes_what_is_drawn(stack, browser, t
     links = "[...document.querySelectorAll('#reportfiles a')].map(a => a.href)"
     wait_until(lambda: any(h.endswith("/comparison.csv") for h in js(browser, links)), 60,
                "links to the report's files")
-    csv = next(h for h in js(browser, links) if h.endswith("/comparison.csv"))
-    with urllib.request.urlopen(csv, timeout=10) as r:
-        table = r.read().decode()
-    assert all(j in table for j in best3)
+    href = next(h for h in js(browser, links) if h.endswith("/comparison.csv"))
+    with urllib.request.urlopen(href, timeout=10) as r:
+        table = list(csv.DictReader(io.StringIO(r.read().decode())))
+    assert best3 <= {row["job_id"] for row in table}
 
 
 def test_a_job_page_shows_its_curves_and_output(stack, browser, tmp_path):
@@ -249,13 +259,24 @@ def test_a_job_page_shows_its_curves_and_output(stack, browser, tmp_path):
 
 
 def test_the_jobs_list_filters_and_pages_on_the_server(stack, browser):
-    browser.get(stack.url + "/jobs?state=completed")
-    wait_until(lambda: "of" in text(browser, "range"), 30, "the list")
     with Client(stack.broker.address) as c:
-        n = c.sql("SELECT count(*) AS n FROM jobs WHERE state = 'completed'").to_pylist()[0]["n"]
-    assert text(browser, "range").endswith(f"of {n}")
-    states = {r[4] for r in rows(browser, "#jobs")}
-    assert states == {"completed"}
+        for i in range(7):  # enough for three pages of three, whatever ran before
+            c.submit([PY, "-c", "pass"], name=f"paged-{i}")
+        wait_until(lambda: c.sql("SELECT count(*) AS n FROM jobs WHERE state <> 'completed'"
+                                 ).to_pylist()[0]["n"] == 0, 60, "every job completed")
+        ids = [r["job_id"] for r in c.sql("SELECT job_id FROM jobs WHERE state = 'completed' "
+                                          "ORDER BY submitted_seq DESC").to_pylist()]
+    browser.get(stack.url + "/jobs?state=completed&size=3")
+    wait_until(lambda: text(browser, "range") == f"1-3 of {len(ids)}", 30, "the first page")
+    assert [r[0] for r in rows(browser, "#jobs")] == ids[:3]  # newest first
+    js(browser, "document.getElementById('next').click()")
+    wait_until(lambda: text(browser, "range") == f"4-6 of {len(ids)}", 30, "the second page")
+    assert [r[0] for r in rows(browser, "#jobs")] == ids[3:6]
+    assert {r[4] for r in rows(browser, "#jobs")} == {"completed"}
+    # a filter that matches nothing: an empty page, said so
+    browser.get(stack.url + "/jobs?state=failed")
+    wait_until(lambda: text(browser, "range") == "0-0 of 0", 30, "no failed jobs")
+    assert rows(browser, "#jobs") == []
 
 
 def test_events_page_tails_live_and_the_assets_are_local(stack, browser):
@@ -268,7 +289,7 @@ def test_events_page_tails_live_and_the_assets_are_local(stack, browser):
         job = c.submit([PY, "-c", "print(1)"])
     wait_until(lambda: any(job in r for r in js(browser, new)), 30,
                "the new job's events on the page")
-    assert len(js(browser, new)) > before
+    assert before == 0  # what is marked new came by the stream, after the page loaded
     # every script and stylesheet comes from the page's own server (no CDN)
     srcs = js(browser, "[...document.querySelectorAll('script[src], link[href]')]"
                        ".map(e => e.src || e.href)")
@@ -290,15 +311,52 @@ def test_off_loopback_the_page_needs_its_token(stack):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             start_new_session=True)
     try:
+        assert select.select([proc.stderr], [], [], 30)[0], "evo ui printed nothing"
         line = proc.stderr.readline().decode()
         assert "?token=" in line, line
         token = line.split("?token=")[1].split()[0]
-        base = f"http://127.0.0.1:{port}/api/sweeps"
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(base, timeout=10)
-        assert refused.value.code == 403
-        with urllib.request.urlopen(f"{base}?token={token}", timeout=10) as r:
+        base = f"http://127.0.0.1:{port}"
+        for path in ("/api/sweeps", "/api/stream", f"/api/sweeps?token={token}x", "/"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert refused.value.code == 403, path
+        with urllib.request.urlopen(f"{base}/api/sweeps?token={token}", timeout=10) as r:
             assert r.status == 200
+            cookie = r.headers["Set-Cookie"].split(";")[0]
+        assert cookie == f"evo_token_{port}={token}"
+        with urllib.request.urlopen(urllib.request.Request(
+                base + "/api/sweeps", headers={"Cookie": cookie}), timeout=10) as r:
+            assert r.status == 200  # the cookie alone, from then on
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict]:
+    import json
+
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+
+
+def test_routes_clamp_pages_and_refuse_other_sites(stack):
+    """Without a browser: the JSON routes as any client sees them."""
+    status, first = _get(stack.url + "/api/jobs?page=-5&size=2")
+    assert status == 200 and first["page"] == 0 and len(first["rows"]) == 2
+    status, last = _get(stack.url + "/api/jobs?page=999999&size=2")
+    assert last["page"] == (last["total"] - 1) // 2 and 1 <= len(last["rows"]) <= 2
+    assert _get(stack.url + "/api/sweeps/nope")[1] == {"error": "no sweep 'nope'"}
+    # another site's name pointed at 127.0.0.1 (DNS rebinding) gets nothing
+    assert _get(stack.url + "/api/jobs", {"Host": "evil.example"})[0] == 400
+    # the report is written only for the page's own POST
+    sweep_id = _get(stack.url + "/api/sweeps")[1]["rows"][0]["sweep_id"]
+    route = f"{stack.url}/api/sweeps/{sweep_id}/report"
+    assert _get(route)[0] == 405
+    assert _get(route, {"Origin": "http://evil.example"}, "POST")[0] == 403
+    assert _get(route, {"Sec-Fetch-Site": "cross-site"}, "POST")[0] == 403
+    status, made = _get(route, {"Origin": stack.url}, "POST")
+    assert status == 200 and any(f.endswith("/comparison.csv") for f in made["files"])

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from .live import Relay
 
 HERE = Path(__file__).resolve().parent
 COMMANDS_SHOWN = ("why", "logs", "retry", "cancel")
+LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]"]
+TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def plotly_js() -> Path:
@@ -47,6 +50,8 @@ class Source:
     def __init__(self, broker: str | None, home: Any = None) -> None:
         self.broker, self.home = broker, home
         self.local = threading.local()
+        self.made: list[Any] = []  # every thread's client, closed with the app
+        self.lock = threading.Lock()
 
     def client(self):  # noqa: ANN201
         c = getattr(self.local, "client", None)
@@ -54,11 +59,22 @@ class Source:
             from evo.client import Client
 
             c = self.local.client = Client(self.broker, home=self.home, timeout_s=10)
+            with self.lock:
+                self.made.append(c)
         return c
 
+    def close(self) -> None:
+        with self.lock:
+            for c in self.made:
+                c.close()
+            self.made.clear()
+
     def rows(self, query: q.Q) -> list[dict[str, Any]]:
+        from evo.projections.files import from_ipc
+
         sql, params = query
-        return self.client().sql(sql, params).to_pylist()
+        # a page waits 15 s at most: a query's own limit (300 s) is for `evo sql`
+        return from_ipc(self.client().query(sql, params, timeout_s=15).arrow).to_pylist()
 
     def one(self, query: q.Q) -> dict[str, Any] | None:
         rows = self.rows(query)
@@ -78,14 +94,16 @@ def _json(value: Any) -> Any:
 _encoder = msgspec.json.Encoder()
 
 
-def answer(data: Any, started: float) -> Response:
+def answer(data: Any, started: float, status: int = 200) -> Response:
     ms = (time.perf_counter() - started) * 1000
-    return Response(_encoder.encode(data), media_type="application/json",
+    return Response(_encoder.encode(data), status_code=status, media_type="application/json",
                     headers={"Server-Timing": f"app;dur={ms:.1f}", "Cache-Control": "no-store"})
 
 
 def make_app(broker: str | None = None, home: Any = None, token: str | None = None,
-             relay: bool = True) -> Starlette:
+             relay: bool = True, hosts: list[str] | None = None) -> Starlette:
+    """``hosts``: the Host headers served (default loopback's names: a page on another site
+    that points its own name at 127.0.0.1 is refused); ``token``: asked of every request."""
     src = Source(broker, home)
     live = Relay(broker, home) if relay else None
     env = Environment(loader=FileSystemLoader(HERE / "templates"),
@@ -125,14 +143,15 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
     def jobs(request: Request) -> Response:
         t0 = time.perf_counter()
         filters = {k: request.query_params.get(k) or None for k in q.FILTERS}
-        page_no = _int(request.query_params.get("page"), 0)
-        rows = src.rows(q.jobs_page(filters, page_no))
+        size = max(1, min(_int(request.query_params.get("size"), q.PAGE), 500))
         total = (src.one(q.jobs_total(filters)) or {}).get("n", 0)
+        page_no = max(0, min(_int(request.query_params.get("page"), 0), (total - 1) // size))
+        rows = src.rows(q.jobs_page(filters, page_no, size))
         options: dict[str, list] = {k: [] for k in q.FILTERS}
         for r in src.rows(q.choices()):
             if r["v"] is not None:
                 options[r["k"]].append(r["v"])
-        return answer({"rows": rows, "total": total, "page": page_no, "size": q.PAGE,
+        return answer({"rows": rows, "total": total, "page": page_no, "size": size,
                        "filters": filters, "options": options}, t0)
 
     def job(request: Request) -> Response:
@@ -147,11 +166,12 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         for a in tries:
             a["devices"], a["env"] = _json(a["devices"]), _json(a["env"])
         spec = row.get("spec") or {}
-        commands = [f"evo {verb} {job_id}" for verb in COMMANDS_SHOWN]
+        quoted = shlex.quote(job_id)
+        commands = [f"evo {verb} {quoted}" for verb in COMMANDS_SHOWN]
         if row.get("state") == "completed":
-            commands.append(f"evo audit {job_id}")
+            commands.append(f"evo audit {quoted}")
         if row.get("sweep_id"):
-            commands.append(f"evo leaderboard {row['sweep_id']}")
+            commands.append(f"evo leaderboard {shlex.quote(row['sweep_id'])}")
         return answer({"job": row, "attempts": tries, "curves": src.rows(q.curves([job_id])),
                        "checkpoints": src.rows(q.checkpoints(job_id)),
                        "output": _tail(src, job_id),
@@ -171,22 +191,29 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         if row is None:
             return answer({"error": f"no sweep {sweep_id!r}"}, t0)
         spec = _json(row.pop("spec")) or {}
-        metric = request.query_params.get("metric") or spec.get("metric") or ""
+        # the broker's default metric when the sweep names none (broker/desk.py)
+        metric = request.query_params.get("metric") or spec.get("metric") or "auc"
         top = max(1, min(_int(request.query_params.get("top"), 50), 10_000))
         board = src.rows(q.leaderboard(sweep_id, metric, top)) if metric else []
         for r in board:
             r["params"] = _json(r["params"]) or {}
         ranked = (src.one(q.ranked(sweep_id, metric)) or {}).get("n", 0) if metric else 0
+        from evo.direction import mode_in_sweep
+
+        sid = shlex.quote(sweep_id)
+        literal = sweep_id.replace("'", "''")
         return answer({"sweep": row, "metric": metric, "mode": spec.get("mode"),
+                       "lower_is_better": mode_in_sweep(metric, spec) == "min",
                        "method": spec.get("method") or "grid", "space": spec.get("space") or {},
                        "pruner": spec.get("pruner"),
                        "leaderboard": board, "ranked": ranked, "top": top,
                        "convergence": src.rows(q.convergence(sweep_id, metric)) if metric else [],
                        "pruned": src.rows(q.pruned_by_rung(sweep_id)),
-                       "commands": [f"evo leaderboard {sweep_id}",
-                                    f"evo report {sweep_id} --out report-{sweep_id}",
-                                    f"evo audit {sweep_id}" if spec.get("method") == "tpe"
-                                    else f"evo sql \"SELECT * FROM leaderboard WHERE sweep_id = '{sweep_id}'\""]},
+                       "commands": [f"evo leaderboard {sid}",
+                                    f"evo report {sid} --out {shlex.quote('report-' + sweep_id)}",
+                                    f"evo audit {sid}" if spec.get("method") == "tpe"
+                                    else "evo sql " + shlex.quote(
+                                        f"SELECT * FROM leaderboard WHERE sweep_id = '{literal}'")]},
                       t0)
 
     from evo.home import evo_home
@@ -201,6 +228,10 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         t0 = time.perf_counter()
         from evo.errors import EvoError
         from evo.trainers.report import write_report
+
+        if not _same_origin(request):  # it writes files: only this page's own button
+            return answer({"error": "the report is written for this page's own requests"}, t0,
+                          status=403)
 
         sweep_id = request.path_params["sweep_id"]
         row = src.one(q.sweep(sweep_id))
@@ -240,9 +271,10 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
     async def stream(request: Request) -> Response:
         if live is None:
             return PlainTextResponse("no relay", status_code=404)
-        queue = live.subscribe()
+        relay_ = live
 
         async def feed():  # noqa: ANN202
+            queue = relay_.subscribe()  # here, so whatever ends the stream unsubscribes it
             try:
                 yield b"retry: 1000\n\n"
                 while True:
@@ -253,7 +285,7 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
                         continue
                     yield b"data: " + _encoder.encode(item) + b"\n\n"
             finally:
-                live.unsubscribe(queue)
+                relay_.unsubscribe(queue)
 
         return StreamingResponse(feed(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
@@ -271,6 +303,7 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         finally:
             if live is not None:
                 live.stop.set()
+            src.close()
 
     routes = [
         Route("/", page("overview")),
@@ -284,7 +317,7 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         Route("/api/jobs/{job_id}", job),
         Route("/api/sweeps", sweeps),
         Route("/api/sweeps/{sweep_id}", sweep),
-        Route("/api/sweeps/{sweep_id}/report", report),
+        Route("/api/sweeps/{sweep_id}/report", report, methods=["POST"]),
         Route("/api/curves", curves),
         Route("/api/events", events),
         Route("/api/stream", stream),
@@ -293,8 +326,22 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         Mount("/reports", StaticFiles(directory=reports, check_dir=False), name="reports"),
     ]
-    middleware = [Middleware(TokenGate, token=token)] if token else []
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts or LOOPBACK)]
+    if token:
+        middleware.append(Middleware(TokenGate, token=token))
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+
+def _same_origin(request: Request) -> bool:
+    """A request the page's own script made: a browser names the origin of a cross-site POST
+    (Origin, Sec-Fetch-Site), and a form on another site cannot hide it."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or origin.split("://", 1)[-1] == request.headers.get("host", "")
 
 
 def _int(value: str | None, default: int) -> int:
@@ -328,12 +375,16 @@ class TokenGate:
         self.app, self.token = app, token
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
+        if scope["type"] != "http":  # nothing else is served
+            return
         request = Request(scope)
+        port = (scope.get("server") or ("", 0))[1]
+        name = f"evo_token_{port}"  # cookies are not kept per port: one per `evo ui`
         offered = request.query_params.get("token")
-        given = offered or request.cookies.get("evo_token") or ""
+        given = offered or request.cookies.get(name) or ""
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             await PlainTextResponse("evo ui: this page needs its token (?token=...)",
                                     status_code=403)(scope, receive, send)
@@ -344,7 +395,7 @@ class TokenGate:
 
         async def with_cookie(message: Any) -> None:
             if message["type"] == "http.response.start":
-                cookie = f"evo_token={self.token}; HttpOnly; SameSite=Strict; Path=/"
+                cookie = f"{name}={self.token}; HttpOnly; SameSite=Strict; Path=/"
                 message = {**message, "headers": [*message.get("headers", []),
                                                    (b"set-cookie", cookie.encode())]}
             await send(message)

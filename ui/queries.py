@@ -78,7 +78,8 @@ def jobs_total(filters: dict[str, str | None]) -> Q:
 
 
 def choices() -> Q:
-    """The values each filter can take (few: states, sweeps, nodes, model types)."""
+    """The values each filter can take: states, sweeps, nodes, model types (a few thousand
+    sweeps at most in a long history: small beside a page of jobs)."""
     return ("SELECT 'state' AS k, state AS v FROM (SELECT DISTINCT state FROM jobs) "
             "UNION ALL SELECT 'sweep_id', sweep_id FROM sweeps "
             "UNION ALL SELECT 'node', node FROM nodes "
@@ -101,17 +102,18 @@ def attempts(job_id: str) -> Q:
 
 
 def curves(job_ids: list[str], name: str | None = None) -> Q:
-    """Progress metrics of these jobs, thinned to at most CURVE_POINTS per job and metric."""
+    """Progress metrics of these jobs, per attempt (a retry's steps start again), thinned to
+    about CURVE_POINTS per job, attempt and metric (every k-th point, and the last)."""
     marks = ", ".join("?" for _ in job_ids) or "NULL"
     named = " AND name = ?" if name else ""
     return (f"""
-        WITH m AS (SELECT job_id, name, coalesce(step, epoch) AS step, value, seq,
-                          row_number() OVER (PARTITION BY job_id, name ORDER BY seq) AS i,
-                          count(*) OVER (PARTITION BY job_id, name) AS n
-                   FROM metrics WHERE job_id IN ({marks}) AND kind = 'progress'{named})
-        SELECT job_id, name, step, value FROM m
-        WHERE (i - 1) % greatest(n // ?, 1) = 0 OR i = n
-        ORDER BY job_id, name, seq""",
+        WITH m AS (SELECT job_id, lease_epoch, name, coalesce(step, epoch) AS step, value, seq,
+                          row_number() OVER p AS i, count(*) OVER p AS n
+                   FROM metrics WHERE job_id IN ({marks}) AND kind = 'progress'{named}
+                   WINDOW p AS (PARTITION BY job_id, lease_epoch, name))
+        SELECT job_id, lease_epoch, name, step, value FROM m
+        WHERE (i - 1) % greatest(CAST(ceil(n / ?) AS BIGINT), 1) = 0 OR i = n
+        ORDER BY job_id, lease_epoch, name, seq""",
             [*job_ids, *([name] if name else []), CURVE_POINTS])
 
 

@@ -33,7 +33,8 @@ const link = (href, text) => el("a", {href}, text);
 const jobLink = id => id ? link("/jobs/" + encodeURIComponent(id), id) : "";
 const sweepLink = id => id ? link("/sweeps/" + encodeURIComponent(id), id) : "";
 function when(t) { return t ? new Date(t * 1000).toLocaleString() : ""; }
-function ago(t) { return t ? secs(Date.now() / 1000 - t) + " ago" : ""; }
+let serverNow = null; // the server's clock, when a page has it (the browser's may differ)
+function ago(t) { return t ? secs((serverNow ?? Date.now() / 1000) - t) + " ago" : ""; }
 function secs(s) {
   if (s == null) return "";
   if (s < 90) return s.toFixed(s < 10 ? 1 : 0) + " s";
@@ -57,16 +58,28 @@ function byKey(rows, key) {
 }
 
 // --- live: the relay, with each page's refresh debounced -------------------------------------
-let refresh = () => {}, touches = () => true, timer = null, onEvent = null;
-function schedule() {
-  if (timer) return;
-  timer = setTimeout(async () => { timer = null; try { await refresh(); } catch (e) { console.error(e); } }, 300);
+// One refresh at a time: asked again while one runs, it runs once more after it, so the last
+// answer painted is always for the page's current filters (never an older request's).
+let refresh = async () => {}, touches = () => true, timer = null, onEvent = null;
+let busy = false, again = false;
+async function update() {
+  if (busy) { again = true; return; }
+  busy = true;
+  try {
+    do { again = false; try { await refresh(); } catch (e) { console.error(e); } } while (again);
+  } finally { busy = false; }
+}
+function schedule() { // events come in bursts: at most one refresh a second from them
+  if (!timer) timer = setTimeout(() => { timer = null; update(); }, 1000);
 }
 function connect() {
   const live = document.getElementById("live");
   const src = new EventSource("/api/stream");
   src.onopen = () => { live.textContent = "live"; live.className = "on"; };
   src.onerror = () => { live.textContent = "reconnecting"; live.className = "off"; };
+  // closed when the page goes, so a browser's few connections per host (six) are not held
+  // by pages left behind; a page brought back from the history joins again
+  window.addEventListener("pagehide", () => src.close(), {once: true});
   src.onmessage = m => {
     const ev = JSON.parse(m.data);
     document.getElementById("seq").textContent = "seq " + ev.seq;
@@ -80,6 +93,7 @@ const pages = {};
 
 pages.overview = async () => {
   const d = await api("/api/overview");
+  serverNow = d.now;
   chips("counts", Object.entries(d.counts).sort());
   fill("#nodes", d.nodes, n => [n.node, el("span", {class: "state " + n.state, text: n.state}),
     n.alive ? "" : ago(n.since), n.alive && n.heard_s != null ? secs(n.heard_s) + " ago" : "",
@@ -113,27 +127,32 @@ function formQuery(form, extra) {
 }
 function options(select, values, current) {
   const keep = current ?? select.value;
+  const key = JSON.stringify(values);
+  if (select.dataset.values === key && select.value === (keep || "")) return; // an open list stays open
+  select.dataset.values = key;
   select.replaceChildren(el("option", {value: ""}, "any"), ...values.map(v => el("option", {value: v}, v)));
   if (keep && !values.includes(keep)) select.append(el("option", {value: keep}, keep));
   select.value = keep || "";
 }
 
 let jobsPage = 0;
+const size = Number(new URLSearchParams(location.search).get("size")) || 0; // rows per page
 pages.jobs = async () => {
   const form = pages.jobs.form || (pages.jobs.form = filterForm(f => { jobsPage = 0;
-    history.replaceState(null, "", "?" + formQuery(f)); pages.jobs(); }));
+    history.replaceState(null, "", "?" + formQuery(f, size ? {size} : {})); update(); }));
   if (pages.jobs.first === undefined) {
     pages.jobs.first = true;
-    jobsPage = Number(new URLSearchParams(location.search).get("page") || 0);
+    jobsPage = Math.max(0, Math.floor(Number(new URLSearchParams(location.search).get("page")) || 0));
     const pick = new URLSearchParams(location.search);
     for (const f of form.elements) if (f.name) f.dataset.want = pick.get(f.name) || "";
-    document.getElementById("prev").onclick = () => { if (jobsPage > 0) { jobsPage--; pages.jobs(); } };
-    document.getElementById("next").onclick = () => { jobsPage++; pages.jobs(); };
+    document.getElementById("prev").onclick = () => { if (jobsPage > 0) { jobsPage--; update(); } };
+    document.getElementById("next").onclick = () => { jobsPage++; update(); };
   }
-  const qs = formQuery(form, {page: jobsPage});
+  const qs = formQuery(form, {page: jobsPage, ...(size ? {size} : {})});
   for (const f of form.elements) if (f.name && !f.value && f.dataset.want) qs.set(f.name, f.dataset.want);
   const d = await api("/api/jobs?" + qs);
   for (const f of form.elements) if (f.name) { options(f, d.options[f.name] || [], f.value || f.dataset.want); f.dataset.want = ""; }
+  jobsPage = d.page; // as the server clamped it
   const first = d.total ? d.page * d.size + 1 : 0, last = Math.min((d.page + 1) * d.size, d.total);
   document.getElementById("range").textContent = `${first}-${last} of ${d.total}`;
   document.getElementById("next").disabled = last >= d.total;
@@ -144,9 +163,11 @@ pages.jobs = async () => {
 };
 pages.jobs.touches = ev => ev.job_id != null;
 
-function curveTraces(curves, label) {
-  const out = [];
-  for (const [key, rs] of byKey(curves.map(c => ({...c, key: (label ? c.job_id + " " : "") + c.name})), "key"))
+function curveTraces(curves, label) { // a line per job, metric and attempt (a retry starts over)
+  const out = [], epochs = new Map();
+  for (const c of curves) { const k = c.job_id; if (!epochs.has(k)) epochs.set(k, new Set()); epochs.get(k).add(c.lease_epoch); }
+  const attempt = c => epochs.get(c.job_id).size > 1 ? ` (lease ${c.lease_epoch})` : "";
+  for (const [key, rs] of byKey(curves.map(c => ({...c, key: (label ? c.job_id + " " : "") + c.name + attempt(c)})), "key"))
     out.push({name: key, x: rs.map(r => r.step), y: rs.map(r => r.value), mode: "lines+markers", type: "scatter"});
   return out;
 }
@@ -194,6 +215,7 @@ function axisOf(name, values, space) {
   const numeric = values.every(v => typeof v === "number");
   if (!numeric || Array.isArray(dim) && !dim.every(v => typeof v === "number")) {
     const cats = Array.isArray(dim) ? dim.map(String) : [...new Set(values.map(String))].sort();
+    for (const v of values) if (!cats.includes(String(v))) cats.push(String(v)); // not in the space (edited)
     return {name, kind: "categorical", ticks: cats, pos: v => cats.length < 2 ? 0.5 : cats.indexOf(String(v)) / (cats.length - 1)};
   }
   const log = !!(dim && !Array.isArray(dim) && dim.log);
@@ -204,10 +226,11 @@ function axisOf(name, values, space) {
   const pos = v => b === a ? 0.5 : (f(v) - a) / (b - a);
   const ticks = [];
   if (log) { for (let e = Math.floor(a); e <= Math.ceil(b); e++) { const t = 10 ** e; if (t >= lo * 0.999 && t <= hi * 1.001) ticks.push(t); } }
-  if (ticks.length < 2) ticks.splice(0, ticks.length, ...(log ? [lo, hi] : [0, 1, 2, 3, 4].map(k => lo + (hi - lo) * k / 4)));
+  if (ticks.length < 2) ticks.splice(0, ticks.length, ...(hi === lo ? [lo] : log ? [lo, hi] : [0, 1, 2, 3, 4].map(k => lo + (hi - lo) * k / 4)));
   return {name, kind: log ? "log" : "linear", ticks, pos};
 }
 function parallel(svg, rows, space, metric, lowerBetter) {
+  if (!rows.length) { svg.replaceChildren(); return; } // nothing ranked yet
   const NS = "http://www.w3.org/2000/svg";
   const W = svg.clientWidth || 960, H = svg.clientHeight || 320, top = 30, bottom = 30;
   const names = [...new Set(rows.flatMap(r => Object.keys(r.params)))].filter(n => rows.every(r => n in r.params));
@@ -247,8 +270,8 @@ pages.sweep = async () => {
   if (!pages.sweep.bound) {
     pages.sweep.bound = true;
     const form = document.getElementById("pcform");
-    form.addEventListener("change", () => pages.sweep());
-    form.addEventListener("submit", e => { e.preventDefault(); pages.sweep(); });
+    form.addEventListener("change", () => update());
+    form.addEventListener("submit", e => { e.preventDefault(); update(); });
     document.getElementById("report").onclick = writeReport;
   }
   const d = await api(`/api/sweeps/${encodeURIComponent(SWEEP)}?top=${Number(top.value) || 50}`);
@@ -259,8 +282,7 @@ pages.sweep = async () => {
   chips("progress", [["method", d.method], ["metric", `${d.metric} (${d.mode || "auto"})`],
     ["jobs", s.jobs], ["queued", s.queued], ["running", s.running], ["completed", s.completed],
     ["failed", s.failed], ["pruned", s.pruned || 0]]);
-  const lower = d.leaderboard.length ? d.leaderboard[0].lower_is_better : false;
-  parallel(document.getElementById("pc"), d.leaderboard, d.space, d.metric, lower);
+  parallel(document.getElementById("pc"), d.leaderboard, d.space, d.metric, d.lower_is_better);
   document.getElementById("pcnote").textContent = `${d.leaderboard.length} of ${d.ranked} ranked trials drawn`;
   document.getElementById("pruning").hidden = !d.pruner; // before drawing: it sets the widths
   plot("convergence", [{name: "trial", x: d.convergence.map(r => r.trial), y: d.convergence.map(r => r.value), mode: "markers", type: "scatter", opacity: 0.5},
@@ -281,7 +303,11 @@ pages.sweep = async () => {
 async function writeReport() {
   const note = document.getElementById("reportnote");
   note.textContent = "writing...";
-  const d = await api(`/api/sweeps/${encodeURIComponent(SWEEP)}/report`);
+  let d;
+  try {
+    const r = await fetch(`/api/sweeps/${encodeURIComponent(SWEEP)}/report`, {method: "POST"});
+    d = await r.json();
+  } catch (e) { d = {error: String(e)}; }
   note.textContent = d.error || (d.notes || []).join("; ");
   document.getElementById("reportfiles").replaceChildren(...(d.files || []).map(f =>
     el("li", {}, link(f, f.split("/").slice(3).join("/")))));
@@ -295,7 +321,7 @@ pages.sweep.touches = ev => ev.sweep_id === SWEEP || ev.job_id != null;
 
 pages.events = async () => {
   const form = pages.events.form || (pages.events.form = filterForm(f => {
-    history.replaceState(null, "", "?" + formQuery(f)); pages.events(); }));
+    history.replaceState(null, "", "?" + formQuery(f)); update(); }));
   const want = new URLSearchParams(location.search).get("type") || "";
   const d = await api("/api/events?" + formQuery(form, form.elements.type.value ? {} : (want ? {type: want} : {})));
   options(form.elements.type, d.types, form.elements.type.value || want);
@@ -323,6 +349,7 @@ if (current) {
   refresh = current;
   touches = current.touches || (() => true);
   onEvent = current.onEvent || null;
-  current().catch(e => console.error(e));
+  update();
 }
 connect();
+window.addEventListener("pageshow", e => { if (e.persisted) { connect(); update(); } });
