@@ -367,7 +367,8 @@ def ui(port: int = typer.Option(8765, "--port", help="the page's port (0: a free
 
     # on loopback, only loopback's names (another site's name pointed at 127.0.0.1 is
     # refused); elsewhere the token guards the page, under whatever name reaches it
-    app_ = make_app(address, token=token, hosts=LOOPBACK if loopback else ["*"])
+    # the broker as given (else found anew from EVO_HOME after a restart)
+    app_ = make_app(broker, token=token, hosts=LOOPBACK if loopback else ["*"])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -337,7 +337,7 @@ def _get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[in
 
     req = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=60) as r:  # a broker away: 5 s to say so
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, {}
@@ -360,3 +360,21 @@ def test_routes_clamp_pages_and_refuse_other_sites(stack):
     assert _get(route, {"Sec-Fetch-Site": "cross-site"}, "POST")[0] == 403
     status, made = _get(route, {"Origin": stack.url}, "POST")
     assert status == 200 and any(f.endswith("/comparison.csv") for f in made["files"])
+
+
+def test_the_page_follows_a_broker_that_restarts(stack, browser, tmp_path):
+    """Last in this module: it replaces the stack's broker."""
+    browser.get(stack.url + "/")
+    live = lambda: js(browser, "document.getElementById('live').textContent")  # noqa: E731
+    wait_until(lambda: live() == "live", 30, "the event stream")
+    stack.broker.kill()
+    wait_until(lambda: live() == "broker away", 60, "the page to say the broker is away")
+    assert _get(stack.url + "/api/sweeps")[0] == 503
+    stack.broker = ProcBroker(stack.home)  # a new broker on the same log, at another port
+    wait_until(lambda: live() == "live", 60, "the page to find the new broker")
+    with Client(stack.broker.address) as c:
+        job = c.submit([PY, "-c", "pass"], name="after-restart")
+    browser.get(stack.url + "/events")
+    wait_until(lambda: any(job == r[3] for r in rows(browser, "#events")), 30,
+               "the new broker's events on the page")
+    assert _get(stack.url + "/api/sweeps")[0] == 200

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import shlex
@@ -58,10 +59,21 @@ class Source:
         if c is None:
             from evo.client import Client
 
-            c = self.local.client = Client(self.broker, home=self.home, timeout_s=10)
+            c = self.local.client = Client(self.broker, home=self.home, timeout_s=5)
             with self.lock:
                 self.made.append(c)
         return c
+
+    def drop(self) -> None:
+        """Forget this thread's client (its broker went away): the next request finds the
+        broker again (EVO_BROKER, broker.json), so a restarted broker is served."""
+        c = getattr(self.local, "client", None)
+        if c is not None:
+            self.local.client = None
+            with self.lock:
+                if c in self.made:
+                    self.made.remove(c)
+            c.close()
 
     def close(self) -> None:
         with self.lock:
@@ -98,6 +110,21 @@ def answer(data: Any, started: float, status: int = 200) -> Response:
     ms = (time.perf_counter() - started) * 1000
     return Response(_encoder.encode(data), status_code=status, media_type="application/json",
                     headers={"Server-Timing": f"app;dur={ms:.1f}", "Cache-Control": "no-store"})
+
+
+def guarded(src: Source, handler: Any) -> Any:
+    """A route whose broker may be away: one line of JSON (503) instead of a traceback, and
+    the next request looks for the broker afresh."""
+    from evo.errors import EvoError
+
+    @functools.wraps(handler)
+    def route(request: Request) -> Response:
+        try:
+            return handler(request)
+        except EvoError as exc:
+            src.drop()
+            return answer({"error": f"the broker: {exc}"}, time.perf_counter(), status=503)
+    return route
 
 
 def make_app(broker: str | None = None, home: Any = None, token: str | None = None,
@@ -305,6 +332,8 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
                 live.stop.set()
             src.close()
 
+    overview, jobs, job, sweeps, sweep, report, curves, events = (
+        guarded(src, h) for h in (overview, jobs, job, sweeps, sweep, report, curves, events))
     routes = [
         Route("/", page("overview")),
         Route("/jobs", page("jobs")),

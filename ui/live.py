@@ -52,11 +52,17 @@ class Relay:
     def _follow(self) -> None:
         from evo.client import Client
 
+        away = ""
         while not self.stop.is_set():
             try:
                 with Client(self.broker, home=self.home, timeout_s=5) as c:
-                    if not self.head:
-                        self.head = c.status().last_seq
+                    last = c.status().last_seq
+                    if not self.head or last < self.head:  # a new log: from its head
+                        self.head = last
+                    if away:
+                        log.info("the broker is back at %s", c.address)
+                        self._say({"type": "BrokerBack", "seq": self.head})
+                        away = ""
                     while not self.stop.is_set():  # in rounds, so a stop is seen when quiet
                         for ev in c.follow(self.head + 1, idle_s=0.5,
                                            until=time.monotonic() + 2.0):
@@ -64,5 +70,12 @@ class Relay:
                             if self.loop is not None:
                                 self.loop.call_soon_threadsafe(self._deliver, brief(ev))
             except Exception as exc:  # noqa: BLE001 - the broker away: try again, say so once
-                log.warning("the event relay: %s; trying again", exc)
+                if not away:
+                    log.warning("the event relay: %s; trying again every second", exc)
+                    away = str(exc)
+                    self._say({"type": "BrokerAway", "error": away})
                 self.stop.wait(1.0)
+
+    def _say(self, item: dict[str, Any]) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._deliver, item)

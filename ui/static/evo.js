@@ -82,6 +82,8 @@ function connect() {
   window.addEventListener("pagehide", () => src.close(), {once: true});
   src.onmessage = m => {
     const ev = JSON.parse(m.data);
+    if (ev.type === "BrokerAway") { live.textContent = "broker away"; live.className = "off"; live.title = ev.error; return; }
+    if (ev.type === "BrokerBack") { live.textContent = "live"; live.className = "on"; live.title = ""; update(); return; }
     document.getElementById("seq").textContent = "seq " + ev.seq;
     if (onEvent) onEvent(ev);
     if (touches(ev)) schedule();
