@@ -47,8 +47,7 @@ def pages(sweep_id: str, big: str, job_id: str, metric: str
     none = {k: None for k in q.FILTERS}
     done = {**none, "state": "completed"}
     return {
-        "overview": ("/api/overview", [q.queue(), q.node_summary(), q.cpu_series(),
-                                       q.gpu_series()]),
+        "overview": ("/api/overview", [q.node_summary(), q.cpu_series(), q.gpu_series()]),
         "jobs": ("/api/jobs", [q.jobs_page(none, 0), q.jobs_total(none), q.choices()]),
         "jobs, completed, page 1000": ("/api/jobs?state=completed&page=1000",
                                        [q.jobs_page(done, 1000), q.jobs_total(done), q.choices()]),

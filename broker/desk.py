@@ -683,7 +683,7 @@ class Desk:
     def on_status(self, cmd: p.Status, now: float, cause: str) -> Outcome:
         heard = {n: round(max(self.mono_now - t, 0.0), 1) for n, t in self.last_seen.items()}
         return Outcome(reply=status_of(self.state, cmd.req, now=now, cluster=self.cluster,
-                                       within_s=cmd.within_s, heard=heard))
+                                       within_s=cmd.within_s, heard=heard, order=cmd.order))
 
 
 def _handlers_of(cls: type) -> dict[type, Callable[..., Outcome]]:

@@ -90,6 +90,9 @@ class Status(Command, frozen=True, tag="status"):
     # > 0: also say whether a queued job could start now on a new node whose allocation is
     # this long (`StatusReply.startable`): what a Slurm pilots' keeper asks before submitting
     within_s: Annotated[float, Meta(ge=0, le=10 * 365 * 86400)] = 0.0
+    # > 0: also the first this many queued jobs in the order they will be leased, each with
+    # `evo why`'s reason (`StatusReply.order`: the web page's queue)
+    order: Annotated[int, Meta(ge=0, le=1000)] = 0
 
 
 class Why(Command, frozen=True, tag="why"):
@@ -363,6 +366,7 @@ class StatusReply(Reply, frozen=True, tag="status"):
     failed: list[dict[str, Any]] = []  # the newest jobs that failed for good
     asking: int = 0  # open sweeps that ask for a trial whenever a slot is free (method tpe)
     startable: bool = False  # with Status.within_s: a queued job is runnable and fits that time
+    order: list[dict[str, Any]] = []  # with Status.order: the queue as the scheduler takes it
 
 
 class Explanation(Reply, frozen=True, tag="why"):

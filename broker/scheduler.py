@@ -373,6 +373,24 @@ def _fair_order(state: BrokerState, now: float) -> Iterator[Job]:
             heapq.heappush(heap, (-nxt.spec.priority, running[k], nxt.submitted_seq, i, k, nxt))
 
 
+def next_up(state: BrokerState, now: float, cluster: Cluster, n: int) -> list[tuple[Job, str]]:
+    """The first ``n`` queued jobs in the order leases go out (``_fair_order``: priority, fair
+    share, submission), then those that cannot run now (held, waiting, backing off), each
+    with `evo why`'s words."""
+    out: list[tuple[Job, str]] = []
+    for job in _fair_order(state, now):
+        if len(out) >= n:
+            return out
+        out.append((job, explain(state, job.job_id, now, cluster)))
+    for job_id in state.queue:
+        if len(out) >= n:
+            break
+        job = state.jobs[job_id]
+        if blocked(job, state, now) is not None:
+            out.append((job, explain(state, job_id, now, cluster)))
+    return out
+
+
 def decide(state: BrokerState, node_name: str, now: float, cluster: Cluster,
            max_leases: int | None = None, ahead: int = 0) -> list[GrantLease]:
     """The leases to grant to one node now.

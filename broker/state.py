@@ -159,6 +159,7 @@ class Node:
     running: set[str] = field(default_factory=set)
     last_util: UtilizationSampled | None = None
     drained: bool = False  # takes nothing new (`evo node drain`)
+    drained_at: float = 0.0  # since when, while drained
     gone: str = ""  # "lost" (missed its heartbeats) or "left", while not alive
     gone_at: float = 0.0  # since when
     ends_at: float = 0.0  # when its allocation ends (a Slurm pilot), 0: never
@@ -435,6 +436,7 @@ class BrokerState:
         if old is not None:  # a node that reconnects keeps the jobs it still runs
             node.running = old.running
             node.drained = old.drained  # and a drain: it was asked for the machine, not a run
+            node.drained_at = old.drained_at
         self.nodes[ev.node] = node
 
     def _node_gone(self, ev: NodeLost | NodeLeft) -> None:
@@ -446,6 +448,8 @@ class BrokerState:
     def _drained(self, ev: NodeDrained | NodeResumed) -> None:
         node = self.nodes.get(ev.node)
         if node is not None:
+            if node.drained != (type(ev) is NodeDrained):  # a second drain keeps its start
+                node.drained_at = ev.time if type(ev) is NodeDrained else 0.0
             node.drained = type(ev) is NodeDrained
 
     def _utilization(self, ev: UtilizationSampled) -> None:

@@ -7,7 +7,7 @@ from evo.events.schema import JobSpec
 
 from . import protocol as p
 from .cluster import Cluster
-from .scheduler import blocked, outlasts, waiting_for
+from .scheduler import blocked, next_up, outlasts, waiting_for
 from .state import ACTIVE, BrokerState, Job, Node
 
 
@@ -23,7 +23,8 @@ def startable(state: BrokerState, within_s: float, now: float) -> bool:
 
 def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
               now: float = 0.0, cluster: Cluster | None = None,
-              within_s: float = 0.0, heard: dict[str, float] | None = None) -> p.StatusReply:
+              within_s: float = 0.0, heard: dict[str, float] | None = None,
+              order: int = 0) -> p.StatusReply:
     """Counts, nodes, and the newest jobs running, queued and failed (a lease taken ahead of a
     free slot is queued on its node, not running: it is listed with the queued). A node that
     is gone says since when, and what of the queue waits for it (``waiting_for``); one that is
@@ -33,6 +34,8 @@ def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
         row = {"node": n.node, "alive": n.alive, "labels": n.labels, "slots": n.slots,
                "cpus": n.cpus, "mem_gb": n.mem_gb, "gpus": len(n.gpus), "drained": n.drained,
                "running": sum(not state.jobs[j].ahead for j in n.running)}
+        if n.drained and n.drained_at:
+            row["drained_since"] = n.drained_at
         if heard is not None and n.alive and n.node in heard:
             row["heard_s"] = heard[n.node]
         if n.ends_at and n.alive:
@@ -77,7 +80,12 @@ def status_of(state: BrokerState, req: int = 0, *, limit: int = 50,
                          running=running, queued=queued, failed=failed,
                          asking=sum(state.sweeps[s].spec.get("method") == "tpe"
                                     for s in state.learning),
-                         startable=startable(state, within_s, now) if within_s else False)
+                         startable=startable(state, within_s, now) if within_s else False,
+                         order=[{"job_id": j.job_id, "sweep_id": j.spec.sweep_id,
+                                 "name": _name(j.spec), "priority": j.spec.priority,
+                                 "attempts": j.attempt, "held": j.held, "why": why}
+                                for j, why in next_up(state, now, cluster, order)]
+                         if order and cluster is not None else [])
 
 
 def _last(metrics: dict[str, float], n: int = 2) -> str:

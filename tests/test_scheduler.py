@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from evo.broker.cluster import Cluster, Machine, Rule
-from evo.broker.scheduler import decide, explain, never_fits
+from evo.broker.scheduler import decide, explain, never_fits, next_up
 from evo.broker.state import BrokerState
 from evo.events.schema import (
-    GpuInfo, JobCompleted, JobFailed, JobLeased, JobSpec, JobSubmitted, NodeJoined, NodeLost,
+    GpuInfo, JobCompleted, JobFailed, JobHeld, JobLeased, JobSpec, JobSubmitted, NodeJoined, NodeLost,
     Resources, RetryScheduled,
 )
 
@@ -126,6 +126,25 @@ def test_priority_then_fair_share_between_sweeps():
     got = [g.job_id for g in w.decide("n")]
     assert got[0] == urgent
     assert got[1:] == [a[0], b[0], a[1], b[1], a[2]]
+
+
+def test_next_up_is_the_order_leases_go_out_in_then_what_cannot_run_with_why():
+    w = World()
+    w.node("n", [], cpus=100, mem=100, slots=6)
+    a = [w.job(sweep="A") for _ in range(3)]
+    b = [w.job(sweep="B") for _ in range(2)]
+    held = w.job(prio=5)
+    w.emit(JobHeld, job_id=held)
+    urgent = w.job(prio=10)
+    up = next_up(w.state, w.t, CLUSTER, 10)
+    order = [j.job_id for j, _ in up]
+    # the scheduler's own order: priority, then fair share between sweeps, then submission;
+    # the held job last, though its priority is higher
+    assert order == [urgent, a[0], b[0], a[1], b[1], a[2], held]
+    assert order[:6] == [g.job_id for g in w.decide("n")]
+    assert dict((j.job_id, why) for j, why in up)[held] == explain(w.state, held, w.t, CLUSTER)
+    assert "held" in dict((j.job_id, why) for j, why in up)[held]
+    assert [j.job_id for j, _ in next_up(w.state, w.t, CLUSTER, 2)] == [urgent, a[0]]
 
 
 def test_fair_share_counts_running_jobs():

@@ -196,6 +196,24 @@ def test_a_lost_node_shows_as_lost(stack, browser):
     assert worker and worker[0][1] == "alive" and worker[0][4].endswith("/ 2")
 
 
+def test_a_drained_node_and_the_queue_with_the_schedulers_reasons(stack, browser):
+    browser.get(stack.url + "/")
+    worker = lambda: next((r for r in rows(browser, "#nodes") if r[0] == "worker"), [])  # noqa: E731
+    wait_until(lambda: worker()[1:2] == ["alive"], 30, "the worker, alive")
+    with Client(stack.broker.address) as c:
+        c.request(p.Drain(node="worker"))
+        wait_until(lambda: worker()[1:2] == ["drained"], 30, "the worker shown drained")
+        assert worker()[2].endswith(" ago")  # since when
+        jobs = [c.submit([PY, "-c", "pass"], name=f"waits-{i}", priority=i) for i in range(3)]
+        # the queue as the scheduler takes it: the highest priority first, each with its reason
+        wait_until(lambda: [r[0] for r in rows(browser, "#queue")] == jobs[::-1], 30,
+                   "the queue in scheduling order")
+        assert all("drained" in r[5] for r in rows(browser, "#queue")), rows(browser, "#queue")
+        c.request(p.Drain(node="worker", resume=True))
+        wait_until(lambda: rows(browser, "#queue") == [], 60, "the queue emptied on the page")
+        assert worker()[1] == "alive"
+
+
 def test_the_parallel_coordinates_filter_changes_what_is_drawn(stack, browser, tmp_path):
     gate = tmp_path / "go"
     gate.write_text("")

@@ -150,11 +150,10 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         from evo.broker import protocol as p
 
         c = src.client()
-        status = c.status()
-        queue = src.rows(q.queue())
-        for row in queue:  # each with the scheduler's own words (`evo why`)
-            why = c.request(p.Why(job_id=row["job_id"]))
-            row["why"] = getattr(why, "text", "")
+        # the queue as the scheduler will take it, each job with `evo why`'s words
+        status = c.request(p.Status(order=q.QUEUE))
+        assert isinstance(status, p.StatusReply)
+        queue = status.order
         summary = {r["node"]: r for r in src.rows(q.node_summary())}
         nodes = []
         for n in status.nodes:

@@ -21,12 +21,6 @@ def counts() -> Q:
     return "SELECT state, count(*) AS n FROM jobs GROUP BY state ORDER BY state", []
 
 
-def queue(limit: int = QUEUE) -> Q:
-    # the view's order is the scheduler's: priority, then submission (broker/scheduler.py)
-    return ("SELECT job_id, sweep_id, name, model_type, priority, attempts, submitted_at "
-            "FROM queue LIMIT ?", [limit])
-
-
 def node_summary() -> Q:
     return ("SELECT node, busy_fraction, jobs_completed, mean_cpu, mean_gpu_util, "
             "max_vram_used_gb FROM utilization_summary ORDER BY node", [])

@@ -98,7 +98,7 @@ pages.overview = async () => {
   serverNow = d.now;
   chips("counts", Object.entries(d.counts).sort());
   fill("#nodes", d.nodes, n => [n.node, el("span", {class: "state " + n.state, text: n.state}),
-    n.alive ? "" : ago(n.since), n.alive && n.heard_s != null ? secs(n.heard_s) + " ago" : "",
+    n.alive ? ago(n.drained_since) : ago(n.since), n.alive && n.heard_s != null ? secs(n.heard_s) + " ago" : "",
     `${n.running} / ${n.slots}`, (n.labels || []).join(","), num(n.cpus), num(n.mem_gb), num(n.gpus),
     n.busy_fraction == null ? "" : (100 * n.busy_fraction).toFixed(0) + "%", num(n.jobs_completed),
     n.ends_in_s == null ? "" : secs(n.ends_in_s)]);
