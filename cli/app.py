@@ -358,9 +358,16 @@ def ui(port: int = typer.Option(8765, "--port", help="the page's port (0: a free
                        "a cookie)")
     if not 0 <= port <= 65535:
         raise BadInput(f"--port: {port} is not a port (0-65535)")
-    with _client(broker) as c:  # no broker: said now, in one line, not by the page
-        c.hello()
-        address = c.address
+    from evo.errors import EvoError
+
+    # A broker that is not up yet (started beside the page, or restarting) is waited for:
+    # the page says "broker away" until one answers, and finds it then.
+    try:
+        with _client(broker, timeout_s=2) as c:
+            c.hello()
+            address = f"broker {c.address}"
+    except EvoError as exc:
+        address = f"no broker answers yet: {exc}; the page says so until one does"
     import uvicorn
 
     from evo.ui.app import make_app
@@ -377,7 +384,7 @@ def ui(port: int = typer.Option(8765, "--port", help="the page's port (0: a free
         raise BadInput(f"--port {port}: cannot listen on {bind}:{port} ({exc.strerror})") from None
     sock.listen(128)  # a browser that comes early waits for the server instead of a refusal
     url = f"http://{bind}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
-    typer.echo(f"evo ui: {url} (broker {address}; Ctrl-C stops)", err=True)
+    typer.echo(f"evo ui: {url} ({address}; Ctrl-C stops)", err=True)
     if open_:
         import webbrowser
 

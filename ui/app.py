@@ -303,6 +303,9 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
             queue = relay_.subscribe()  # here, so whatever ends the stream unsubscribes it
             try:
                 yield b"retry: 1000\n\n"
+                if relay_.away:  # a page that comes while the broker is away is told so
+                    yield b"data: " + _encoder.encode({"type": "BrokerAway",
+                                                       "error": relay_.away}) + b"\n\n"
                 while True:
                     try:
                         item = await asyncio.wait_for(queue.get(), 15.0)

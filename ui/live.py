@@ -29,6 +29,7 @@ class Relay:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop = threading.Event()
         self.head = 0
+        self.away = ""  # why the broker cannot be followed now ("" while it is)
         self.thread = threading.Thread(target=self._follow, name="evo-ui-relay", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -52,17 +53,16 @@ class Relay:
     def _follow(self) -> None:
         from evo.client import Client
 
-        away = ""
         while not self.stop.is_set():
             try:
                 with Client(self.broker, home=self.home, timeout_s=5) as c:
                     last = c.status().last_seq
                     if not self.head or last < self.head:  # a new log: from its head
                         self.head = last
-                    if away:
+                    if self.away:
                         log.info("the broker is back at %s", c.address)
+                        self.away = ""
                         self._say({"type": "BrokerBack", "seq": self.head})
-                        away = ""
                     while not self.stop.is_set():  # in rounds, so a stop is seen when quiet
                         for ev in c.follow(self.head + 1, idle_s=0.5,
                                            until=time.monotonic() + 2.0):
@@ -70,10 +70,10 @@ class Relay:
                             if self.loop is not None:
                                 self.loop.call_soon_threadsafe(self._deliver, brief(ev))
             except Exception as exc:  # noqa: BLE001 - the broker away: try again, say so once
-                if not away:
+                if not self.away:
                     log.warning("the event relay: %s; trying again every second", exc)
-                    away = str(exc)
-                    self._say({"type": "BrokerAway", "error": away})
+                    self.away = str(exc) or type(exc).__name__
+                    self._say({"type": "BrokerAway", "error": self.away})
                 self.stop.wait(1.0)
 
     def _say(self, item: dict[str, Any]) -> None:
