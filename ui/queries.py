@@ -134,7 +134,7 @@ def sweep(sweep_id: str) -> Q:
 
 def leaderboard(sweep_id: str, metric: str, limit: int) -> Q:
     """The best ``limit`` trials by the sweep's metric, its mode honoured (the view's rank)."""
-    return ("SELECT rank, job_id, value, lower_is_better, params FROM leaderboard "
+    return ("SELECT rank, job_id, model_type, value, lower_is_better, params FROM leaderboard "
             "WHERE sweep_id = ? AND metric = ? AND rank <= ? ORDER BY rank, job_id",
             [sweep_id, metric, limit])
 

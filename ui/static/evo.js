@@ -41,7 +41,8 @@ function secs(s) {
   if (s < 5400) return (s / 60).toFixed(0) + " min";
   return (s / 3600).toFixed(1) + " h";
 }
-const num = v => v == null ? "" : (Math.abs(v) >= 1000 || Number.isInteger(v) ? String(v) : Number(v).toPrecision(4));
+const num = v => v == null ? "" : typeof v !== "number" ? String(v)
+  : (Math.abs(v) >= 1000 || Number.isInteger(v) ? String(v) : v.toPrecision(4));
 function chips(id, entries) {
   document.getElementById(id).replaceChildren(...entries.map(([k, v]) =>
     el("span", {class: "chip", "data-key": k}, el("b", {}, k), " ", String(v))));
@@ -108,8 +109,12 @@ pages.overview = async () => {
     ({name: node, x: rs.map(r => new Date(r.t * 1000)), y: rs.map(r => r[y]), mode: "lines", type: "scatter"}));
   plot("cpu", series(d.cpu, "cpu"), {yaxis: {range: [0, 100]}});
   plot("mem", series(d.mem || d.cpu, "mem"), {yaxis: {range: [0, 100]}});
-  plot("gpu", series(d.gpu, "util"), {yaxis: {range: [0, 100]}});
-  plot("vram", series(d.gpu, "vram_gb"));
+  if (d.gpu.length) {
+    plot("gpu", series(d.gpu, "util"), {yaxis: {range: [0, 100]}});
+    plot("vram", series(d.gpu, "vram_gb"));
+  } else { // no node has reported a GPU: no empty axes
+    for (const id of ["gpu", "vram"]) { Plotly.purge(id); document.getElementById(id).replaceChildren(el("p", {class: "note"}, "no GPU samples from any node in the last hour")); }
+  }
 };
 pages.overview.touches = () => true;
 
@@ -235,6 +240,8 @@ function parallel(svg, rows, space, metric, lowerBetter) {
   if (!rows.length) { svg.replaceChildren(); return; } // nothing ranked yet
   const NS = "http://www.w3.org/2000/svg";
   const W = svg.clientWidth || 960, H = svg.clientHeight || 320, top = 30, bottom = 30;
+  if (new Set(rows.map(r => r.model_type)).size > 1) // a comparison of models: the model is a dimension
+    rows = rows.map(r => ({...r, params: {model_type: r.model_type, ...r.params}}));
   const names = [...new Set(rows.flatMap(r => Object.keys(r.params)))].filter(n => rows.every(r => n in r.params));
   const axes = names.map(n => axisOf(n, rows.map(r => r.params[n]), space));
   const m = axisOf(metric, rows.map(r => r.value), {});
@@ -297,7 +304,7 @@ pages.sweep = async () => {
     box.checked = ticked.has(r.job_id);
     box.onchange = () => { box.checked ? ticked.add(r.job_id) : ticked.delete(r.job_id); drawTicked(); };
     return [box, num(r.rank), jobLink(r.job_id), num(r.value),
-      Object.entries(r.params).map(([k, v]) => `${k}=${num(v)}`).join(" ")];
+      [...(r.model_type ? [["model", r.model_type]] : []), ...Object.entries(r.params)].map(([k, v]) => `${k}=${num(v)}`).join(" ")];
   });
   document.getElementById("commands").textContent = d.commands.join("\n");
   await drawTicked();
