@@ -23,13 +23,36 @@ def learning_summary(sweep: str, spec: dict[str, Any], sql: Callable) -> dict[st
         return None
     metric = str(spec.get("metric") or "auc")
     mode = mode_in_sweep(metric, spec)
-    rows = sql("SELECT j.job_id, j.state, f.value FROM jobs j LEFT JOIN final_metrics f "
-               "ON f.job_id = j.job_id AND f.metric = ? WHERE j.sweep_id = ? "
-               "ORDER BY j.submitted_seq", [metric, sweep]).to_pylist()
-    rungs = sql("SELECT CAST(e.payload ->> '$.resource' AS INTEGER) AS resource, "
-                "count(*) AS n FROM events e JOIN jobs j USING (job_id) "
-                "WHERE e.type = 'PruneRequested' AND j.sweep_id = ? AND j.state = 'pruned' "
-                "GROUP BY 1 ORDER BY 1", [sweep]).to_pylist()
+    rows = sql(*trials_query(sweep, metric)).to_pylist()
+    rungs = sql(*rungs_query(sweep)).to_pylist()
+    curve = best_so_far(rows, mode)
+    states = [r["state"] for r in rows]
+    return {"metric": metric, "mode": mode, "trials": len(rows),
+            "completed": states.count("completed"), "pruned": states.count("pruned"),
+            "pruned_at": {int(r["resource"]): int(r["n"]) for r in rungs},
+            "convergence": curve}
+
+
+def trials_query(sweep: str, metric: str) -> tuple[str, list[Any]]:
+    """A sweep's trials in the order they were asked, with their value of ``metric`` (NULL
+    while it runs, and for one pruned, failed or cancelled)."""
+    return ("SELECT j.job_id, j.state, f.value FROM jobs j LEFT JOIN final_metrics f "
+            "ON f.job_id = j.job_id AND f.metric = ? WHERE j.sweep_id = ? "
+            "ORDER BY j.submitted_seq", [metric, sweep])
+
+
+def rungs_query(sweep: str) -> tuple[str, list[Any]]:
+    """How many of a sweep's trials were pruned at each resource (the pruner's decision, not
+    what the trial reported before it was stopped)."""
+    return ("SELECT CAST(e.payload ->> '$.resource' AS INTEGER) AS resource, "
+            "count(*) AS n FROM events e JOIN jobs j USING (job_id) "
+            "WHERE e.type = 'PruneRequested' AND j.sweep_id = ? AND j.state = 'pruned' "
+            "GROUP BY 1 ORDER BY 1", [sweep])
+
+
+def best_so_far(rows: list[dict[str, Any]], mode: str
+                ) -> list[tuple[int, str, str, float | None, float | None]]:
+    """(trial number, job id, state, its value, the best value so far) for each trial."""
     best: float | None = None
     curve = []
     for i, r in enumerate(rows):
@@ -37,11 +60,7 @@ def learning_summary(sweep: str, spec: dict[str, Any], sql: Callable) -> dict[st
         if v is not None and (best is None or (v > best if mode == "max" else v < best)):
             best = v
         curve.append((i + 1, r["job_id"], r["state"], v, best))
-    states = [r["state"] for r in rows]
-    return {"metric": metric, "mode": mode, "trials": len(rows),
-            "completed": states.count("completed"), "pruned": states.count("pruned"),
-            "pruned_at": {int(r["resource"]): int(r["n"]) for r in rungs},
-            "convergence": curve}
+    return curve
 
 
 def describe(summary: dict[str, Any], points: int = 6) -> list[str]:

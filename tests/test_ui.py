@@ -250,6 +250,49 @@ def test_the_parallel_coordinates_filter_changes_what_is_drawn(stack, browser, t
     assert best3 <= {row["job_id"] for row in table}
 
 
+LEARNS = """\
+import math, sys, time, evo
+lr, width = float(sys.argv[1]), int(sys.argv[2])
+loss = 2.0
+for epoch in range(1, 10):
+    loss = loss * (0.8 + 2 * abs(math.log10(lr) + 2) / 10) + 0.002 * width
+    evo.report(step=epoch, loss=loss)
+    time.sleep(0.1)  # an epoch's work: a pruned trial is stopped before it ends
+evo.result(loss=loss)
+"""
+
+
+def test_a_learning_sweep_shows_its_convergence_and_pruning_per_rung(stack, browser, tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "learn.py").write_text(LEARNS)
+    (proj / "tpe.yaml").write_text(
+        f"name: learns\ncommand: [{PY}, learn.py, '{{lr}}', '{{width}}']\nmethod: tpe\n"
+        "samples: 16\nseed: 1\nstartup_trials: 4\nmetric: loss\nmode: min\npruner: asha\n"
+        "space:\n  lr: {low: 0.0001, high: 0.1, log: true}\n  width: [16, 32, 64]\n")
+    r = run_evo("sweep", "tpe.yaml", "--wait", home=stack.home, cwd=proj, timeout=110)
+    assert r.returncode == 0, r.stderr
+    sid = next(w for w in r.stdout.split() if w.startswith("s") and w[1:].isdigit())
+    with Client(stack.broker.address) as c:
+        rungs = {row["r"]: row["n"] for row in c.sql(
+            "SELECT CAST(e.payload ->> '$.resource' AS INTEGER) AS r, count(*) AS n FROM events e "
+            "JOIN jobs j USING (job_id) WHERE e.type = 'PruneRequested' AND j.sweep_id = ? "
+            "AND j.state = 'pruned' GROUP BY 1", [sid]).to_pylist()}
+        best = c.sql("SELECT value FROM leaderboard WHERE sweep_id = ? AND rank = 1",
+                     [sid]).to_pylist()[0]["value"]
+    assert rungs, "the sweep pruned nothing: the test shows nothing"
+    browser.get(f"{stack.url}/sweeps/{sid}")
+    bars = "document.getElementById('pruned').data"
+    wait_until(lambda: js(browser, f"({bars} || []).length") == 1, 30, "the pruning chart")
+    drawn = dict(zip(js(browser, bars + "[0].x"), js(browser, bars + "[0].y")))
+    assert drawn == {str(k): v for k, v in rungs.items()}  # the pruner's rungs, not last reports
+    assert chip(browser, "pruned") == str(sum(rungs.values()))
+    line = js(browser, "document.getElementById('convergence').data[1]")
+    assert line["x"] == list(range(1, 17))  # every trial asked, in order
+    assert line["y"][-1] == best
+    assert "evo audit" in text(browser, "commands")
+
+
 def test_a_job_page_shows_its_curves_and_output(stack, browser, tmp_path):
     gate = tmp_path / "go"
     sid = sweep(stack, tmp_path / "proj", f"name: one\ncommand: [{PY}, train.py, '{{lr}}', '{{depth}}']\n"
@@ -280,8 +323,9 @@ def test_the_jobs_list_filters_and_pages_on_the_server(stack, browser):
     with Client(stack.broker.address) as c:
         for i in range(7):  # enough for three pages of three, whatever ran before
             c.submit([PY, "-c", "pass"], name=f"paged-{i}")
-        wait_until(lambda: c.sql("SELECT count(*) AS n FROM jobs WHERE state <> 'completed'"
-                                 ).to_pylist()[0]["n"] == 0, 60, "every job completed")
+        wait_until(lambda: c.sql("SELECT count(*) AS n FROM jobs WHERE state IN "
+                                 "('queued', 'leased', 'running')").to_pylist()[0]["n"] == 0,
+                   60, "every job ended")
         ids = [r["job_id"] for r in c.sql("SELECT job_id FROM jobs WHERE state = 'completed' "
                                           "ORDER BY submitted_seq DESC").to_pylist()]
     browser.get(stack.url + "/jobs?state=completed&size=3")

@@ -225,15 +225,19 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
             r["params"] = _json(r["params"]) or {}
         ranked = (src.one(q.ranked(sweep_id, metric)) or {}).get("n", 0) if metric else 0
         from evo.direction import mode_in_sweep
+        from evo.sweeps.summary import best_so_far
 
+        mode = mode_in_sweep(metric, spec)
         sid = shlex.quote(sweep_id)
         literal = sweep_id.replace("'", "''")
         return answer({"sweep": row, "metric": metric, "mode": spec.get("mode"),
-                       "lower_is_better": mode_in_sweep(metric, spec) == "min",
+                       "lower_is_better": mode == "min",
                        "method": spec.get("method") or "grid", "space": spec.get("space") or {},
                        "pruner": spec.get("pruner"),
                        "leaderboard": board, "ranked": ranked, "top": top,
-                       "convergence": src.rows(q.convergence(sweep_id, metric)) if metric else [],
+                       "convergence": [{"trial": t, "value": v, "best": b} for t, _, _, v, b in
+                                       best_so_far(src.rows(q.convergence(sweep_id, metric)),
+                                                   mode)],
                        "pruned": src.rows(q.pruned_by_rung(sweep_id)),
                        "commands": [f"evo leaderboard {sid}",
                                     f"evo report {sid} --out {shlex.quote('report-' + sweep_id)}",

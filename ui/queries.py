@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from evo.sweeps.summary import rungs_query, trials_query
+
 Q = tuple[str, list[Any]]
 
 PAGE = 50  # jobs per page of the list
@@ -145,25 +147,14 @@ def ranked(sweep_id: str, metric: str) -> Q:
 
 
 def convergence(sweep_id: str, metric: str) -> Q:
-    """The best value over trials in the order they finished (the sweep's direction)."""
-    return ("""
-        SELECT row_number() OVER w AS trial, f.value,
-               CASE WHEN f.lower_is_better THEN min(f.value) OVER w
-                    ELSE max(f.value) OVER w END AS best
-        FROM final_metrics f JOIN jobs j USING (job_id)
-        WHERE f.sweep_id = ? AND f.metric = ?
-        WINDOW w AS (ORDER BY j.finished_at, j.submitted_seq ROWS UNBOUNDED PRECEDING)
-        ORDER BY trial""", [sweep_id, metric])
+    """The sweep's trials in asking order with their values: the same rows as the leaderboard's
+    and the report's convergence (evo.sweeps.summary), folded there into the best so far."""
+    return trials_query(sweep_id, metric)
 
 
 def pruned_by_rung(sweep_id: str) -> Q:
-    """How many trials were pruned after each step (the rung of their last report)."""
-    return ("""
-        SELECT step AS rung, count(*) AS pruned FROM (
-            SELECT j.job_id, max(coalesce(m.step, m.epoch)) AS step
-            FROM jobs j LEFT JOIN metrics m ON m.job_id = j.job_id AND m.kind = 'progress'
-            WHERE j.sweep_id = ? AND j.state = 'pruned' GROUP BY j.job_id)
-        GROUP BY step ORDER BY step""", [sweep_id])
+    """How many trials were pruned at each resource: the pruner's decisions (PruneRequested)."""
+    return rungs_query(sweep_id)
 
 
 def events(type_: str | None = None, job_id: str | None = None, limit: int = EVENTS) -> Q:

@@ -294,11 +294,12 @@ pages.sweep = async () => {
   parallel(document.getElementById("pc"), d.leaderboard, d.space, d.metric, d.lower_is_better);
   document.getElementById("pcnote").textContent = `${d.leaderboard.length} of ${d.ranked} ranked trials drawn`;
   document.getElementById("pruning").hidden = !d.pruner; // before drawing: it sets the widths
-  plot("convergence", [{name: "trial", x: d.convergence.map(r => r.trial), y: d.convergence.map(r => r.value), mode: "markers", type: "scatter", opacity: 0.5},
+  const valued = d.convergence.filter(r => r.value != null);
+  plot("convergence", [{name: "trial", x: valued.map(r => r.trial), y: valued.map(r => r.value), mode: "markers", type: "scatter", opacity: 0.5},
     {name: "best so far", x: d.convergence.map(r => r.trial), y: d.convergence.map(r => r.best), mode: "lines", type: "scatter", line: {shape: "hv"}}],
-    {xaxis: {title: {text: "trials finished"}}, yaxis: {title: {text: d.metric}}});
-  if (d.pruner) plot("pruned", [{x: d.pruned.map(r => String(r.rung ?? "before any report")), y: d.pruned.map(r => r.pruned), type: "bar"}],
-    {xaxis: {title: {text: "last step reported"}, type: "category"}});
+    {xaxis: {title: {text: "trial, in the order asked"}}, yaxis: {title: {text: d.metric}}});
+  if (d.pruner) plot("pruned", [{x: d.pruned.map(r => String(r.resource)), y: d.pruned.map(r => r.n), type: "bar", name: "pruned"}],
+    {xaxis: {title: {text: "resource (reports) at the pruner's decision"}, type: "category"}});
   fill("#board", d.leaderboard, r => {
     const box = el("input", {type: "checkbox", "data-job": r.job_id});
     box.checked = ticked.has(r.job_id);
