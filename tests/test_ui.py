@@ -37,6 +37,9 @@ loss = 1.0
 for step in range(1, 6):
     loss = loss * (0.6 + abs(lr - 0.03) * 3) + 0.01 * depth
     evo.report(step=step, loss=loss)
+    if depth == 3 and step == 3:  # the job page's test: a checkpoint to show
+        (evo.checkpoint_dir() / "state.txt").write_text(str(loss))
+        evo.checkpoint("state.txt", step=step)
 print(f"trial lr={lr} depth={depth}: loss {loss:.4f}")
 evo.result(loss=loss)
 """
@@ -317,6 +320,9 @@ def test_a_job_page_shows_its_curves_and_output(stack, browser, tmp_path):
     commands = text(browser, "commands")
     assert f"evo retry {job_id}" in commands and f"evo audit {job_id}" in commands
     assert rows(browser, "#attempts")[0][:2] == ["1", "worker"]
+    wait_until(lambda: [r[1:3] for r in rows(browser, "#checkpoints")] == [["3", "state.txt"]],
+               30, "the job's checkpoint")
+    assert '"tree"' in text(browser, "fingerprints")  # its code's digest
 
 
 def test_the_jobs_list_filters_and_pages_on_the_server(stack, browser):

@@ -335,7 +335,10 @@ pages.events = async () => {
   const want = new URLSearchParams(location.search).get("type") || "";
   const d = await api("/api/events?" + formQuery(form, form.elements.type.value ? {} : (want ? {type: want} : {})));
   options(form.elements.type, d.types, form.elements.type.value || want);
+  const kept = [...document.querySelectorAll("#events tbody tr.new")] // come by the stream, and
+    .filter(tr => Number(tr.dataset.seq) > (d.rows.length ? d.rows[0].seq : 0)); // newer than the answer
   fill("#events", d.rows, eventCells);
+  document.querySelector("#events tbody").prepend(...kept);
 };
 function eventCells(e) {
   return [num(e.seq), when(e.time), e.type, jobLink(e.job_id), e.node || "", sweepLink(e.sweep_id)];
@@ -347,7 +350,7 @@ pages.events.onEvent = ev => {
   if (form.elements.type.value && ev.type !== form.elements.type.value) return;
   if (form.elements.job.value && ev.job_id !== form.elements.job.value) return;
   const tb = document.querySelector("#events tbody");
-  const tr = el("tr", {class: "new"});
+  const tr = el("tr", {class: "new", "data-seq": ev.seq});
   for (const c of eventCells(ev)) tr.append(c instanceof Node ? el("td", {}, c) : el("td", {text: c ?? ""}));
   tb.prepend(tr);
   while (tb.rows.length > 500) tb.deleteRow(-1);
