@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,6 +109,15 @@ def caught_up(b: Broker, last_seq: int, timeout: float = 900) -> float:
     return float("nan")
 
 
+def write_log(home: Path, raws: list[bytes]) -> None:
+    """``raws`` as EVO_HOME/log (no fsync: a benchmark's input, not a broker's output)."""
+    log = SegmentLog(home / "log", sync=False)
+    for i in range(0, len(raws), 10_000):
+        batch = raws[i:i + 10_000]
+        log.append([decode(r) for r in batch], batch)
+    log.close()
+
+
 def restart(n: int, whole: list[bytes]) -> None:
     raws = whole[:n]  # a prefix of a legal history is one
     t0 = time.perf_counter()
@@ -121,11 +129,7 @@ def restart(n: int, whole: list[bytes]) -> None:
     del state
     home = Path(tempfile.mkdtemp(prefix="scale-", dir=ROOT / "bench" / "out"))
     try:
-        log = SegmentLog(home / "log", sync=False)
-        for i in range(0, len(raws), 10_000):
-            batch = raws[i:i + 10_000]
-            log.append([decode(r) for r in batch], batch)
-        log.close()
+        write_log(home, raws)
         print(f"{n:,} events, {jobs:,} jobs; full fold in this process: {fold_s:.2f} s",
               flush=True)
         for run in ("cold", "warm", "crash"):

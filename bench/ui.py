@@ -31,10 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.projections import history  # noqa: E402
-from bench.scale import Broker, caught_up  # noqa: E402
+from bench.scale import Broker, caught_up, write_log  # noqa: E402
 from evo.client import Client  # noqa: E402
-from evo.events.codec import decode  # noqa: E402
-from evo.events.log import SegmentLog  # noqa: E402
 from evo.ui import queries as q  # noqa: E402
 
 EVO = [sys.executable, "-m", "evo.cli.app"]
@@ -92,11 +90,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="ui-", dir=ROOT / "bench" / "out"))
     ui = None
     try:
-        log = SegmentLog(home / "log", sync=False)
-        for i in range(0, len(raws), 10_000):
-            batch = raws[i:i + 10_000]
-            log.append([decode(r) for r in batch], batch)
-        log.close()
+        write_log(home, raws)
         b = Broker(home)
         took = caught_up(b, len(raws))
         with Client(b.address, timeout_s=600) as c:
@@ -149,7 +143,7 @@ def main() -> None:
             direct[name] = statistics.median(times)
         con.close()
         print(f"\nmedian of {a.runs} requests per page, ms (target: server time <= {TARGET_MS:.0f})")
-        print(f"| page | server time | request wall | its queries in DuckDB directly | server / direct | target |")
+        print("| page | server time | request wall | its queries in DuckDB directly | server / direct | target |")
         print("| --- | --- | --- | --- | --- | --- |")
         for name in plan:
             s, w = served[name]

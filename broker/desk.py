@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from evo.direction import mode_in_sweep
+from evo.direction import mode_in_sweep, sweep_metric
 from evo.errors import BadInput
 from evo.events.codec import InvalidEvent, check
 from evo.events.schema import (
@@ -135,7 +135,7 @@ class Desk:
             sweep = self.state.sweeps[sweep_id]
             jobs = [self.state.jobs[j] for j in sweep.job_ids if j in self.state.jobs]
             counts = {s: sum(j.state == s for j in jobs) for s in TERMINAL}
-            metric = str(sweep.spec.get("metric") or "auc")
+            metric = sweep_metric(sweep.spec)
             best = best_job(jobs, metric, mode_in_sweep(metric, sweep.spec))
             why = reason or (sweep.study.why_done(now) if sweep.study is not None else "")
             self._emit(out, SweepCompleted, now, cause, sweep_id=sweep_id,

@@ -61,7 +61,7 @@ from evo.events.lifecycle import (  # noqa: F401 - the rules, re-exported for th
     TERMINAL,
     TRANSITIONS,
 )
-from evo.direction import mode_in_sweep
+from evo.direction import mode_in_sweep, sweep_metric
 from evo.broker.estimates import Durations
 from evo.sweeps.study import COMPLETE, FAIL, LEARNING, Study
 from evo.sweeps.study import PRUNED as TRIAL_PRUNED
@@ -463,7 +463,7 @@ class BrokerState:
         sweep = Sweep(ev.sweep_id, ev.name, dict(ev.spec), list(ev.job_ids),
                       open=len(ev.job_ids), members=set(ev.job_ids), template=ev.template)
         if ev.template is not None and ev.spec.get("method") in LEARNING:
-            metric = str(ev.spec.get("metric") or "auc")
+            metric = sweep_metric(ev.spec)
             sweep.study = Study.of(ev.spec, mode_in_sweep(metric, ev.spec), ev.time)
             self.learning[ev.sweep_id] = None
         self.sweeps[ev.sweep_id] = sweep

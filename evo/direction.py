@@ -31,3 +31,9 @@ def mode_in_sweep(metric: str, sweep_spec: dict | None) -> str:
     """``metric``'s direction in a sweep recorded as ``sweep_spec``: its mode rules its metric."""
     spec = sweep_spec or {}
     return metric_mode(metric, spec.get("mode") if metric == spec.get("metric") else None)
+
+
+def sweep_metric(sweep_spec: dict | None) -> str:
+    """The metric a sweep recorded as ``sweep_spec`` is ranked by: its own, else ``auc`` (the
+    sweep file's default, sweeps/spec.py)."""
+    return str((sweep_spec or {}).get("metric") or "auc")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from evo.direction import mode_in_sweep
+from evo.direction import mode_in_sweep, sweep_metric
 from evo.errors import EvoError
 from evo.events.schema import (JobCancelled, JobCompleted, JobFailed, JobPruned, JobSpec,
                                JobSubmitted, Progress, SweepCompleted, SweepSubmitted)
@@ -50,7 +50,7 @@ class Study:
     def __init__(self, client: Client, sweep_id: str, template: JobSpec, spec: dict[str, Any],
                  from_seq: int) -> None:
         self.client, self.sweep_id, self.template, self.spec = client, sweep_id, template, spec
-        self.metric = str(spec.get("metric") or "auc")
+        self.metric = sweep_metric(spec)
         self.mode = mode_in_sweep(self.metric, spec)
         self.samples = int(spec["samples"])
         self._from = from_seq

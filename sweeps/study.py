@@ -31,6 +31,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from evo.direction import sweep_metric
+
 RUNNING, COMPLETE, PRUNED, FAIL = "running", "complete", "pruned", "fail"
 # The methods whose trials are asked for one at a time: by the broker's sampler (tpe), or by
 # the user's own through evo.Client.study (client). Both have a study; only tpe asks by itself.
@@ -87,7 +89,7 @@ class Study:
             pruning = Pruning(kind=str(pruner.get("type") or ""), **{
                 k: int(v) for k, v in pruner.items() if k != "type" and v is not None})
         budget, target = spec.get("time_budget_s"), spec.get("target")
-        return cls(metric=str(spec.get("metric") or "auc"), mode=metric_mode,
+        return cls(metric=sweep_metric(spec), mode=metric_mode,
                    samples=int(spec.get("samples") or 0), seed=int(spec.get("seed") or 0),
                    started_at=started_at, pruning=pruning,
                    time_budget_s=float(budget) if budget is not None else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from evo.direction import mode_in_sweep
+from evo.direction import mode_in_sweep, sweep_metric
 
 from .spec import learning
 
@@ -21,7 +21,7 @@ def learning_summary(sweep: str, spec: dict[str, Any], sql: Callable) -> dict[st
     order, (trial number, job id, state, its value, the best completed value so far)."""
     if not learning(spec):
         return None
-    metric = str(spec.get("metric") or "auc")
+    metric = sweep_metric(spec)
     mode = mode_in_sweep(metric, spec)
     rows = sql(*trials_query(sweep, metric)).to_pylist()
     rungs = sql(*rungs_query(sweep)).to_pylist()

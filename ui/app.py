@@ -30,6 +30,8 @@ from starlette.responses import (FileResponse, HTMLResponse, PlainTextResponse, 
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from evo.direction import mode_in_sweep, sweep_metric
+
 from . import queries as q
 from .live import Relay
 
@@ -217,14 +219,12 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         if row is None:
             return answer({"error": f"no sweep {sweep_id!r}"}, t0)
         spec = _json(row.pop("spec")) or {}
-        # the broker's default metric when the sweep names none (broker/desk.py)
-        metric = request.query_params.get("metric") or spec.get("metric") or "auc"
+        metric = request.query_params.get("metric") or sweep_metric(spec)
         top = max(1, min(_int(request.query_params.get("top"), 50), 10_000))
         board = src.rows(q.leaderboard(sweep_id, metric, top)) if metric else []
         for r in board:
             r["params"] = _json(r["params"]) or {}
         ranked = (src.one(q.ranked(sweep_id, metric)) or {}).get("n", 0) if metric else 0
-        from evo.direction import mode_in_sweep
         from evo.sweeps.summary import best_so_far
 
         mode = mode_in_sweep(metric, spec)
