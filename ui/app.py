@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import json
 import shlex
 import threading
 import time
@@ -31,6 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from evo.direction import mode_in_sweep, sweep_metric
+from evo.projections.files import json_cell
 
 from . import queries as q
 from .live import Relay
@@ -93,16 +93,6 @@ class Source:
     def one(self, query: q.Q) -> dict[str, Any] | None:
         rows = self.rows(query)
         return rows[0] if rows else None
-
-
-def _json(value: Any) -> Any:
-    """A JSON column (text) as a value; anything else as it is."""
-    if isinstance(value, str) and value[:1] in "[{\"":
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
 
 
 _encoder = msgspec.json.Encoder()
@@ -189,10 +179,10 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         if row is None:
             return answer({"error": f"no job {job_id!r}"}, t0)
         for k in ("params", "metrics", "artifacts", "command", "tags", "spec"):
-            row[k] = _json(row[k])
+            row[k] = json_cell(row[k])
         tries = src.rows(q.attempts(job_id))
         for a in tries:
-            a["devices"], a["env"] = _json(a["devices"]), _json(a["env"])
+            a["devices"], a["env"] = json_cell(a["devices"]), json_cell(a["env"])
         spec = row.get("spec") or {}
         quoted = shlex.quote(job_id)
         commands = [f"evo {verb} {quoted}" for verb in COMMANDS_SHOWN]
@@ -218,12 +208,12 @@ def make_app(broker: str | None = None, home: Any = None, token: str | None = No
         row = src.one(q.sweep(sweep_id))
         if row is None:
             return answer({"error": f"no sweep {sweep_id!r}"}, t0)
-        spec = _json(row.pop("spec")) or {}
+        spec = json_cell(row.pop("spec")) or {}
         metric = request.query_params.get("metric") or sweep_metric(spec)
         top = max(1, min(_int(request.query_params.get("top"), 50), 10_000))
         board = src.rows(q.leaderboard(sweep_id, metric, top)) if metric else []
         for r in board:
-            r["params"] = _json(r["params"]) or {}
+            r["params"] = json_cell(r["params"]) or {}
         ranked = (src.one(q.ranked(sweep_id, metric)) or {}).get("n", 0) if metric else 0
         from evo.sweeps.summary import best_so_far
 
