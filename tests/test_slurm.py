@@ -101,6 +101,17 @@ def keeper(slurm):
                    capture_output=True, timeout=30)
 
 
+def project(tmp_path: Path, script: str, name: str, param: str, metric: str,
+            values: str) -> Path:
+    """A user's folder: train.py and a sweep of it over one parameter."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "train.py").write_text(script)
+    (proj / "sweep.yaml").write_text(f"{name}\ncommand: [{PY}, train.py, '{{{param}}}']\n"
+                                     f"{metric}\nspace:\n  {param}: {values}\n")
+    return proj
+
+
 def pilots(c: Client) -> list[dict]:
     return [n for n in c.status().nodes if n["node"].startswith("slurm-") and n["alive"]]
 
@@ -109,14 +120,10 @@ def test_pilots_start_lease_jobs_run_a_sweep_and_are_cancelled_with_their_keeper
         pbroker, keeper, tmp_path):
     home = tmp_path / "home"
     b = pbroker(home)
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    (proj / "train.py").write_text("import sys, evo\n"
-                                   "lr = float(sys.argv[1])\n"
-                                   "evo.result(loss=(lr - 0.3) ** 2)\n")
-    (proj / "sweep.yaml").write_text(f"name: on-slurm\ncommand: [{PY}, train.py, '{{lr}}']\n"
-                                     "metric: loss\nmode: min\n"
-                                     "space:\n  lr: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]\n")
+    proj = project(tmp_path, "import sys, evo\nlr = float(sys.argv[1])\n"
+                             "evo.result(loss=(lr - 0.3) ** 2)\n",
+                   "name: on-slurm", "lr", "metric: loss\nmode: min",
+                   "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]")
     k = keeper(home, "--scale", "2", "--cpus-per-node", "1", "--mem-gb", "1", "--time", "5",
                "--grace-s", "10", "--idle-exit-s", "60")
     r = run_evo("sweep", "sweep.yaml", "--wait", home=home, cwd=proj, timeout=240)
@@ -143,14 +150,9 @@ def test_a_pilot_of_two_nodes_runs_an_evo_node_on_each_and_both_leave_with_it(
         pbroker, keeper, tmp_path):
     home = tmp_path / "home"
     b = pbroker(home)
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    (proj / "train.py").write_text("import sys, time, evo\n"
-                                   "time.sleep(1)\n"
-                                   "evo.result(x=float(sys.argv[1]))\n")
-    (proj / "sweep.yaml").write_text(f"name: two-nodes\ncommand: [{PY}, train.py, '{{x}}']\n"
-                                     "metric: x\nmode: max\n"
-                                     "space:\n  x: [1, 2, 3, 4]\n")
+    proj = project(tmp_path, "import sys, time, evo\ntime.sleep(1)\n"
+                             "evo.result(x=float(sys.argv[1]))\n",
+                   "name: two-nodes", "x", "metric: x\nmode: max", "[1, 2, 3, 4]")
     k = keeper(home, "--scale", "1", "--nodes", "2", "--cpus-per-node", "1", "--mem-gb", "1",
                "--time", "5", "--grace-s", "10", "--idle-exit-s", "60")
     r = run_evo("sweep", "sweep.yaml", "--wait", home=home, cwd=proj, timeout=240)
