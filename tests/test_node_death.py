@@ -61,6 +61,12 @@ def test_a_job_tree_dies_with_its_node(cluster, tmp_path, sig):
     wait_until(lambda: _gone(pids), timeout=15, what=f"the job's processes to end: {pids}")
 
 
+def _first_pid(path):
+    # the file exists a moment before its line does: read it only once the line is whole
+    text = path.read_text() if path.exists() else ""
+    return int(text.split()[0]) if text.endswith("\n") else None
+
+
 def test_a_job_retried_after_its_node_was_killed_runs_its_side_effect_once(cluster, tmp_path):
     home, b, node = cluster
     a = node("a")
@@ -69,8 +75,7 @@ def test_a_job_retried_after_its_node_was_killed_runs_its_side_effect_once(clust
             f"time.sleep(3)\nopen({str(marker)!r}, 'a').write('side effect\\n')\n")
     with Client(b.address) as c:
         j = c.submit([sys.executable, "-c", code], max_attempts=3)
-        wait_until(lambda: (tmp_path / "pid").exists(), what="the first attempt to start")
-        first = int((tmp_path / "pid").read_text().split()[0])
+        first = wait_until(lambda: _first_pid(tmp_path / "pid"), what="the first attempt to start")
         a.kill()  # kill -9 of the node, mid-attempt
         wait_until(lambda: _gone([first]), what="the first attempt to end with its node")
         node("b")
