@@ -36,8 +36,8 @@ from .liveness import compute_backoff, is_lost, lost_after
 from .scheduler import (decide, explain, free_of, misfit, outlasts, pick_devices,
                         routing)
 from .specs import InvalidSpec, fits_somewhere, unrouted, validate_spec
-from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED, TERMINAL,
-                    BrokerState, Job, Sweep)
+from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED,
+                    SUMMARISED, TERMINAL, BrokerState, Job, Sweep)
 from .status import status_of
 from evo.sweeps.spec import check_recorded, learning, trial_spec
 from evo.sweeps.study import ASKS
@@ -57,15 +57,29 @@ class Desk:
     _handlers: dict[type, Callable[..., Outcome]] = {}
 
     def __init__(self, state: BrokerState | None = None, cluster: Cluster | None = None, *,
-                 mono: float = 0.0, lease_s: float = 6.0) -> None:
+                 mono: float = 0.0, lease_s: float = 6.0,
+                 recall: Callable[[int], JobSpec] | None = None) -> None:
         self.state = state or BrokerState()
         self.cluster = cluster or Cluster()
+        # The spec of the JobSubmitted at a seq, for the jobs whose state keeps a summary
+        # (state.py): the server reads it from the log. A desk without one remembers the
+        # specs it submits itself.
+        self._own: dict[int, JobSpec] | None = None
+        if recall is None:
+            own: dict[int, JobSpec] = {}
+            self._own = own
+            recall = own.__getitem__
+        self.recall = recall
         self.mono_now = mono
         # Liveness is not state: it lives on the broker's monotonic clock and starts afresh
         # (with a full grace period) for every node the log says was alive.
         self.last_seen: dict[str, float] = {n: mono for n, node in self.state.nodes.items()
                                             if node.alive}
         self.heartbeat_s: dict[str, float] = {n: lease_s / 3 for n in self.last_seen}
+
+    def spec_of(self, job: Job) -> JobSpec:
+        """``job``'s whole spec, also where its state keeps a summary."""
+        return self.recall(job.submitted_seq) if job.state in SUMMARISED else job.spec
 
     def resync(self, mono: float) -> None:
         """Liveness to match a state folded again (see server.py): nodes the state says are
@@ -88,6 +102,8 @@ class Desk:
         event = cls(seq=self.state.last_seq + 1, time=now, cause=cause, **fields)
         raw = check(event)
         self.state.apply(event)
+        if self._own is not None and cls is JobSubmitted:
+            self._own[event.seq] = event.spec  # type: ignore[attr-defined]
         out.events.append(event)
         out.encoded.append(raw)
         return event
@@ -104,6 +120,8 @@ class Desk:
                 raise
         for ev, raw in zip(events, raws):
             self.state.apply(ev)
+            if self._own is not None and type(ev) is JobSubmitted:
+                self._own[ev.seq] = ev.spec  # type: ignore[attr-defined]
             out.events.append(ev)
             out.encoded.append(raw)
 
@@ -295,8 +313,9 @@ class Desk:
         if spec.key is not None and spec.key in self.state.keys:
             job_id = self.state.keys[spec.key]
             job = self.state.jobs[job_id]
+            whole = self.spec_of(job)
             differs = [f for f in JobSpec.__struct_fields__
-                       if getattr(spec, f) != getattr(job.spec, f)]
+                       if getattr(spec, f) != getattr(whole, f)]
             if differs:  # a changed resubmit must not pass for the job that has the key
                 return Outcome(reply=p.Error(
                     req=cmd.req, code="conflict",
@@ -338,7 +357,8 @@ class Desk:
         first = self.state.last_seq + 1
         events: list[Event] = []
         for i, old in enumerate(olds):  # the same spec, without the key the old job holds
-            spec = msgspec.structs.replace(self.state.jobs[old].spec, key=None, retry_of=old)
+            spec = msgspec.structs.replace(self.spec_of(self.state.jobs[old]), key=None,
+                                           retry_of=old)
             events.append(JobSubmitted(seq=first + i, time=now, cause=cause,
                                        job_id=f"j{self.state.job_number + 1 + i}", spec=spec))
         self._emit_all(out, events)

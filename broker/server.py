@@ -37,7 +37,8 @@ import msgspec
 import zmq
 
 from evo import failpoints
-from evo.events.codec import EventDecodeError, pack_batch
+from evo.events.codec import EventDecodeError, decode, pack_batch
+from evo.events.schema import JobSpec, JobSubmitted
 from evo.events.log import CorruptLog, LogWriteError, SegmentLog
 from evo.errors import BadInput, EvoError
 from evo.home import is_loopback, mark_home, read_broker_file, write_broker_file
@@ -123,7 +124,7 @@ class Broker:
         for msg in self.log.recovered:
             log.warning(msg)
         self.desk = Desk(state, cluster or load_cluster(cluster_path, self.home),
-                         mono=time.monotonic())
+                         mono=time.monotonic(), recall=self._recall)
         self.tick_s = tick_s
         self._next_tick = 0.0
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the loop through it
@@ -397,6 +398,14 @@ class Broker:
                 return
         if out.reply is not None:
             replies.append((ident, self._fill(out.reply)))
+
+    def _recall(self, seq: int) -> JobSpec:
+        """The spec of the JobSubmitted at ``seq`` in the log (a finished job's whole spec)."""
+        for at, raw in self.log.read_raw_from(seq, limit=1):
+            ev = decode(raw, where=f"event {at}")
+            if at == seq and isinstance(ev, JobSubmitted):
+                return ev.spec
+        raise LookupError(f"event {seq} of the log is not a JobSubmitted")
 
     def _restore(self, pending: list) -> None:
         """The state as the log and ``pending`` (this batch's events so far) say it is."""

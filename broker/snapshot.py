@@ -31,7 +31,7 @@ import msgspec
 
 from evo.events.log import EventLog
 
-from .state import BrokerState, compact
+from .state import BrokerState, kept_spec
 
 log = logging.getLogger("evo.broker")
 
@@ -132,7 +132,7 @@ def load(home: Path, last_seq: int) -> tuple[BrokerState, str] | None:
                 continue
             state = _decoder.decode(data)
             for job in state.jobs.values():  # what the fold shares, shared again
-                job.spec = compact(job.spec)
+                job.spec = kept_spec(job.spec, job.state)
             if state.last_seq != seq:
                 raise ValueError(f"its state is at seq {state.last_seq}, its header says {seq}")
         except (OSError, ValueError, KeyError, msgspec.DecodeError) as exc:

@@ -111,6 +111,29 @@ def compact(spec: JobSpec) -> JobSpec:
         _SHARED.clear()
     return msgspec.structs.replace(spec, **changes)
 
+# A job that ended well (completed, or pruned by its sweep) is read again only for its state,
+# times, metrics and sweep, so it keeps a summary of its spec, shared by the jobs of its sweep
+# and model type; its whole spec is its JobSubmitted in the log, at ``submitted_seq`` (what the
+# desk's ``spec_of`` reads for a retry or a keyed resubmit). Failed and cancelled jobs keep
+# theirs whole: `evo status` names them and `evo retry SWEEP` runs them again.
+SUMMARISED = frozenset({COMPLETED, PRUNED})
+
+
+def summary(spec: JobSpec) -> JobSpec:
+    """What a job in SUMMARISED keeps of ``spec``."""
+    key = ("summary", spec.sweep_id, spec.model_type, spec.trainer, spec.callable)
+    kept = _SHARED.get(key)
+    if kept is None:
+        kept = _SHARED[key] = JobSpec(sweep_id=spec.sweep_id, model_type=spec.model_type,
+                                      trainer=spec.trainer, callable=spec.callable)
+    return kept
+
+
+def kept_spec(spec: JobSpec, state: str) -> JobSpec:
+    """The spec a job in ``state`` holds: a summary, or the whole with its parts shared."""
+    return summary(spec) if state in SUMMARISED else compact(spec)
+
+
 FAILED_KEPT = 50  # failed jobs `evo status` can list, newest first
 
 @dataclass(slots=True)
@@ -320,6 +343,8 @@ class BrokerState:
                     if sweep.study is not None:
                         sweep.study.ended(job_id, _TRIAL_END[after], job.metrics)
                     self.may_close(sweep, event.time)
+            if after in SUMMARISED:
+                job.spec = summary(job.spec)
 
     def may_close(self, sweep: Sweep, now: float) -> None:
         """A sweep closes once its jobs have ended, and a learning sweep once it also asks

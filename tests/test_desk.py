@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from evo.broker import protocol as p
 from evo.broker.desk import Desk
 from evo.events.schema import JobSpec
@@ -77,3 +79,34 @@ def test_a_lease_given_back_unstarted_is_not_an_attempt():
     assert desk.state.jobs[first].runs == 1
     job = desk.state.jobs[ahead]
     assert job.state == "queued" and job.runs == 0 and job.not_before == 0.0
+
+
+def _complete(desk: Desk, spec: JobSpec, now: float = 1000.0) -> str:
+    """Submit ``spec`` and run it to completion on node n (joined already)."""
+    job = desk.handle(p.Submit(spec=spec), now).reply.job_id
+    (grant,) = desk.handle(p.Ready(node="n", max_leases=1), now, mono=0.0).reply.leases
+    assert grant.job_id == job
+    desk.handle(p.Report(node="n", job_id=job, lease_epoch=grant.lease_epoch,
+                         report=p.CompletedReport(metrics={"loss": 0.5})), now, mono=0.0)
+    assert desk.state.jobs[job].state == "completed"
+    return job
+
+
+def test_a_completed_job_keeps_a_shared_summary_and_a_retry_or_keyed_resubmit_sees_it_whole():
+    desk = Desk()
+    desk.handle(p.Join(node="n", cpus=4, mem_gb=8, slots=1), 1000.0, mono=0.0)
+    whole = [JobSpec(command=["train", f"--lr={i}"], params={"lr": i}, key=f"k{i}",
+                     model_type="glm", tags={"why": "test"}) for i in range(2)]
+    jobs = [_complete(desk, s) for s in whole]
+    kept = [desk.state.jobs[j].spec for j in jobs]
+    assert kept[0] is kept[1]  # one summary for both: nothing of either's own is held
+    assert kept[0].model_type == "glm" and kept[0].command is None and not kept[0].params
+    assert [desk.spec_of(desk.state.jobs[j]) for j in jobs] == whole
+    again = desk.handle(p.Submit(spec=whole[1]), 1001.0).reply
+    assert again.duplicate and again.job_id == jobs[1]
+    changed = msgspec.structs.replace(whole[1], params={"lr": 7})
+    err = desk.handle(p.Submit(spec=changed), 1001.0).reply
+    assert err.code == "conflict" and "differs in params" in err.message
+    out = desk.handle(p.Retry(target=jobs[0]), 1002.0)
+    (sub,) = [e for e in out.events if type(e).__name__ == "JobSubmitted"]
+    assert sub.spec == msgspec.structs.replace(whole[0], key=None, retry_of=jobs[0])

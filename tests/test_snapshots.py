@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from evo.broker import snapshot
 from evo.broker.history import generate
 from evo.broker.server import Broker
 from evo.broker.state import fold
-from evo.client import Client, make_spec
+from evo.client import Client, CommandRejected, make_spec
 from evo.events.log import SegmentLog
 from tests.test_nodes import PY
 
@@ -148,3 +150,45 @@ def test_evo_log_check_compares_each_snapshot_with_the_fold_of_the_log(tmp_path)
     path.write_bytes(json.dumps(head).encode() + b"\n" + data)
     r = run_evo("log", "check", home=home)
     assert r.returncode == 1 and "differs from the log's fold to seq" in r.stdout, r.stdout
+
+
+def test_completed_jobs_keep_a_summary_and_after_a_restart_retry_and_keys_read_the_log(
+        tmp_path, tbroker):
+    import msgspec
+
+    from evo.broker import protocol as p
+    from evo.broker.desk import Desk
+    from evo.events.schema import JobSpec, JobSubmitted
+
+    home = tmp_path / "home"
+    desk, events, now = Desk(), [], 1000.0
+    events += desk.handle(p.Join(node="n", cpus=4, mem_gb=8, slots=1), now, mono=0.0).events
+    whole = [JobSpec(command=[PY, "-c", str(i)], key=f"k{i}", params={"i": i}) for i in range(3)]
+    for spec in whole:
+        events += desk.handle(p.Submit(spec=spec), now).events
+        out = desk.handle(p.Ready(node="n", max_leases=1), now, mono=0.0)
+        (grant,) = out.reply.leases
+        events += out.events
+        events += desk.handle(p.Report(node="n", job_id=grant.job_id, lease_epoch=grant.lease_epoch,
+                                       report=p.CompletedReport(metrics={"loss": 0.1})),
+                              now, mono=0.0).events
+    log = SegmentLog(home / "log", sync=False)
+    log.append(events)
+    log.close()
+    b = Broker(home, projections=False, sync=False)
+    b.maybe_snapshot(force=True)
+    b.close()
+    tb = tbroker(home, projections=False)
+    state = tb.broker.desk.state
+    assert tb.broker.restored_from == state.last_seq
+    assert {j.state for j in state.jobs.values()} == {"completed"}
+    assert len({id(j.spec) for j in state.jobs.values()}) == 1  # one shared summary
+    with tb.client() as c:
+        dup = c.request(p.Submit(spec=whole[2]))
+        assert dup.duplicate and dup.job_id == "j3"
+        with pytest.raises(CommandRejected, match="differs in params"):
+            c.request(p.Submit(spec=msgspec.structs.replace(whole[2], params={"i": 9})))
+        retried = c.retry("j2")
+        (sub,) = [e for e in c.read_all(retried.seq) if isinstance(e, JobSubmitted)]
+    assert sub.job_id == retried.job_ids[0]
+    assert sub.spec == msgspec.structs.replace(whole[1], key=None, retry_of="j2")
