@@ -1,7 +1,7 @@
 """Snapshots of the broker's state at a seq, so that a restart folds only the log's tail.
 
 A snapshot is the folded state (``BrokerState``, msgpack through msgspec, which knows its
-dataclasses and Structs) written to ``EVO_HOME/snapshots/state-<seq>.snap`` as one header
+dataclasses and Structs; its jobs apart, see ``decode``) written to ``EVO_HOME/snapshots/state-<seq>.snap`` as one header
 line of JSON and the payload:
 
   * ``seq``: the last event folded into it;
@@ -31,15 +31,20 @@ import msgspec
 
 from evo.events.log import EventLog
 
-from .state import BrokerState, kept_spec
+from .state import BrokerState, Job, kept_job
 
 log = logging.getLogger("evo.broker")
 
-FORMAT = 1
+FORMAT = 2  # 1: the state in one piece (its jobs decoded at once)
 KEEP = 2
 _encoder = msgspec.msgpack.Encoder()
 _canonical = msgspec.msgpack.Encoder(order="deterministic")
-_decoder = msgspec.msgpack.Decoder(BrokerState)
+# The payload is the state without its jobs, then the jobs, each decoded on its own and made
+# what the fold holds (kept_job: a summary's spec shared) before the next: what a decode
+# makes and drops is then reused at once, instead of a whole state of specs left as holes
+# in the heap (a warm start's RSS, 378 MB before, at 1,000,000 events).
+_decoder = msgspec.msgpack.Decoder(tuple[BrokerState, dict[str, msgspec.Raw]])
+_job = msgspec.msgpack.Decoder(Job)
 
 
 def folder(home: Path) -> Path:
@@ -54,10 +59,19 @@ def _derived_cleared(state: BrokerState) -> object:
 
 def encode(state: BrokerState) -> bytes:
     index = _derived_cleared(state)
+    jobs, state.jobs = state.jobs, {}
     try:
-        return _encoder.encode(state)
+        return _encoder.encode((state, jobs))
     finally:
-        state.order_index = index
+        state.order_index, state.jobs = index, jobs
+
+
+def decode(data: bytes) -> BrokerState:
+    state, raws = _decoder.decode(data)
+    jobs = state.jobs
+    for job_id, raw in raws.items():
+        jobs[job_id] = kept_job(_job.decode(raw))
+    return state
 
 
 def state_digest(state: BrokerState) -> str:
@@ -130,9 +144,7 @@ def load(home: Path, last_seq: int) -> tuple[BrokerState, str] | None:
             if why:
                 log.warning("snapshot %s not used: %s", path.name, why)
                 continue
-            state = _decoder.decode(data)
-            for job in state.jobs.values():  # what the fold shares, shared again
-                job.spec = kept_spec(job.spec, job.state)
+            state = decode(data)
             if state.last_seq != seq:
                 raise ValueError(f"its state is at seq {state.last_seq}, its header says {seq}")
         except (OSError, ValueError, KeyError, msgspec.DecodeError) as exc:
@@ -145,7 +157,7 @@ def load(home: Path, last_seq: int) -> tuple[BrokerState, str] | None:
 def fold_tail(state: BrokerState, log_: EventLog, event: str) -> BrokerState:
     """Fold the log's events after the snapshot's seq onto it, in one read of the log that
     first checks the event at that seq is the one the snapshot was taken after."""
-    from evo.events.codec import decode
+    from evo.events.codec import decode as decode_event
 
     at = state.last_seq
     first = True
@@ -155,7 +167,7 @@ def fold_tail(state: BrokerState, log_: EventLog, event: str) -> BrokerState:
                 raise Mismatch(f"the log's event {at} is not the one it was taken after")
             first = False
             continue
-        state.apply(decode(raw))
+        state.apply(decode_event(raw))
     if first:
         raise Mismatch(f"the log has no event {at}")
     return state
@@ -164,7 +176,7 @@ def fold_tail(state: BrokerState, log_: EventLog, event: str) -> BrokerState:
 def verify(home: Path, log_: EventLog) -> list[tuple[str, bool]]:
     """Each snapshot against the fold of the log up to its seq (`evo log check`): (what was
     found, whether it matches). Reads the log once."""
-    from evo.events.codec import decode
+    from evo.events.codec import decode as decode_event
 
     snaps: list[tuple[Path, int, BrokerState | None, str]] = []
     for path in sorted(folder(home).glob("state-*.snap")):
@@ -176,7 +188,7 @@ def verify(home: Path, log_: EventLog) -> list[tuple[str, bool]]:
                 snaps.append((path, int(header["seq"]), None, "its payload does not match "
                               "its digest"))
                 continue
-            snaps.append((path, int(header["seq"]), _decoder.decode(data), ""))
+            snaps.append((path, int(header["seq"]), decode(data), ""))
         except (OSError, ValueError, KeyError, msgspec.DecodeError) as exc:
             snaps.append((path, 0, None, f"unreadable: {exc}"))
     out: list[tuple[str, bool]] = []
@@ -186,7 +198,7 @@ def verify(home: Path, log_: EventLog) -> list[tuple[str, bool]]:
     for seq, raw in log_.read_raw_from(1):
         if not todo:
             break
-        state.apply(decode(raw))
+        state.apply(decode_event(raw))
         while todo and todo[0][1] == seq:
             path, at, snap, _ = todo.pop(0)
             assert snap is not None

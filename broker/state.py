@@ -129,9 +129,19 @@ def summary(spec: JobSpec) -> JobSpec:
     return kept
 
 
-def kept_spec(spec: JobSpec, state: str) -> JobSpec:
-    """The spec a job in ``state`` holds: a summary, or the whole with its parts shared."""
-    return summary(spec) if state in SUMMARISED else compact(spec)
+_STATES = {s: s for s in (QUEUED, LEASED, RUNNING, *TERMINAL)}
+
+
+def kept_job(job: Job) -> Job:
+    """A job decoded afresh (a snapshot's) holding what the fold's jobs share: the summary
+    or the shared parts of its spec, the state's name, its node's, no list of its own."""
+    job.spec = summary(job.spec) if job.state in SUMMARISED else compact(job.spec)
+    job.state = _STATES[job.state]
+    if job.node is not None:
+        job.node = sys.intern(job.node)
+    if not job.devices:
+        job.devices = _EMPTY_LIST
+    return job
 
 
 FAILED_KEPT = 50  # failed jobs `evo status` can list, newest first
@@ -361,14 +371,14 @@ class BrokerState:
         if job.node is not None and job.node in self.nodes:
             self.nodes[job.node].running.discard(job.job_id)
         job.lease_epoch = 0
-        job.devices = []
+        job.devices = _EMPTY_LIST  # never changed in place: a new list for each lease
         job.ahead = False
 
     def _leased(self, job: Job, ev: JobLeased) -> None:
         job.attempt = ev.attempt
         job.lease_epoch = ev.seq
-        job.node = ev.node
-        job.devices = list(ev.devices)
+        job.node = sys.intern(ev.node)  # one string per node, not one per job
+        job.devices = list(ev.devices) if ev.devices else _EMPTY_LIST
         job.leased_at = ev.time
         job.not_before = 0.0
         job.ahead = ev.ahead
