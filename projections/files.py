@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +21,17 @@ if TYPE_CHECKING:  # DuckDB and Arrow are imported when used: a client reading a
     from .store import Projection
 
 log = logging.getLogger("evo.projections")
+# A file this many events behind the log is caught up by a process of its own: a bulk load's
+# memory (DuckDB's and Arrow's, kept by their allocators once freed) then goes back to the
+# system when it ends, instead of staying in the broker for its lifetime (1,000,000 events:
+# the broker's RSS 713 MB after the catch-up in its own process; 100,000: 383 MB).
+APART = 50_000
 
 
-def open_projection(home: Path, upto: int | None = None, path: Path | str | None = None
-                    ) -> Projection:
+def open_projection(home: Path, upto: int | None = None, path: Path | str | None = None,
+                    apart: bool = True) -> Projection:
     """``EVO_HOME/evo.duckdb`` (or ``path``) caught up from the log (rebuilt if it cannot be
-    trusted)."""
+    trusted); by a child process when it is APART behind, unless not ``apart``."""
     from .store import Projection
 
     path = path or home / "evo.duckdb"
@@ -41,11 +48,40 @@ def open_projection(home: Path, upto: int | None = None, path: Path | str | None
                 for f in (Path(path), Path(str(path) + ".wal")):
                     f.unlink(missing_ok=True)
                 proj = Projection(path)
+            if apart and head - proj.last_seq >= APART and str(path) != ":memory:":
+                proj.close()
+                _catch_up_apart(home, Path(path), head)
+                proj = Projection(path)
             proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
     except BaseException:
         proj.close()  # an instance left open would keep the file from opening otherwise
         raise
     return proj
+
+
+# The child: killed with the thread that started it (Linux), so that a broker that stops or
+# dies leaves no process holding the file; a batch cut short is rolled back at the next open.
+_CHILD = """
+import sys
+if sys.platform == "linux":
+    import ctypes, signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+from pathlib import Path
+from evo.projections.files import open_projection
+open_projection(Path(sys.argv[1]), int(sys.argv[3]), Path(sys.argv[2]), apart=False).close()
+"""
+
+
+def _catch_up_apart(home: Path, path: Path, head: int) -> None:
+    """``path`` caught up to ``head`` by a child process (see APART). Each of its batches
+    commits on its own, so a child that fails leaves the file at its last whole batch."""
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(home), str(path), str(head)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or "").strip().splitlines() or [
+            f"killed by signal {-done.returncode}" if done.returncode < 0
+            else f"exit status {done.returncode}"]
+        raise RuntimeError(f"catching {path} up to seq {head} failed: {lines[-1]}")
 
 
 def read_projection(home: Path) -> Projection:

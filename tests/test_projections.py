@@ -109,6 +109,28 @@ def test_a_file_of_an_older_schema_version_is_rebuilt_from_the_log(history, tmp_
         proj.close()
 
 
+def test_a_file_far_behind_is_caught_up_by_a_child_that_may_die_without_harm(
+        history, tmp_path, monkeypatch):
+    import evo.projections.files as files
+
+    events, raws = history
+    with SegmentLog(tmp_path / "log") as lg:
+        lg.append(events[:2000])
+    monkeypatch.setattr(files, "APART", 1500)
+    monkeypatch.setenv("EVO_FAILPOINT", "projection.apply=crash")  # the child's: kill -9
+    with pytest.raises(RuntimeError, match="up to seq 2000 failed: killed by signal 9"):
+        open_projection(tmp_path)  # this process lives on: it was not the one that folded
+    monkeypatch.delenv("EVO_FAILPOINT")
+    proj = Projection(tmp_path / "evo.duckdb")
+    assert proj.last_seq == 0  # the batch cut short is not in the file
+    proj.close()
+    proj = open_projection(tmp_path)
+    try:
+        assert proj.last_seq == 2000 and proj.digest() == replay(raws[:2000]).digest()
+    finally:
+        proj.close()
+
+
 def test_a_batch_past_2_gib_of_json_goes_in_with_64_bit_offsets(history, monkeypatch):
     import evo.projections.store as store
     _, raws = history
