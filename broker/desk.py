@@ -37,7 +37,7 @@ from .scheduler import (decide, explain, free_of, misfit, outlasts, pick_devices
                         routing)
 from .specs import InvalidSpec, fits_somewhere, unrouted, validate_spec
 from .state import (ACTIVE, CANCELLED, COMPLETED, FAILED, LEASED, PRUNED, QUEUED,
-                    SUMMARISED, TERMINAL, BrokerState, Job, Sweep)
+                    SUMMARISED, TERMINAL, BrokerState, Job, Sweep, spec_digest)
 from .status import status_of
 from evo.sweeps.spec import check_recorded, learning, trial_spec
 from evo.sweeps.study import ASKS
@@ -313,7 +313,9 @@ class Desk:
         if spec.key is not None and spec.key in self.state.keys:
             job_id = self.state.keys[spec.key]
             job = self.state.jobs[job_id]
-            whole = self.spec_of(job)
+            # Equal digests: the same spec, known from memory. Else (rare: a changed
+            # resubmit) the whole spec, from the log for a finished job, says what changed.
+            whole = self.spec_of(job) if spec_digest(spec) != job.key_digest else spec
             differs = [f for f in JobSpec.__struct_fields__
                        if getattr(spec, f) != getattr(whole, f)]
             if differs:  # a changed resubmit must not pass for the job that has the key

@@ -12,6 +12,7 @@ is being replayed means the log and the code disagree: it is loud on purpose.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -132,6 +133,15 @@ def summary(spec: JobSpec) -> JobSpec:
 _STATES = {s: s for s in (QUEUED, LEASED, RUNNING, *TERMINAL)}
 
 
+_canonical = msgspec.msgpack.Encoder(order="deterministic")
+
+
+def spec_digest(spec: JobSpec) -> bytes:
+    """What a keyed job's spec is compared by when it is submitted again: equal specs, equal
+    digests (its canonical encoding's), so a duplicate is known without its whole spec."""
+    return hashlib.blake2b(_canonical.encode(spec), digest_size=16).digest()
+
+
 def kept_job(job: Job) -> Job:
     """A job decoded afresh (a snapshot's) holding what the fold's jobs share: the summary
     or the shared parts of its spec, the state's name, its node's, no list of its own."""
@@ -174,6 +184,7 @@ class Job:
     checkpoint_step: int | None = None
     prune: str = ""  # why its sweep's pruner stopped it (a PruneRequested), while it runs
     fallback: str = ""  # why its lease went to a node its routing rule does not prefer
+    key_digest: bytes = b""  # a keyed job's spec_digest
 
 
 @dataclass(slots=True)
@@ -307,6 +318,7 @@ class BrokerState:
             self.waiting[ev.job_id] = None
         if ev.spec.key is not None:
             self.keys[ev.spec.key] = ev.job_id
+            self.jobs[ev.job_id].key_digest = spec_digest(ev.spec)
         self.counts[QUEUED] = self.counts.get(QUEUED, 0) + 1
         sweep = self.sweeps.get(ev.spec.sweep_id) if ev.spec.sweep_id else None
         if sweep is not None and ev.job_id not in sweep.members:  # a retry, a resume, a trial

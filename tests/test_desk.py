@@ -102,11 +102,15 @@ def test_a_completed_job_keeps_a_shared_summary_and_a_retry_or_keyed_resubmit_se
     assert kept[0] is kept[1]  # one summary for both: nothing of either's own is held
     assert kept[0].model_type == "glm" and kept[0].command is None and not kept[0].params
     assert [desk.spec_of(desk.state.jobs[j]) for j in jobs] == whole
+    recalled, recall = [], desk.recall
+    desk.recall = lambda seq: recalled.append(seq) or recall(seq)
     again = desk.handle(p.Submit(spec=whole[1]), 1001.0).reply
     assert again.duplicate and again.job_id == jobs[1]
+    assert recalled == []  # known to be the same from memory: no read of the log
     changed = msgspec.structs.replace(whole[1], params={"lr": 7})
     err = desk.handle(p.Submit(spec=changed), 1001.0).reply
     assert err.code == "conflict" and "differs in params" in err.message
+    assert recalled == [desk.state.jobs[jobs[1]].submitted_seq]  # what changed, from the log
     out = desk.handle(p.Retry(target=jobs[0]), 1002.0)
     (sub,) = [e for e in out.events if type(e).__name__ == "JobSubmitted"]
     assert sub.spec == msgspec.structs.replace(whole[0], key=None, retry_of=jobs[0])
