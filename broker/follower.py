@@ -130,11 +130,13 @@ class Follower(threading.Thread):
             self._discard()
         upto = self.durable
         try:
-            proj = open_projection(self.home, upto)
+            proj = open_projection(self.home, upto, stop=self._halt)
             sql.secure(proj.con)
             self._shape = sql.databases(proj.con)
         except Exception as exc:  # noqa: BLE001 - a full disk, a damaged file: try again
             why = f"{type(exc).__name__}: {exc}"
+            if self._halt.is_set():  # stopped while it caught up: nothing to answer for
+                return None
         else:
             if self.error or self.fallback:
                 log.warning("the projection file is open again (seq %d)", proj.last_seq)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +32,10 @@ APART = 50_000
 
 
 def open_projection(home: Path, upto: int | None = None, path: Path | str | None = None,
-                    apart: bool = True) -> Projection:
+                    apart: bool = True, stop: threading.Event | None = None) -> Projection:
     """``EVO_HOME/evo.duckdb`` (or ``path``) caught up from the log (rebuilt if it cannot be
-    trusted); by a child process when it is APART behind, unless not ``apart``."""
+    trusted); by a child process when it is APART behind, unless not ``apart``; ``stop``,
+    once set, ends that child (and the open, with an error)."""
     from .store import Projection
 
     path = path or home / "evo.duckdb"
@@ -50,7 +54,7 @@ def open_projection(home: Path, upto: int | None = None, path: Path | str | None
                 proj = Projection(path)
             if apart and head - proj.last_seq >= APART and str(path) != ":memory:":
                 proj.close()
-                _catch_up_apart(home, Path(path), head)
+                _catch_up_apart(home, Path(path), head, stop)
                 proj = Projection(path)
             proj.catch_up(raw for seq, raw in lg.read_raw_from(proj.last_seq + 1) if seq <= head)
     except BaseException:
@@ -59,29 +63,47 @@ def open_projection(home: Path, upto: int | None = None, path: Path | str | None
     return proj
 
 
-# The child: killed with the thread that started it (Linux), so that a broker that stops or
-# dies leaves no process holding the file; a batch cut short is rolled back at the next open.
+# The child: in a session of its own (a Ctrl-C to the broker's terminal is the broker's to
+# handle), and killed with the thread that started it (Linux's parent-death signal), so that
+# a broker that dies leaves no process holding the file; a batch cut short is rolled back at
+# the next open.
 _CHILD = """
-import sys
+import os, sys
 if sys.platform == "linux":
     import ctypes, signal
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[4]):  # the parent died before that
+        sys.exit("the broker has gone")
 from pathlib import Path
 from evo.projections.files import open_projection
 open_projection(Path(sys.argv[1]), int(sys.argv[3]), Path(sys.argv[2]), apart=False).close()
 """
 
 
-def _catch_up_apart(home: Path, path: Path, head: int) -> None:
+def _catch_up_apart(home: Path, path: Path, head: int, stop: threading.Event | None) -> None:
     """``path`` caught up to ``head`` by a child process (see APART). Each of its batches
-    commits on its own, so a child that fails leaves the file at its last whole batch."""
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(home), str(path), str(head)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = (done.stderr or "").strip().splitlines() or [
-            f"killed by signal {-done.returncode}" if done.returncode < 0
-            else f"exit status {done.returncode}"]
-        raise RuntimeError(f"catching {path} up to seq {head} failed: {lines[-1]}")
+    commits on its own, so a child that fails or is stopped leaves the file at its last whole
+    batch."""
+    with tempfile.TemporaryFile() as err:  # not a pipe: a chatty child never blocks on it
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(home), str(path), str(head), str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True)
+        while True:
+            if stop is not None and stop.is_set():
+                child.kill()
+                child.wait()
+                raise RuntimeError(f"catching {path} up to seq {head}: stopped")
+            try:
+                rc = child.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if rc != 0:
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines() or [
+                f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"]
+            raise RuntimeError(f"catching {path} up to seq {head} failed: {lines[-1]}")
 
 
 def read_projection(home: Path) -> Projection:

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,10 @@ def test_a_file_far_behind_is_caught_up_by_a_child_that_may_die_without_harm(
     proj = Projection(tmp_path / "evo.duckdb")
     assert proj.last_seq == 0  # the batch cut short is not in the file
     proj.close()
+    stop = threading.Event()
+    stop.set()  # a broker stopping while it catches up: the child is ended, not waited for
+    with pytest.raises(RuntimeError, match="up to seq 2000: stopped"):
+        open_projection(tmp_path, stop=stop)
     proj = open_projection(tmp_path)
     try:
         assert proj.last_seq == 2000 and proj.digest() == replay(raws[:2000]).digest()
