@@ -101,12 +101,15 @@ class Desk:
         state untouched) and fold it into the state."""
         event = cls(seq=self.state.last_seq + 1, time=now, cause=cause, **fields)
         raw = check(event)
-        self.state.apply(event)
-        if self._own is not None and cls is JobSubmitted:
-            self._own[event.seq] = event.spec  # type: ignore[attr-defined]
+        self._fold(event)
         out.events.append(event)
         out.encoded.append(raw)
         return event
+
+    def _fold(self, event: Event) -> None:
+        self.state.apply(event)
+        if self._own is not None and type(event) is JobSubmitted:
+            self._own[event.seq] = event.spec  # type: ignore[attr-defined]
 
     def _emit_all(self, out: Outcome, events: list[Event]) -> None:
         """Check every one of ``events`` (numbered already), then fold them all: a command
@@ -119,9 +122,7 @@ class Desk:
                 exc.event = ev  # type: ignore[attr-defined]
                 raise
         for ev, raw in zip(events, raws):
-            self.state.apply(ev)
-            if self._own is not None and type(ev) is JobSubmitted:
-                self._own[ev.seq] = ev.spec  # type: ignore[attr-defined]
+            self._fold(ev)
             out.events.append(ev)
             out.encoded.append(raw)
 
