@@ -248,11 +248,14 @@ class NodeDaemon:
         timeout = max(0.0, self.core.next_deadline() - time.monotonic())
         if self.runs:
             # A warm task's end wakes us through its pipe, a kept process's through the
-            # keeper's socket; only processes started here are polled. Progress files are
-            # looked at when each run's next look is due either way.
+            # keeper's socket; only processes started here are polled. A warm task's
+            # evo.report wakes us too (its pipe), so its progress files are looked at then
+            # and with its output's shipping; other runs' when their next look is due.
             polled = any(r.fd is None and not r.kept for r in self.runs.values())
             # Output is shipped every ship_every_s; an ended run's rest goes a chunk a turn.
-            due = min(min(r.next_look for r in self.runs.values()), self._next_ship)
+            due = min([r.next_look for r in self.runs.values() if r.fd is None],
+                      default=self._next_ship)
+            due = min(due, self._next_ship)
             if any(r.ending_at is not None for r in self.runs.values()):
                 due = min(due, time.monotonic() + LOOK_EVERY_S)
             timeout = min(timeout, self.poll_s if polled else max(0.0, due - time.monotonic()))
