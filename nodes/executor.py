@@ -41,7 +41,9 @@ from .worker import Task
 
 # Progress files are looked at every LOOK_EVERY_S in a run's first LOOK_SLOWER_AFTER_S (a
 # short trial's reports arrive promptly), then every LOOK_SLOW_S: a long run's progress a
-# second late costs nothing, and each look wakes the node.
+# second late costs nothing, and each look wakes the node. A warm task wakes the node itself
+# when it reports (its worker's pipe), so the node does not wake for its looks: they are
+# taken then, and when its output is shipped (daemon.py).
 LOOK_EVERY_S = 0.2
 LOOK_SLOWER_AFTER_S = 5.0
 LOOK_SLOW_S = 1.0
