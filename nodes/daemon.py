@@ -350,8 +350,8 @@ class NodeDaemon:
         if ship:
             self._next_ship = time.monotonic() + self.ship_every_s
         for job_id, run in list(self.runs.items()):
+            rc = run.poll()  # first: a warm task's word that it reported makes its look due
             updates = run.reports()
-            rc = run.poll()
             for body in updates:
                 self._report(run, body)
                 did = True
